@@ -4,3 +4,8 @@
 pub mod config;
 pub mod net;
 pub mod protocol;
+
+/// The agent's version, as in Cargo.toml.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The target triple this build is for, e.g. `armv5te-unknown-linux-musleabi`.
+pub const TARGET: &str = env!("TETHER_TARGET");

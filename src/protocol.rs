@@ -110,6 +110,8 @@ pub struct Heartbeat {
     pub seq: u64,
     /// Unix milliseconds when it was collected.
     pub ts: u64,
+    /// The kernel's machine name (`uname -m`), e.g. `armv5tejl`, `aarch64`.
+    pub machine: String,
     pub uptime_s: u64,
     pub load: [f64; 3],
     pub cpu_pct: f64,
