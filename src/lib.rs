@@ -1,9 +1,15 @@
 //! Tether: the device agent (`tether-agent`) and the operator CLI (`tetherctl`) share this
 //! library: configuration, the wire protocol and the MQTT connection.
 
+pub mod agent;
 pub mod config;
+pub mod fsutil;
+pub mod logging;
+pub mod metrics;
 pub mod net;
 pub mod protocol;
+pub mod signals;
+pub mod worker;
 
 /// The agent's version, as in Cargo.toml.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

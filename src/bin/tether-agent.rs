@@ -1,1 +1,113 @@
-fn main() {}
+//! `tether-agent`: the device daemon. Runs in the foreground (init or a supervisor starts it).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use tether::agent::{identity, Agent};
+use tether::config::{Config, DEFAULT_CONFIG_PATH};
+
+const USAGE: &str = "usage: tether-agent [--config PATH] [--log-level LEVEL]
+                    [--check-config | --print-id | --print-heartbeat | --version | --arch | --help]
+
+  --config PATH        configuration file (default /etc/tether/agent.json)
+  --log-level LEVEL    error, warn, info, debug or trace (default: RUST_LOG, the config, info)
+  --check-config       validate the configuration and exit
+  --print-id           print this device's id and exit
+  --print-heartbeat    collect one heartbeat, print it as JSON and exit (no broker needed)
+  --version            print the version and exit
+  --arch               print the target this binary was built for and exit";
+
+#[derive(PartialEq)]
+enum Action {
+    Run,
+    CheckConfig,
+    PrintId,
+    PrintHeartbeat,
+}
+
+struct Args {
+    config: PathBuf,
+    log_level: Option<String>,
+    action: Action,
+}
+
+fn parse_args() -> Result<Option<Args>, String> {
+    let mut args = Args { config: DEFAULT_CONFIG_PATH.into(), log_level: None, action: Action::Run };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut value = |name: &str| it.next().ok_or_else(|| format!("{name} needs a value"));
+        match arg.as_str() {
+            "--config" | "-c" => args.config = value("--config")?.into(),
+            "--log-level" => args.log_level = Some(value("--log-level")?),
+            "--check-config" => args.action = Action::CheckConfig,
+            "--print-id" => args.action = Action::PrintId,
+            "--print-heartbeat" => args.action = Action::PrintHeartbeat,
+            "--version" | "-V" => {
+                println!("tether-agent {}", tether::VERSION);
+                return Ok(None);
+            }
+            "--arch" => {
+                println!("{}", tether::TARGET);
+                return Ok(None);
+            }
+            "--help" | "-h" => {
+                println!("{USAGE}");
+                return Ok(None);
+            }
+            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
+        }
+    }
+    Ok(Some(args))
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(Some(args)) => args,
+        Ok(None) => return ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tether-agent: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("{e}");
+            eprintln!("tether-agent: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<(), String> {
+    if args.action == Action::PrintHeartbeat {
+        return print_heartbeat(&args);
+    }
+    let config = Config::load(&args.config).map_err(|e| e.to_string())?;
+    tether::logging::init(args.log_level.as_deref(), config.log_level.as_deref());
+    match args.action {
+        Action::CheckConfig => {
+            println!("{}: ok", args.config.display());
+            Ok(())
+        }
+        Action::PrintId => {
+            println!("{}", identity::device_id(&config)?);
+            Ok(())
+        }
+        _ => Agent::new(args.config, config)?.run(),
+    }
+}
+
+/// Works without a config file too: then the default heartbeat settings apply.
+fn print_heartbeat(args: &Args) -> Result<(), String> {
+    let heartbeat_config = match Config::load(&args.config) {
+        Ok(config) => config.heartbeat,
+        Err(_) if !args.config.exists() => Default::default(),
+        Err(e) => return Err(e.to_string()),
+    };
+    tether::logging::init(args.log_level.as_deref(), None);
+    let heartbeat = tether::metrics::Collector::new(&heartbeat_config).collect(0, 0);
+    let json = serde_json::to_string_pretty(&heartbeat).map_err(|e| e.to_string())?;
+    println!("{json}");
+    Ok(())
+}

@@ -1,3 +1,7 @@
 //! Everything between the agent and the broker: URL, TCP, proxy, TLS, WebSocket and MQTT.
 
+pub mod client;
+pub mod dial;
+pub mod link;
+pub mod tls;
 pub mod url;

@@ -1,0 +1,120 @@
+//! The periodic heartbeat: collected on a worker thread (custom scripts may take seconds),
+//! numbered with a sequence that survives restarts, and queued in the outbox so one made
+//! while offline is delivered later.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::outbox::Outbox;
+use crate::config::HeartbeatConfig;
+use crate::fsutil;
+use crate::metrics::Collector;
+use crate::protocol;
+use crate::worker::Workers;
+
+const SEQ_FILE: &str = "heartbeat-seq";
+
+pub struct Heartbeat {
+    topic: String,
+    interval: Duration,
+    next_due: Instant,
+    /// None while a collection runs on a worker (it owns the collector then).
+    collector: Option<Collector>,
+    /// A new config's collector settings, applied when the running collection returns.
+    pending_config: Option<HeartbeatConfig>,
+    workers: Workers<(Collector, protocol::Heartbeat)>,
+    last_seq: u64,
+    seq_path: PathBuf,
+}
+
+impl Heartbeat {
+    pub fn new(
+        config: &HeartbeatConfig,
+        topic: String,
+        state_dir: &std::path::Path,
+        waker: Arc<mio::Waker>,
+    ) -> Heartbeat {
+        let seq_path = state_dir.join(SEQ_FILE);
+        let last_seq = fsutil::read_optional(&seq_path)
+            .ok()
+            .flatten()
+            .and_then(|b| String::from_utf8_lossy(&b).trim().parse().ok())
+            .unwrap_or(0);
+        Heartbeat {
+            topic,
+            interval: Duration::from_secs(config.interval_s),
+            next_due: Instant::now(),
+            collector: Some(Collector::new(config)),
+            pending_config: None,
+            workers: Workers::new(waker),
+            last_seq,
+            seq_path,
+        }
+    }
+
+    pub fn reconfigure(&mut self, config: &HeartbeatConfig) {
+        let interval = Duration::from_secs(config.interval_s);
+        if interval != self.interval {
+            log::info!("heartbeat interval now {} s", config.interval_s);
+            self.next_due = Instant::now() + interval;
+            self.interval = interval;
+        }
+        match &mut self.collector {
+            Some(collector) => *collector = Collector::new(config),
+            None => self.pending_config = Some(config.clone()),
+        }
+    }
+
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.collector.as_ref().map(|_| self.next_due)
+    }
+
+    pub fn on_timer(&mut self, now: Instant, outbox: &Outbox) {
+        if now >= self.next_due && self.collector.is_some() {
+            self.start(outbox.dropped());
+        }
+    }
+
+    /// Starts a heartbeat now (the `heartbeat` command); returns the seq it will carry, or
+    /// the running collection's when one is under way.
+    pub fn trigger(&mut self, outbox: &Outbox) -> u64 {
+        if self.collector.is_some() {
+            self.start(outbox.dropped());
+        }
+        self.last_seq
+    }
+
+    fn start(&mut self, dropped: u64) {
+        let Some(mut collector) = self.collector.take() else { return };
+        self.last_seq += 1;
+        if let Err(e) = fsutil::write_atomic(&self.seq_path, self.last_seq.to_string().as_bytes()) {
+            log::warn!("cannot save heartbeat seq: {e}");
+        }
+        let seq = self.last_seq;
+        self.workers.spawn("heartbeat", move || {
+            let heartbeat = collector.collect(seq, dropped);
+            (collector, heartbeat)
+        });
+        // Keep the cadence, but never try to catch up on missed beats in a burst.
+        let now = Instant::now();
+        self.next_due = (self.next_due + self.interval).max(now + self.interval / 2);
+    }
+
+    /// Queues a finished heartbeat for delivery.
+    pub fn on_wake(&mut self, outbox: &mut Outbox) {
+        while let Some((collector, heartbeat)) = self.workers.try_recv() {
+            self.collector = Some(match self.pending_config.take() {
+                Some(config) => Collector::new(&config),
+                None => collector,
+            });
+            match serde_json::to_vec(&heartbeat) {
+                Ok(payload) => {
+                    log::debug!("heartbeat {} collected ({} bytes)", heartbeat.seq, payload.len());
+                    outbox.push(self.topic.clone(), payload, true);
+                }
+                Err(e) => log::error!("cannot encode heartbeat: {e}"),
+            }
+        }
+    }
+}

@@ -1,0 +1,292 @@
+//! The agent's event loop: one thread owns the broker connection and every capability; it
+//! sleeps until a socket, a timer, a worker or a signal needs it.
+
+mod commands;
+mod heartbeat;
+pub mod identity;
+mod outbox;
+
+use mio::{Events, Poll, Token, Waker};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::config::Config;
+use crate::net::client::{Client, ClientOptions, Event, Will};
+use crate::net::dial::Route;
+use crate::net::tls::{self, TlsFiles};
+use crate::net::url::{BrokerUrl, ProxyUrl};
+use crate::protocol::{Status, Topics};
+use crate::signals::{Signal, Signals};
+use commands::{Commands, Context};
+use heartbeat::Heartbeat;
+use outbox::Outbox;
+
+const BROKER: Token = Token(0);
+const WAKER: Token = Token(1);
+const SIGNALS: Token = Token(2);
+
+/// Tags for publishes acknowledged outside the outbox (outbox ids start at 1).
+const ONLINE_TAG: u64 = u64::MAX - 1;
+const OFFLINE_TAG: u64 = u64::MAX;
+/// How long a clean stop waits for the broker to take the offline status.
+const STOP_GRACE: Duration = Duration::from_secs(2);
+/// Incoming packets bigger than this are skipped (commands are far smaller).
+const MAX_PACKET: usize = 256 * 1024;
+
+pub struct Agent {
+    config_path: PathBuf,
+    config: Config,
+    topics: Topics,
+    poll: Poll,
+    signals: Signals,
+    client: Client,
+    outbox: Outbox,
+    heartbeat: Heartbeat,
+    commands: Commands,
+    /// Set by SIGTERM: when to give up waiting for the offline status to be acknowledged.
+    stop_deadline: Option<Instant>,
+}
+
+impl Agent {
+    pub fn new(config_path: PathBuf, config: Config) -> Result<Agent, String> {
+        let device = identity::device_id(&config)?;
+        let topics = Topics::new(&config.topic_root, &device);
+        crate::fsutil::create_private_dir(&config.state_dir)
+            .map_err(|e| format!("state_dir {}: {e}", config.state_dir.display()))?;
+        let poll = Poll::new().map_err(|e| format!("poll: {e}"))?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(|e| format!("waker: {e}"))?);
+        let signals = Signals::install(poll.registry(), SIGNALS).map_err(|e| format!("signals: {e}"))?;
+        let mut outbox = Outbox::open(&config.state_dir.join("outbox"), config.offline_buffer.clone())
+            .map_err(|e| format!("outbox in {}: {e}", config.state_dir.display()))?;
+        let heartbeat =
+            Heartbeat::new(&config.heartbeat, topics.heartbeat(), &config.state_dir, Arc::clone(&waker));
+        let mut commands = Commands::new(topics.clone(), &config.state_dir, Arc::clone(&waker));
+        commands.recover(&mut outbox);
+        let client = Client::new(client_options(&config, &topics, &commands)?, waker, BROKER);
+        log::info!("tether-agent {} ({}) starting as device {device}", crate::VERSION, crate::TARGET);
+        Ok(Agent {
+            config_path,
+            config,
+            topics,
+            poll,
+            signals,
+            client,
+            outbox,
+            heartbeat,
+            commands,
+            stop_deadline: None,
+        })
+    }
+
+    pub fn run(mut self) -> Result<(), String> {
+        let mut events = Events::with_capacity(16);
+        loop {
+            let timeout = self.next_deadline().map(|d| d.saturating_duration_since(Instant::now()));
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(format!("poll: {e}"));
+                }
+            }
+            for event in events.iter() {
+                match event.token() {
+                    BROKER => self.client.on_socket(self.poll.registry(), event),
+                    WAKER => self.on_wake(),
+                    SIGNALS => self.on_signals(),
+                    _ => {}
+                }
+            }
+            self.on_timers(Instant::now());
+            self.dispatch_client_events();
+            if self.stopped() {
+                return Ok(());
+            }
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        [self.client.next_deadline(), self.heartbeat.next_deadline(), self.stop_deadline]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    fn on_timers(&mut self, now: Instant) {
+        self.client.on_timer(self.poll.registry(), now);
+        if self.stop_deadline.is_none() {
+            self.heartbeat.on_timer(now, &self.outbox);
+        }
+    }
+
+    fn on_wake(&mut self) {
+        self.client.on_wake(self.poll.registry());
+        self.heartbeat.on_wake(&mut self.outbox);
+        self.commands.on_wake(&mut self.outbox);
+    }
+
+    fn on_signals(&mut self) {
+        for signal in self.signals.drain() {
+            match signal {
+                Signal::Reload => self.reload(),
+                Signal::Terminate => self.begin_stop(),
+            }
+        }
+    }
+
+    fn dispatch_client_events(&mut self) {
+        while let Some(event) = self.client.next_event() {
+            match event {
+                Event::Connected => self.on_connected(),
+                Event::Disconnected => {
+                    log::info!("disconnected; {} message(s) waiting in the outbox", self.outbox.len());
+                    self.outbox.on_disconnected();
+                }
+                Event::Message(publish) => {
+                    let mut ctx = Context {
+                        outbox: &mut self.outbox,
+                        heartbeat: &mut self.heartbeat,
+                        config: &self.config,
+                    };
+                    self.commands.on_message(&publish.topic, &publish.payload, &mut ctx);
+                }
+                Event::Oversized { topic, size } => {
+                    let mut ctx = Context {
+                        outbox: &mut self.outbox,
+                        heartbeat: &mut self.heartbeat,
+                        config: &self.config,
+                    };
+                    self.commands.on_oversized(&topic, size, &mut ctx);
+                }
+                Event::Acked(OFFLINE_TAG) => self.stop_deadline = Some(Instant::now()),
+                Event::Acked(ONLINE_TAG) => log::debug!("online status acknowledged"),
+                Event::Acked(id) => self.outbox.on_ack(id),
+            }
+        }
+        if self.stop_deadline.is_none() {
+            self.outbox.pump(&mut self.client);
+        }
+    }
+
+    fn on_connected(&mut self) {
+        let status = Status {
+            online: true,
+            version: Some(crate::VERSION.into()),
+            arch: Some(crate::TARGET.into()),
+            since: Some(unix_seconds()),
+        };
+        let payload = serde_json::to_vec(&status).unwrap_or_default();
+        self.client.publish(&self.topics.status(), &payload, true, Some(ONLINE_TAG));
+        for topic in self.commands.adverts() {
+            self.client.publish(&topic, b"{}", true, None);
+        }
+        if !self.outbox.is_empty() {
+            log::info!("sending {} queued message(s)", self.outbox.len());
+        }
+    }
+
+    /// SIGHUP: adopt a new config if it is valid, keep the old one otherwise.
+    fn reload(&mut self) {
+        log::info!("reload requested (SIGHUP): reading {}", self.config_path.display());
+        let new = match Config::load(&self.config_path) {
+            Ok(new) => new,
+            Err(e) => return log::error!("reload refused, keeping the running config: {e}"),
+        };
+        if new.device_id != self.config.device_id
+            || new.topic_root != self.config.topic_root
+            || new.state_dir != self.config.state_dir
+        {
+            return log::error!(
+                "reload refused: device_id, topic_root and state_dir take effect only on restart"
+            );
+        }
+        let broker_changed = serde_json::to_value(&new.broker).ok()
+            != serde_json::to_value(&self.config.broker).ok()
+            || serde_json::to_value(&new.reconnect).ok() != serde_json::to_value(&self.config.reconnect).ok();
+        if broker_changed {
+            match client_options(&new, &self.topics, &self.commands) {
+                Ok(opts) => {
+                    log::info!("broker settings changed: reconnecting");
+                    self.client.reconfigure(opts);
+                    self.outbox.on_disconnected();
+                }
+                Err(e) => return log::error!("reload refused, keeping the running config: {e}"),
+            }
+        }
+        self.heartbeat.reconfigure(&new.heartbeat);
+        self.outbox.set_limits(new.offline_buffer.clone());
+        self.config = new;
+        log::info!("config reloaded");
+    }
+
+    fn begin_stop(&mut self) {
+        if self.stop_deadline.is_some() {
+            return;
+        }
+        log::info!("stopping");
+        let payload = serde_json::to_vec(&Status::offline()).unwrap_or_default();
+        let sent = self.client.publish(&self.topics.status(), &payload, true, Some(OFFLINE_TAG));
+        let grace = if sent { STOP_GRACE } else { Duration::ZERO };
+        self.stop_deadline = Some(Instant::now() + grace);
+    }
+
+    fn stopped(&mut self) -> bool {
+        match self.stop_deadline {
+            Some(deadline) if Instant::now() >= deadline => {
+                self.client.disconnect();
+                log::info!("stopped; {} message(s) kept in the outbox for next time", self.outbox.len());
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Everything the MQTT client needs from the config; fails on unreadable TLS or password files.
+fn client_options(config: &Config, topics: &Topics, commands: &Commands) -> Result<ClientOptions, String> {
+    let b = &config.broker;
+    let broker = BrokerUrl::parse(&b.url).map_err(|e| format!("broker.url: {e}"))?;
+    let proxy =
+        b.proxy.as_deref().map(ProxyUrl::parse).transpose().map_err(|e| format!("broker.proxy: {e}"))?;
+    let tls = if broker.scheme.is_tls() {
+        let files = TlsFiles {
+            ca_file: b.ca_file.as_deref(),
+            cert_file: b.cert_file.as_deref(),
+            key_file: b.key_file.as_deref(),
+        };
+        Some(tls::client_config(&files)?)
+    } else {
+        None
+    };
+    let password = match &b.password_file {
+        Some(path) => Some(read_password(path)?),
+        None => None,
+    };
+    Ok(ClientOptions {
+        route: Arc::new(Route { broker, proxy, tls }),
+        client_id: topics.device().to_string(),
+        username: b.username.clone(),
+        password,
+        keepalive: Duration::from_secs(b.keepalive_s.into()),
+        connect_timeout: Duration::from_secs(b.connect_timeout_s),
+        will: Some(Will {
+            topic: topics.status(),
+            payload: serde_json::to_vec(&Status::offline()).unwrap_or_default(),
+            retain: true,
+        }),
+        subscriptions: vec![commands.filter()],
+        reconnect_min: Duration::from_secs(config.reconnect.min_s),
+        reconnect_max: Duration::from_secs(config.reconnect.max_s),
+        max_packet: MAX_PACKET,
+    })
+}
+
+/// The password file's content without its trailing newline. The content is never logged.
+fn read_password(path: &std::path::Path) -> Result<String, String> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("broker.password_file {}: {e}", path.display()))?;
+    Ok(text.trim_end_matches(['\r', '\n']).to_string())
+}
+
+fn unix_seconds() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}

@@ -1,0 +1,250 @@
+//! Messages that must reach the broker (heartbeats, command statuses) wait here until the
+//! broker acknowledges them. Each message is one small file in `STATE/outbox/`, so a power
+//! cut or restart loses nothing and no write ever rewrites the whole queue (flash wears).
+//! The queue is bounded: past the bound the oldest messages are dropped and counted.
+
+use std::collections::VecDeque;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use crate::config::OfflineBufferConfig;
+use crate::fsutil;
+use crate::net::client::Client;
+
+/// QoS 1 publishes in flight at once while draining the queue.
+const WINDOW: usize = 16;
+const DROPPED_FILE: &str = "dropped";
+
+struct Entry {
+    id: u64,
+    topic: String,
+    payload: Vec<u8>,
+    retain: bool,
+    sent: bool,
+}
+
+impl Entry {
+    fn size(&self) -> usize {
+        self.topic.len() + self.payload.len()
+    }
+}
+
+pub struct Outbox {
+    dir: PathBuf,
+    entries: VecDeque<Entry>,
+    bytes: usize,
+    limits: OfflineBufferConfig,
+    next_id: u64,
+    dropped: u64,
+}
+
+impl Outbox {
+    /// Opens the queue in `dir`, recovering what a previous run left.
+    pub fn open(dir: &Path, limits: OfflineBufferConfig) -> io::Result<Outbox> {
+        fsutil::create_private_dir(dir)?;
+        let mut outbox = Outbox {
+            dir: dir.to_path_buf(),
+            entries: VecDeque::new(),
+            bytes: 0,
+            limits,
+            next_id: 1,
+            dropped: 0,
+        };
+        outbox.dropped = fsutil::read_optional(&dir.join(DROPPED_FILE))?
+            .and_then(|b| String::from_utf8_lossy(&b).trim().parse().ok())
+            .unwrap_or(0);
+        outbox.recover()?;
+        Ok(outbox)
+    }
+
+    fn recover(&mut self) -> io::Result<()> {
+        let mut ids: Vec<u64> =
+            fs::read_dir(&self.dir)?.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect();
+        ids.sort_unstable();
+        for id in ids {
+            let path = self.path(id);
+            match fs::read(&path).ok().and_then(|bytes| decode(id, bytes)) {
+                Some(entry) => {
+                    self.bytes += entry.size();
+                    self.entries.push_back(entry);
+                }
+                None => {
+                    log::warn!("outbox: discarding unreadable {}", path.display());
+                    let _ = fs::remove_file(&path);
+                }
+            }
+            self.next_id = id + 1;
+        }
+        if !self.entries.is_empty() {
+            log::info!("outbox: {} message(s) from before the restart will be sent", self.entries.len());
+        }
+        self.enforce_bounds();
+        Ok(())
+    }
+
+    pub fn set_limits(&mut self, limits: OfflineBufferConfig) {
+        self.limits = limits;
+        self.enforce_bounds();
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Messages dropped so far because the queue was full.
+    pub fn dropped(&self) -> u64 {
+        self.dropped
+    }
+
+    /// Queues a message durably; it is sent by `pump` in order.
+    pub fn push(&mut self, topic: String, payload: Vec<u8>, retain: bool) {
+        let entry = Entry { id: self.next_id, topic, payload, retain, sent: false };
+        self.next_id += 1;
+        if let Err(e) = fsutil::write_atomic(&self.path(entry.id), &encode(&entry)) {
+            // Still worth sending; it just would not survive a restart.
+            log::error!("outbox: cannot persist message {}: {e}", entry.id);
+        }
+        self.bytes += entry.size();
+        self.entries.push_back(entry);
+        self.enforce_bounds();
+    }
+
+    /// Sends what is not in flight yet, oldest first, keeping a bounded window in flight.
+    pub fn pump(&mut self, client: &mut Client) {
+        for entry in self.entries.iter_mut().filter(|e| !e.sent) {
+            if !client.is_up() || client.inflight() >= WINDOW {
+                return;
+            }
+            entry.sent = client.publish(&entry.topic, &entry.payload, entry.retain, Some(entry.id));
+        }
+    }
+
+    /// The broker has it: forget it.
+    pub fn on_ack(&mut self, id: u64) {
+        if let Some(pos) = self.entries.iter().position(|e| e.id == id) {
+            if let Some(entry) = self.entries.remove(pos) {
+                self.bytes -= entry.size();
+                self.remove_file(id);
+            }
+        }
+    }
+
+    /// The connection went away: whatever was in flight is sent again on the next one.
+    pub fn on_disconnected(&mut self) {
+        self.entries.iter_mut().for_each(|e| e.sent = false);
+    }
+
+    fn enforce_bounds(&mut self) {
+        let before = self.dropped;
+        while self.entries.len() > self.limits.max_messages
+            || (self.bytes > self.limits.max_bytes && self.entries.len() > 1)
+        {
+            let Some(entry) = self.entries.pop_front() else { break };
+            self.bytes -= entry.size();
+            self.remove_file(entry.id);
+            self.dropped += 1;
+        }
+        if self.dropped != before {
+            log::warn!(
+                "outbox full: dropped {} oldest message(s), {} in all",
+                self.dropped - before,
+                self.dropped
+            );
+            let _ = fsutil::write_atomic(&self.dir.join(DROPPED_FILE), self.dropped.to_string().as_bytes());
+        }
+    }
+
+    fn path(&self, id: u64) -> PathBuf {
+        self.dir.join(format!("{id:020}"))
+    }
+
+    fn remove_file(&self, id: u64) {
+        if let Err(e) = fs::remove_file(self.path(id)) {
+            log::warn!("outbox: cannot remove message {id}: {e}");
+        }
+    }
+}
+
+/// `TOPIC \n RETAIN(0|1) \n PAYLOAD`: topics never contain a newline (we build them).
+fn encode(entry: &Entry) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(entry.size() + 4);
+    bytes.extend_from_slice(entry.topic.as_bytes());
+    bytes.extend_from_slice(if entry.retain { b"\n1\n" } else { b"\n0\n" });
+    bytes.extend_from_slice(&entry.payload);
+    bytes
+}
+
+fn decode(id: u64, bytes: Vec<u8>) -> Option<Entry> {
+    let topic_end = bytes.iter().position(|&b| b == b'\n')?;
+    let topic = String::from_utf8(bytes[..topic_end].to_vec()).ok()?;
+    let retain = match bytes.get(topic_end + 1..topic_end + 3)? {
+        b"1\n" => true,
+        b"0\n" => false,
+        _ => return None,
+    };
+    let payload = bytes[topic_end + 3..].to_vec();
+    Some(Entry { id, topic, payload, retain, sent: false })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("tether-outbox-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        dir
+    }
+
+    fn limits(max_messages: usize, max_bytes: usize) -> OfflineBufferConfig {
+        OfflineBufferConfig { max_messages, max_bytes }
+    }
+
+    #[test]
+    fn survives_reopen_in_order() {
+        let dir = temp_dir("reopen");
+        let mut outbox = Outbox::open(&dir, limits(10, 1 << 20)).unwrap();
+        for i in 0..3 {
+            outbox.push("t/x".into(), format!("{{\"seq\":{i}}}").into_bytes(), i == 1);
+        }
+        outbox.on_ack(1);
+        let reopened = Outbox::open(&dir, limits(10, 1 << 20)).unwrap();
+        let got: Vec<_> = reopened.entries.iter().map(|e| (e.id, e.retain, e.payload.clone())).collect();
+        assert_eq!(got, vec![(2, true, b"{\"seq\":1}".to_vec()), (3, false, b"{\"seq\":2}".to_vec())]);
+        assert_eq!(reopened.next_id, 4);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn drops_oldest_past_the_bounds_and_counts_them() {
+        let dir = temp_dir("bounds");
+        let mut outbox = Outbox::open(&dir, limits(3, 1 << 20)).unwrap();
+        for i in 0..5 {
+            outbox.push("t".into(), vec![b'0' + i], false);
+        }
+        assert_eq!(outbox.len(), 3);
+        assert_eq!(outbox.dropped(), 2);
+        assert_eq!(outbox.entries.front().unwrap().payload, b"2");
+        outbox.set_limits(limits(100, 5));
+        assert_eq!(outbox.len(), 2, "byte bound: each entry is 2 bytes");
+        let reopened = Outbox::open(&dir, limits(100, 1 << 20)).unwrap();
+        assert_eq!((reopened.len(), reopened.dropped()), (2, 3));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn corrupt_files_are_discarded() {
+        let dir = temp_dir("corrupt");
+        fsutil::create_private_dir(&dir).unwrap();
+        fs::write(dir.join(format!("{:020}", 7)), b"no newline").unwrap();
+        let outbox = Outbox::open(&dir, limits(10, 1 << 20)).unwrap();
+        assert!(outbox.is_empty());
+        assert_eq!(outbox.next_id, 8);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

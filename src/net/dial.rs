@@ -1,0 +1,322 @@
+//! Builds a `Link` step by step without blocking: TCP connect, optional HTTP CONNECT proxy,
+//! optional TLS, optional WebSocket handshake. Each socket event moves it as far as it can go.
+
+use mio::net::TcpStream;
+use mio::{Interest, Registry, Token};
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, ClientConnection, StreamOwned};
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tungstenite::client::ClientRequestBuilder;
+use tungstenite::handshake::client::ClientHandshake;
+use tungstenite::handshake::{HandshakeError, MidHandshake};
+use tungstenite::protocol::WebSocketConfig;
+
+use super::link::{Link, Stream};
+use super::url::{BrokerUrl, ProxyUrl};
+
+/// Largest proxy response head we accept.
+const MAX_PROXY_RESPONSE: usize = 8192;
+/// Largest MQTT packet over a WebSocket (tungstenite refuses bigger messages).
+pub const MAX_WS_MESSAGE: usize = 4 * 1024 * 1024;
+
+/// Where and how to connect; built once per config.
+pub struct Route {
+    pub broker: BrokerUrl,
+    pub proxy: Option<ProxyUrl>,
+    pub tls: Option<Arc<ClientConfig>>,
+}
+
+impl Route {
+    /// The host and port the TCP connection goes to: the proxy's, when there is one.
+    pub fn first_hop(&self) -> (String, u16) {
+        match &self.proxy {
+            Some(p) => (p.host.clone(), p.port),
+            None => (self.broker.host.clone(), self.broker.port),
+        }
+    }
+}
+
+enum Stage {
+    Tcp { sock: TcpStream, addr: SocketAddr },
+    Proxy { sock: TcpStream, request: Vec<u8>, response: Vec<u8> },
+    Tls { tls: Box<StreamOwned<ClientConnection, TcpStream>> },
+    Ws { mid: MidHandshake<ClientHandshake<Stream>> },
+    Failed,
+}
+
+/// What one step of the handshake came to.
+enum Step {
+    /// Needs the socket to become readable or writable.
+    Wait(Stage),
+    /// Can go on at once.
+    Next(Stage),
+    Done(Link),
+}
+
+pub struct Dialer {
+    route: Arc<Route>,
+    addrs: VecDeque<SocketAddr>,
+    stage: Stage,
+    token: Token,
+}
+
+impl Dialer {
+    /// Starts a TCP connect to the first of `addrs`; later ones are tried if it fails.
+    pub fn start(
+        route: Arc<Route>,
+        addrs: Vec<SocketAddr>,
+        registry: &Registry,
+        token: Token,
+    ) -> Result<Dialer, String> {
+        let mut dialer = Dialer { route, addrs: addrs.into(), stage: Stage::Failed, token };
+        dialer.connect_next(registry, None)?;
+        Ok(dialer)
+    }
+
+    fn connect_next(&mut self, registry: &Registry, last_error: Option<String>) -> Result<(), String> {
+        let mut error = last_error;
+        while let Some(addr) = self.addrs.pop_front() {
+            match TcpStream::connect(addr) {
+                Ok(mut sock) => {
+                    registry
+                        .register(&mut sock, self.token, Interest::READABLE | Interest::WRITABLE)
+                        .map_err(|e| format!("register socket: {e}"))?;
+                    self.stage = Stage::Tcp { sock, addr };
+                    return Ok(());
+                }
+                Err(e) => error = Some(format!("TCP connect to {addr}: {}", describe_io(&e))),
+            }
+        }
+        Err(error.unwrap_or_else(|| "no address to connect to".into()))
+    }
+
+    /// Moves the handshake forward; `Ok(Some(link))` once the byte pipe is ready for MQTT.
+    pub fn advance(&mut self, registry: &Registry) -> Result<Option<Link>, String> {
+        loop {
+            let step = match std::mem::replace(&mut self.stage, Stage::Failed) {
+                Stage::Tcp { sock, addr } => match tcp_connected(&sock) {
+                    Ok(true) => self.after_tcp(sock)?,
+                    Ok(false) => Step::Wait(Stage::Tcp { sock, addr }),
+                    Err(e) => {
+                        let why = format!("TCP connect to {addr}: {}", describe_io(&e));
+                        self.connect_next(registry, Some(why))?;
+                        return Ok(None);
+                    }
+                },
+                Stage::Proxy { sock, request, response } => self.proxy_step(sock, request, response)?,
+                Stage::Tls { tls } => self.tls_step(tls)?,
+                Stage::Ws { mid } => ws_step(mid.handshake())?,
+                Stage::Failed => return Err("connection attempt already failed".into()),
+            };
+            match step {
+                Step::Wait(stage) => {
+                    self.stage = stage;
+                    return Ok(None);
+                }
+                Step::Next(stage) => self.stage = stage,
+                Step::Done(link) => return Ok(Some(link)),
+            }
+        }
+    }
+
+    fn after_tcp(&self, sock: TcpStream) -> Result<Step, String> {
+        let _ = sock.set_nodelay(true);
+        if self.route.proxy.is_some() {
+            return Ok(Step::Next(Stage::Proxy {
+                sock,
+                request: proxy_request(&self.route),
+                response: Vec::new(),
+            }));
+        }
+        self.after_proxy(sock)
+    }
+
+    fn after_proxy(&self, sock: TcpStream) -> Result<Step, String> {
+        let Some(config) = &self.route.tls else {
+            return self.after_transport(Stream::Plain(sock));
+        };
+        let host = &self.route.broker.host;
+        let name = ServerName::try_from(host.clone())
+            .map_err(|e| format!("TLS: invalid server name {host:?}: {e}"))?;
+        let conn = ClientConnection::new(Arc::clone(config), name).map_err(|e| format!("TLS: {e}"))?;
+        Ok(Step::Next(Stage::Tls { tls: Box::new(StreamOwned::new(conn, sock)) }))
+    }
+
+    fn after_transport(&self, stream: Stream) -> Result<Step, String> {
+        if !self.route.broker.scheme.is_websocket() {
+            return Ok(Step::Done(Link::Raw { stream, out: Vec::new() }));
+        }
+        let url = &self.route.broker;
+        let scheme = if url.scheme.is_tls() { "wss" } else { "ws" };
+        let host = if url.host.contains(':') { format!("[{}]", url.host) } else { url.host.clone() };
+        let uri = format!("{scheme}://{host}:{}{}", url.port, url.path)
+            .parse()
+            .map_err(|e| format!("WebSocket: bad URL: {e}"))?;
+        let request = ClientRequestBuilder::new(uri).with_sub_protocol("mqtt");
+        ws_step(tungstenite::client::client_with_config(request, stream, Some(ws_config())))
+    }
+
+    fn tls_step(&self, mut tls: Box<StreamOwned<ClientConnection, TcpStream>>) -> Result<Step, String> {
+        while tls.conn.is_handshaking() {
+            let tls = &mut *tls;
+            match tls.conn.complete_io(&mut tls.sock) {
+                Ok((0, 0)) => break,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(describe_io(&e)),
+            }
+        }
+        if tls.conn.is_handshaking() {
+            return Ok(Step::Wait(Stage::Tls { tls }));
+        }
+        self.after_transport(Stream::Tls(tls))
+    }
+
+    fn proxy_step(
+        &self,
+        mut sock: TcpStream,
+        mut request: Vec<u8>,
+        mut response: Vec<u8>,
+    ) -> Result<Step, String> {
+        let proxy_err = |what: String| format!("proxy {}: {what}", self.route.first_hop().0);
+        while !request.is_empty() {
+            match sock.write(&request) {
+                Ok(n) => {
+                    request.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return Ok(Step::Wait(Stage::Proxy { sock, request, response }))
+                }
+                Err(e) => return Err(proxy_err(describe_io(&e))),
+            }
+        }
+        // Byte by byte, so nothing after the response head (the TLS or MQTT data that follows)
+        // is swallowed. The head is short and this happens once per connection.
+        let mut byte = [0u8; 1];
+        while !response.ends_with(b"\r\n\r\n") {
+            match sock.read(&mut byte) {
+                Ok(0) => return Err(proxy_err("closed the connection during CONNECT".into())),
+                Ok(_) => response.push(byte[0]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return Ok(Step::Wait(Stage::Proxy { sock, request, response }))
+                }
+                Err(e) => return Err(proxy_err(describe_io(&e))),
+            }
+            if response.len() > MAX_PROXY_RESPONSE {
+                return Err(proxy_err("response head too long".into()));
+            }
+        }
+        let head = String::from_utf8_lossy(&response);
+        let status_line = head.lines().next().unwrap_or("").trim().to_string();
+        let code = status_line.split_whitespace().nth(1).unwrap_or("");
+        if !code.starts_with('2') {
+            return Err(proxy_err(format!("refused CONNECT: {status_line}")));
+        }
+        self.after_proxy(sock)
+    }
+}
+
+fn ws_step(
+    result: Result<
+        (tungstenite::WebSocket<Stream>, tungstenite::handshake::client::Response),
+        HandshakeError<ClientHandshake<Stream>>,
+    >,
+) -> Result<Step, String> {
+    match result {
+        Ok((ws, _response)) => Ok(Step::Done(Link::Ws(Box::new(ws)))),
+        Err(HandshakeError::Interrupted(mid)) => Ok(Step::Wait(Stage::Ws { mid })),
+        Err(HandshakeError::Failure(e)) => Err(describe_ws(e)),
+    }
+}
+
+/// Small buffers: MQTT packets from the broker are few and small, and RSS matters on a board.
+fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
+        .max_message_size(Some(MAX_WS_MESSAGE))
+        .max_frame_size(Some(MAX_WS_MESSAGE))
+}
+
+fn proxy_request(route: &Route) -> Vec<u8> {
+    let b = &route.broker;
+    let target = if b.host.contains(':') {
+        format!("[{}]:{}", b.host, b.port)
+    } else {
+        format!("{}:{}", b.host, b.port)
+    };
+    let mut request = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n");
+    if let Some(credentials) = route.proxy.as_ref().and_then(|p| p.credentials.as_deref()) {
+        request.push_str(&format!("Proxy-Authorization: Basic {}\r\n", base64(credentials.as_bytes())));
+    }
+    request.push_str("\r\n");
+    request.into_bytes()
+}
+
+fn tcp_connected(sock: &TcpStream) -> io::Result<bool> {
+    if let Some(e) = sock.take_error()? {
+        return Err(e);
+    }
+    match sock.peer_addr() {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Words for an I/O error, naming TLS causes when the error wraps one.
+pub fn describe_io(e: &io::Error) -> String {
+    if let Some(tls) = e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+        return super::tls::describe_error(tls);
+    }
+    match e.kind() {
+        io::ErrorKind::ConnectionRefused => "connection refused".into(),
+        io::ErrorKind::ConnectionReset => "connection reset by peer".into(),
+        io::ErrorKind::TimedOut => "timed out".into(),
+        io::ErrorKind::UnexpectedEof => "connection closed unexpectedly".into(),
+        _ => e.to_string(),
+    }
+}
+
+fn describe_ws(e: tungstenite::Error) -> String {
+    match e {
+        tungstenite::Error::Http(response) => {
+            format!("WebSocket: broker answered HTTP {} to the upgrade (wrong path or not a websockets listener?)", response.status())
+        }
+        tungstenite::Error::Io(e) => format!("WebSocket: {}", describe_io(&e)),
+        other => format!("WebSocket: {other}"),
+    }
+}
+
+fn base64(input: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
+    for chunk in input.chunks(3) {
+        let n = chunk.iter().enumerate().fold(0u32, |acc, (i, &b)| acc | (b as u32) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_matches_rfc4648() {
+        for (input, expected) in
+            [("", ""), ("f", "Zg=="), ("fo", "Zm8="), ("foo", "Zm9v"), ("user:pass", "dXNlcjpwYXNz")]
+        {
+            assert_eq!(base64(input.as_bytes()), expected);
+        }
+    }
+}

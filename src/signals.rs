@@ -1,0 +1,75 @@
+//! Turns SIGTERM, SIGINT and SIGHUP into readable bytes on a pipe the event loop polls
+//! (the self-pipe trick): the handler only does an async-signal-safe `write`, all real work
+//! happens in the loop.
+
+use mio::unix::SourceFd;
+use mio::{Interest, Registry, Token};
+use std::io;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicI32, Ordering};
+
+static PIPE_WRITE_FD: AtomicI32 = AtomicI32::new(-1);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    Terminate,
+    Reload,
+}
+
+pub struct Signals {
+    read_fd: RawFd,
+}
+
+extern "C" fn on_signal(signum: libc::c_int) {
+    let fd = PIPE_WRITE_FD.load(Ordering::Relaxed);
+    if fd >= 0 {
+        let byte = signum as u8;
+        // SAFETY: write(2) is async-signal-safe; the buffer is a local byte.
+        unsafe { libc::write(fd, &byte as *const u8 as *const libc::c_void, 1) };
+    }
+}
+
+impl Signals {
+    /// Installs the handlers and registers the pipe with `token`.
+    pub fn install(registry: &Registry, token: Token) -> io::Result<Signals> {
+        let mut fds = [0 as RawFd; 2];
+        // SAFETY: fds has room for the two descriptors pipe2 writes.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        PIPE_WRITE_FD.store(fds[1], Ordering::Relaxed);
+        for signum in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            // SAFETY: a zeroed sigaction with a plain handler and SA_RESTART is valid.
+            unsafe {
+                let mut action: libc::sigaction = std::mem::zeroed();
+                action.sa_sigaction = on_signal as *const () as usize;
+                action.sa_flags = libc::SA_RESTART;
+                libc::sigemptyset(&mut action.sa_mask);
+                if libc::sigaction(signum, &action, std::ptr::null_mut()) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+        }
+        // A broken connection must surface as an error from write, not kill the process.
+        // SAFETY: ignoring SIGPIPE is always valid.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+        registry.register(&mut SourceFd(&fds[0]), token, Interest::READABLE)?;
+        Ok(Signals { read_fd: fds[0] })
+    }
+
+    /// The signals received since the last call, in order.
+    pub fn drain(&mut self) -> Vec<Signal> {
+        let mut buf = [0u8; 32];
+        let mut signals = Vec::new();
+        loop {
+            // SAFETY: reading into a local buffer of the given length.
+            let n = unsafe { libc::read(self.read_fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len()) };
+            if n <= 0 {
+                return signals;
+            }
+            for &b in &buf[..n as usize] {
+                signals.push(if b as i32 == libc::SIGHUP { Signal::Reload } else { Signal::Terminate });
+            }
+        }
+    }
+}
