@@ -186,6 +186,53 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+impl BrokerConfig {
+    /// `url` with every other setting at its default.
+    pub fn new(url: String) -> BrokerConfig {
+        BrokerConfig {
+            url,
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+            username: None,
+            password_file: None,
+            proxy: None,
+            keepalive_s: default_keepalive_s(),
+            connect_timeout_s: default_connect_timeout_s(),
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let fail = |msg: String| Err(ConfigError(msg));
+        BrokerUrl::parse(&self.url).map_err(|e| ConfigError(format!("broker.url: {e}")))?;
+        if let Some(proxy) = &self.proxy {
+            crate::net::url::ProxyUrl::parse(proxy).map_err(|e| ConfigError(format!("broker.proxy: {e}")))?;
+        }
+        for (key, path) in [
+            ("broker.ca_file", &self.ca_file),
+            ("broker.cert_file", &self.cert_file),
+            ("broker.key_file", &self.key_file),
+            ("broker.password_file", &self.password_file),
+        ] {
+            if let Some(path) = path {
+                if let Err(e) = std::fs::metadata(path) {
+                    return fail(format!("{key}: {}: {e}", path.display()));
+                }
+            }
+        }
+        if self.cert_file.is_some() != self.key_file.is_some() {
+            return fail("broker.cert_file and broker.key_file go together".into());
+        }
+        if self.password_file.is_some() && self.username.is_none() {
+            return fail("broker.password_file needs broker.username".into());
+        }
+        if self.keepalive_s < 5 {
+            return fail("broker.keepalive_s must be at least 5".into());
+        }
+        Ok(())
+    }
+}
+
 impl Config {
     /// Reads, parses and validates the file: the one way the agent gets a config.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -202,31 +249,7 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         let fail = |msg: String| Err(ConfigError(msg));
-        BrokerUrl::parse(&self.broker.url).map_err(|e| ConfigError(format!("broker.url: {e}")))?;
-        if let Some(proxy) = &self.broker.proxy {
-            crate::net::url::ProxyUrl::parse(proxy).map_err(|e| ConfigError(format!("broker.proxy: {e}")))?;
-        }
-        for (key, path) in [
-            ("broker.ca_file", &self.broker.ca_file),
-            ("broker.cert_file", &self.broker.cert_file),
-            ("broker.key_file", &self.broker.key_file),
-            ("broker.password_file", &self.broker.password_file),
-        ] {
-            if let Some(path) = path {
-                if let Err(e) = std::fs::metadata(path) {
-                    return fail(format!("{key}: {}: {e}", path.display()));
-                }
-            }
-        }
-        if self.broker.cert_file.is_some() != self.broker.key_file.is_some() {
-            return fail("broker.cert_file and broker.key_file go together".into());
-        }
-        if self.broker.password_file.is_some() && self.broker.username.is_none() {
-            return fail("broker.password_file needs broker.username".into());
-        }
-        if self.broker.keepalive_s < 5 {
-            return fail("broker.keepalive_s must be at least 5".into());
-        }
+        self.broker.validate()?;
         if let Some(id) = &self.device_id {
             crate::protocol::check_device_id(id).map_err(|e| ConfigError(format!("device_id: {e}")))?;
         }

@@ -18,7 +18,11 @@ pub fn init(flag: Option<&str>, config_level: Option<&str>) {
 
 /// The current UTC time as RFC 3339 with second precision, without a date crate.
 pub fn utc_now() -> String {
-    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    utc_time(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0))
+}
+
+/// Unix seconds as RFC 3339 UTC, e.g. `2026-11-23T18:30:05Z`.
+pub fn utc_time(secs: u64) -> String {
     let (days, rem) = (secs / 86_400, secs % 86_400);
     let (y, m, d) = civil_from_days(days as i64);
     format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)

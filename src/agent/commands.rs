@@ -47,6 +47,8 @@ pub struct Commands {
     ledger_path: PathBuf,
     started: Instant,
     workers: Workers<(String, String, CommandState)>,
+    /// `heartbeat` commands waiting for their heartbeat to be queued: (id, seq).
+    awaiting_heartbeat: Vec<(String, u64)>,
 }
 
 impl Commands {
@@ -63,7 +65,14 @@ impl Commands {
                 VecDeque::new()
             }
         };
-        Commands { topics, ledger, ledger_path, started: Instant::now(), workers: Workers::new(waker) }
+        Commands {
+            topics,
+            ledger,
+            ledger_path,
+            started: Instant::now(),
+            workers: Workers::new(waker),
+            awaiting_heartbeat: Vec::new(),
+        }
     }
 
     /// The subscription that brings this device's commands.
@@ -148,6 +157,16 @@ impl Commands {
         }
     }
 
+    /// Heartbeats with these seqs were just queued: answer the commands that asked for them.
+    pub fn on_heartbeats_queued(&mut self, seqs: &[u64], outbox: &mut Outbox) {
+        let (done, waiting) =
+            std::mem::take(&mut self.awaiting_heartbeat).into_iter().partition(|(_, seq)| seqs.contains(seq));
+        self.awaiting_heartbeat = waiting;
+        for (id, seq) in done {
+            self.finish("heartbeat", &id, CommandState::Successful { result: json!({ "seq": seq }) }, outbox);
+        }
+    }
+
     fn execute(&mut self, op: String, id: String, params: Map<String, Value>, ctx: &mut Context) {
         if !OPS.contains(&op.as_str()) {
             let reason = format!("unknown op {op:?} (this agent runs: {})", OPS.join(", "));
@@ -161,7 +180,9 @@ impl Commands {
         let outcome = match op.as_str() {
             "ping" => self.ping(),
             "heartbeat" => {
-                CommandState::Successful { result: json!({"seq": ctx.heartbeat.trigger(ctx.outbox)}) }
+                // Answered once the heartbeat is queued, so it reaches the broker first.
+                let seq = ctx.heartbeat.trigger(ctx.outbox);
+                return self.awaiting_heartbeat.push((id, seq));
             }
             "config" => CommandState::Successful { result: ctx.config.redacted_json() },
             _ => return self.start_reboot(op, id, ctx.config.reboot_command.clone()),

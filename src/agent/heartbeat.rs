@@ -101,8 +101,9 @@ impl Heartbeat {
         self.next_due = (self.next_due + self.interval).max(now + self.interval / 2);
     }
 
-    /// Queues a finished heartbeat for delivery.
-    pub fn on_wake(&mut self, outbox: &mut Outbox) {
+    /// Queues finished heartbeats for delivery; returns their seqs.
+    pub fn on_wake(&mut self, outbox: &mut Outbox) -> Vec<u64> {
+        let mut queued = Vec::new();
         while let Some((collector, heartbeat)) = self.workers.try_recv() {
             self.collector = Some(match self.pending_config.take() {
                 Some(config) => Collector::new(&config),
@@ -115,6 +116,8 @@ impl Heartbeat {
                 }
                 Err(e) => log::error!("cannot encode heartbeat: {e}"),
             }
+            queued.push(heartbeat.seq);
         }
+        queued
     }
 }

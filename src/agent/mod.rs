@@ -13,9 +13,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::config::Config;
 use crate::net::client::{Client, ClientOptions, Event, Will};
-use crate::net::dial::Route;
-use crate::net::tls::{self, TlsFiles};
-use crate::net::url::{BrokerUrl, ProxyUrl};
 use crate::protocol::{Status, Topics};
 use crate::signals::{Signal, Signals};
 use commands::{Commands, Context};
@@ -120,7 +117,8 @@ impl Agent {
 
     fn on_wake(&mut self) {
         self.client.on_wake(self.poll.registry());
-        self.heartbeat.on_wake(&mut self.outbox);
+        let queued = self.heartbeat.on_wake(&mut self.outbox);
+        self.commands.on_heartbeats_queued(&queued, &mut self.outbox);
         self.commands.on_wake(&mut self.outbox);
     }
 
@@ -243,31 +241,7 @@ impl Agent {
 
 /// Everything the MQTT client needs from the config; fails on unreadable TLS or password files.
 fn client_options(config: &Config, topics: &Topics, commands: &Commands) -> Result<ClientOptions, String> {
-    let b = &config.broker;
-    let broker = BrokerUrl::parse(&b.url).map_err(|e| format!("broker.url: {e}"))?;
-    let proxy =
-        b.proxy.as_deref().map(ProxyUrl::parse).transpose().map_err(|e| format!("broker.proxy: {e}"))?;
-    let tls = if broker.scheme.is_tls() {
-        let files = TlsFiles {
-            ca_file: b.ca_file.as_deref(),
-            cert_file: b.cert_file.as_deref(),
-            key_file: b.key_file.as_deref(),
-        };
-        Some(tls::client_config(&files)?)
-    } else {
-        None
-    };
-    let password = match &b.password_file {
-        Some(path) => Some(read_password(path)?),
-        None => None,
-    };
     Ok(ClientOptions {
-        route: Arc::new(Route { broker, proxy, tls }),
-        client_id: topics.device().to_string(),
-        username: b.username.clone(),
-        password,
-        keepalive: Duration::from_secs(b.keepalive_s.into()),
-        connect_timeout: Duration::from_secs(b.connect_timeout_s),
         will: Some(Will {
             topic: topics.status(),
             payload: serde_json::to_vec(&Status::offline()).unwrap_or_default(),
@@ -277,14 +251,8 @@ fn client_options(config: &Config, topics: &Topics, commands: &Commands) -> Resu
         reconnect_min: Duration::from_secs(config.reconnect.min_s),
         reconnect_max: Duration::from_secs(config.reconnect.max_s),
         max_packet: MAX_PACKET,
+        ..ClientOptions::for_broker(&config.broker, topics.device().to_string())?
     })
-}
-
-/// The password file's content without its trailing newline. The content is never logged.
-fn read_password(path: &std::path::Path) -> Result<String, String> {
-    let text =
-        std::fs::read_to_string(path).map_err(|e| format!("broker.password_file {}: {e}", path.display()))?;
-    Ok(text.trim_end_matches(['\r', '\n']).to_string())
 }
 
 fn unix_seconds() -> u64 {

@@ -3,5 +3,6 @@
 pub mod client;
 pub mod dial;
 pub mod link;
+pub mod options;
 pub mod tls;
 pub mod url;

@@ -1,0 +1,122 @@
+//! `tetherctl devices`: the fleet as the broker's retained status and heartbeat messages show it.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tether::protocol::{fleet_heartbeat_filter, fleet_status_filter, split_device_topic, Heartbeat, Status};
+
+use crate::format::{self, table};
+use crate::session::snapshot;
+use crate::settings::Settings;
+use crate::{exit, print, Failure};
+
+/// A device's retained messages, as JSON (or as a JSON string when they are not JSON).
+#[derive(Default)]
+struct Retained {
+    status: Option<Value>,
+    heartbeat: Option<Value>,
+}
+
+/// One line of the table; `null` in JSON where the device did not say.
+#[derive(Serialize)]
+struct Row<'a> {
+    id: &'a str,
+    online: Option<bool>,
+    heartbeat_age_s: Option<u64>,
+    cpu_pct: Option<f64>,
+    mem_used_pct: Option<f64>,
+    disk_used_pct: Option<f64>,
+    version: Option<String>,
+    status: Option<&'a Value>,
+    heartbeat: Option<&'a Value>,
+}
+
+pub fn run(settings: &Settings, json: bool) -> Result<u8, Failure> {
+    let root = &settings.topic_root;
+    let messages = snapshot(settings, vec![fleet_status_filter(root), fleet_heartbeat_filter(root)])?;
+    let mut fleet: BTreeMap<String, Retained> = BTreeMap::new();
+    for message in messages {
+        let Some((id, kind)) = split_device_topic(root, &message.topic) else { continue };
+        let device = fleet.entry(id.to_string()).or_default();
+        let slot = match kind {
+            "status" => &mut device.status,
+            "heartbeat" => &mut device.heartbeat,
+            _ => continue,
+        };
+        *slot = (!message.payload.is_empty()).then(|| json_or_text(&message.topic, &message.payload));
+    }
+    fleet.retain(|_, d| d.status.is_some() || d.heartbeat.is_some());
+
+    let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    let rows: Vec<Row> = fleet.iter().map(|(id, retained)| row(id, retained, now_ms)).collect();
+    if rows.is_empty() {
+        log::warn!("no device has a retained status or heartbeat under {root}/");
+    }
+    if json {
+        let text = serde_json::to_string_pretty(&rows).map_err(|e| Failure::error(e.to_string()))?;
+        print(&text)?;
+    } else {
+        print(table(&table_rows(&rows)).trim_end())?;
+    }
+    Ok(exit::SUCCESS)
+}
+
+fn row<'a>(id: &'a str, retained: &'a Retained, now_ms: u64) -> Row<'a> {
+    let status = retained.status.as_ref().and_then(|v| typed::<Status>(id, "status", v));
+    let heartbeat = retained.heartbeat.as_ref().and_then(|v| typed::<Heartbeat>(id, "heartbeat", v));
+    let one_decimal = |x: f64| (x * 10.0).round() / 10.0;
+    Row {
+        id,
+        online: status.as_ref().map(|s| s.online),
+        heartbeat_age_s: heartbeat.as_ref().map(|h| now_ms.saturating_sub(h.ts) / 1000),
+        cpu_pct: heartbeat.as_ref().map(|h| one_decimal(h.cpu_pct)),
+        mem_used_pct: heartbeat.as_ref().and_then(|h| format::mem_used_pct(&h.mem)).map(one_decimal),
+        disk_used_pct: heartbeat.as_ref().and_then(format::disk_used_pct).map(one_decimal),
+        version: status.and_then(|s| s.version),
+        status: retained.status.as_ref(),
+        heartbeat: retained.heartbeat.as_ref(),
+    }
+}
+
+fn table_rows(rows: &[Row]) -> Vec<Vec<String>> {
+    let header = ["ID", "ONLINE", "HEARTBEAT", "CPU", "MEM", "DISK", "VERSION"];
+    let percent = |x: Option<f64>| x.map_or("-".to_string(), |x| format!("{x:.0}%"));
+    let mut out = vec![header.map(String::from).to_vec()];
+    for r in rows {
+        out.push(vec![
+            r.id.to_string(),
+            match r.online {
+                Some(true) => "yes".into(),
+                Some(false) => "no".into(),
+                None => "-".into(),
+            },
+            r.heartbeat_age_s.map_or("-".to_string(), format::age),
+            percent(r.cpu_pct),
+            percent(r.mem_used_pct),
+            percent(r.disk_used_pct),
+            r.version.clone().unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    out
+}
+
+/// The payload as JSON; when it is not JSON, its text, with a warning.
+pub fn json_or_text(topic: &str, payload: &[u8]) -> Value {
+    serde_json::from_slice(payload).unwrap_or_else(|e| {
+        log::warn!("{topic}: not JSON ({e}): {}", format::raw(payload));
+        Value::String(String::from_utf8_lossy(payload).into_owned())
+    })
+}
+
+/// The protocol type in `value`, or None with a warning (its columns then show `-`).
+fn typed<'a, T: Deserialize<'a>>(device: &str, kind: &str, value: &'a Value) -> Option<T> {
+    T::deserialize(value)
+        .map_err(|e| {
+            if !value.is_string() {
+                log::warn!("{device}: malformed {kind} ({e})");
+            }
+        })
+        .ok()
+}

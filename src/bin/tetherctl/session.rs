@@ -1,0 +1,210 @@
+//! One connection to the broker, driven by a mio loop like the agent's, but step by step: each
+//! subcommand asks for the next thing that happens (`next`) and reacts to it in plain sequence.
+
+use mio::{Events, Poll, Token, Waker};
+use mqttbytes::v4::Publish;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tether::net::client::{Client, ClientOptions, Event};
+use tether::signals::Signals;
+
+use crate::settings::Settings;
+use crate::{exit, Failure};
+
+const BROKER: Token = Token(0);
+const WAKER: Token = Token(1);
+const SIGNALS: Token = Token(2);
+
+/// Retries while connecting come quickly: someone is waiting at the terminal.
+const RECONNECT_MIN: Duration = Duration::from_secs(1);
+const RECONNECT_MAX: Duration = Duration::from_secs(5);
+/// Longest a snapshot waits for its probe before it settles for what has come.
+const SNAPSHOT_LIMIT: Duration = Duration::from_secs(5);
+const PROBE_TAG: u64 = u64::MAX;
+
+pub enum Input {
+    Client(Event),
+    /// SIGINT, SIGTERM or SIGHUP.
+    Interrupted,
+    TimedOut,
+}
+
+pub struct Session {
+    poll: Poll,
+    events: Events,
+    signals: Signals,
+    client: Client,
+    interrupted: bool,
+}
+
+impl Session {
+    /// Connects and subscribes; fails with exit 3 when the broker cannot be reached within the
+    /// connect timeout (the client has logged why at each attempt).
+    pub fn connect(settings: &Settings, subscriptions: Vec<String>) -> Result<Session, Failure> {
+        Session::connect_as(settings, format!("tetherctl-{:012x}", random() >> 16), subscriptions)
+    }
+
+    fn connect_as(
+        settings: &Settings,
+        client_id: String,
+        subscriptions: Vec<String>,
+    ) -> Result<Session, Failure> {
+        let opts = ClientOptions {
+            subscriptions,
+            connect_timeout: settings
+                .connect_timeout
+                .min(Duration::from_secs(settings.broker.connect_timeout_s)),
+            reconnect_min: RECONNECT_MIN,
+            reconnect_max: RECONNECT_MAX,
+            ..ClientOptions::for_broker(&settings.broker, client_id).map_err(Failure::config)?
+        };
+        let broker = opts.route.broker.to_string();
+        let poll = Poll::new().map_err(|e| Failure::error(format!("poll: {e}")))?;
+        let waker = Waker::new(poll.registry(), WAKER).map_err(|e| Failure::error(format!("waker: {e}")))?;
+        let signals = Signals::install(poll.registry(), SIGNALS)
+            .map_err(|e| Failure::error(format!("signals: {e}")))?;
+        let client = Client::new(opts, Arc::new(waker), BROKER);
+        let mut session =
+            Session { poll, events: Events::with_capacity(16), signals, client, interrupted: false };
+
+        let deadline = Instant::now() + settings.connect_timeout;
+        loop {
+            match session.next(Some(deadline))? {
+                Input::Client(Event::Connected) => return Ok(session),
+                Input::Client(_) => {}
+                Input::Interrupted => return Err(Failure::interrupted()),
+                Input::TimedOut => {
+                    let secs = settings.connect_timeout.as_secs_f64();
+                    return Err(Failure {
+                        code: exit::NO_BROKER,
+                        message: format!("could not connect to {broker} within {secs} s"),
+                    });
+                }
+            }
+        }
+    }
+
+    /// The next thing that happens: an event of the client, a signal, or `deadline` passing.
+    pub fn next(&mut self, deadline: Option<Instant>) -> Result<Input, Failure> {
+        loop {
+            if std::mem::take(&mut self.interrupted) {
+                return Ok(Input::Interrupted);
+            }
+            if let Some(event) = self.client.next_event() {
+                return Ok(Input::Client(event));
+            }
+            let now = Instant::now();
+            if deadline.is_some_and(|d| now >= d) {
+                return Ok(Input::TimedOut);
+            }
+            let wake = [self.client.next_deadline(), deadline].into_iter().flatten().min();
+            let timeout = wake.map(|w| w.saturating_duration_since(now));
+            if let Err(e) = self.poll.poll(&mut self.events, timeout) {
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(Failure::error(format!("poll: {e}")));
+                }
+            }
+            let registry = self.poll.registry();
+            for event in self.events.iter() {
+                match event.token() {
+                    BROKER => self.client.on_socket(registry, event),
+                    WAKER => self.client.on_wake(registry),
+                    SIGNALS => self.interrupted |= !self.signals.drain().is_empty(),
+                    _ => {}
+                }
+            }
+            self.client.on_timer(registry, Instant::now());
+        }
+    }
+
+    /// With a tag the publish goes at QoS 1 and `Event::Acked(tag)` follows. False when not
+    /// connected: nothing was sent.
+    pub fn publish(&mut self, topic: &str, payload: &[u8], retain: bool, tag: Option<u64>) -> bool {
+        self.client.publish(topic, payload, retain, tag)
+    }
+
+    /// Publishes at QoS 1 and waits until the broker has it, publishing again after a
+    /// reconnect. False if `within` passes or a signal comes first. Whatever else arrives
+    /// meanwhile is dropped.
+    pub fn publish_confirmed(
+        &mut self,
+        topic: &str,
+        payload: &[u8],
+        retain: bool,
+        within: Duration,
+    ) -> Result<bool, Failure> {
+        const TAG: u64 = u64::MAX - 1;
+        let deadline = Instant::now() + within;
+        self.publish(topic, payload, retain, Some(TAG));
+        loop {
+            match self.next(Some(deadline))? {
+                Input::Client(Event::Acked(TAG)) => return Ok(true),
+                Input::Client(Event::Connected) => {
+                    self.publish(topic, payload, retain, Some(TAG));
+                }
+                Input::Client(_) => {}
+                Input::Interrupted | Input::TimedOut => return Ok(false),
+            }
+        }
+    }
+
+    /// A clean goodbye.
+    pub fn close(mut self) {
+        self.client.disconnect();
+    }
+}
+
+/// The messages retained on `filters` now (and any published meanwhile), in the order the
+/// broker sent them; an empty payload means the topic was cleared. The end of the retained
+/// messages is marked by a probe to a topic of tetherctl's own, published after subscribing:
+/// the broker sends a client's messages in order (all at QoS 1 here), so they all came before it.
+pub fn snapshot(settings: &Settings, mut filters: Vec<String>) -> Result<Vec<Publish>, Failure> {
+    let client_id = format!("tetherctl-{:012x}", random() >> 16);
+    let probe = format!("{}/_tetherctl/{client_id}", settings.topic_root);
+    filters.push(probe.clone());
+    let mut session = Session::connect_as(settings, client_id, filters)?;
+    session.publish(&probe, b"probe", false, Some(PROBE_TAG));
+    let deadline = Instant::now() + SNAPSHOT_LIMIT;
+    let mut messages = Vec::new();
+    loop {
+        match session.next(Some(deadline))? {
+            Input::Client(Event::Message(p)) if p.topic == probe => break,
+            Input::Client(Event::Message(p)) => messages.push(p),
+            // Reconnected: the retained messages come again, and so must the probe.
+            Input::Client(Event::Connected) => {
+                session.publish(&probe, b"probe", false, Some(PROBE_TAG));
+            }
+            Input::Client(Event::Oversized { topic, size }) => {
+                log::warn!("{topic}: skipped a message of {size} bytes, too big")
+            }
+            Input::Client(_) => {}
+            Input::Interrupted => return Err(Failure::interrupted()),
+            Input::TimedOut => {
+                log::warn!(
+                    "the broker did not return tetherctl's probe on {probe} within {} s \
+                     (does its ACL allow it?): showing what arrived by then",
+                    SNAPSHOT_LIMIT.as_secs()
+                );
+                break;
+            }
+        }
+    }
+    session.close();
+    Ok(messages)
+}
+
+/// A command id no other tetherctl picks: `<unix-ms>-<pid>-<random hex>`, one topic level.
+pub fn command_id() -> String {
+    let ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+    format!("{ms}-{}-{:04x}", std::process::id(), random() & 0xffff)
+}
+
+/// 64 random bits: std seeds each `RandomState` from the OS's randomness.
+fn random() -> u64 {
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    hasher.write_u32(std::process::id());
+    hasher.finish()
+}
