@@ -44,7 +44,13 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 
 #[cfg(test)]
 mod tests {
-    use super::civil_from_days;
+    use super::{civil_from_days, utc_time};
+
+    #[test]
+    fn rfc3339() {
+        assert_eq!(utc_time(0), "1970-01-01T00:00:00Z");
+        assert_eq!(utc_time(1_795_459_236), "2026-11-23T18:40:36Z");
+    }
 
     #[test]
     fn civil_dates() {

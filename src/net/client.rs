@@ -560,4 +560,43 @@ mod tests {
         assert_eq!(head.remaining_len, buf.len() - 3);
         assert!(OversizedHead::parse(&buf[..5]).is_none());
     }
+
+    /// A hostile broker's bytes: random and mutated packets must give errors, never a panic.
+    #[test]
+    fn decoding_garbage_never_panics() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut valid = BytesMut::new();
+        let mut p =
+            v4::Publish::new("tether/d/cmd/ping/1", QoS::AtLeastOnce, b"{\"status\":\"init\"}".to_vec());
+        p.pkid = 3;
+        p.write(&mut valid).unwrap();
+        for round in 0..200_000 {
+            let mut buf = if round % 2 == 0 {
+                let len = (next() % 64) as usize;
+                (0..len).map(|_| next() as u8).collect::<Vec<u8>>()
+            } else {
+                let mut b = valid.to_vec();
+                for _ in 0..1 + next() % 4 {
+                    let i = (next() as usize) % b.len();
+                    b[i] = next() as u8;
+                }
+                b.truncate(1 + (next() as usize) % b.len());
+                b
+            };
+            let mut stream = BytesMut::from(&buf[..]);
+            while !stream.is_empty() {
+                if v4::read(&mut stream, 1024).is_err() {
+                    break;
+                }
+            }
+            let _ = OversizedHead::parse(&buf);
+            buf.clear();
+        }
+    }
 }

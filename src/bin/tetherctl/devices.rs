@@ -82,21 +82,20 @@ fn row<'a>(id: &'a str, retained: &'a Retained, now_ms: u64) -> Row<'a> {
 
 fn table_rows(rows: &[Row]) -> Vec<Vec<String>> {
     let header = ["ID", "ONLINE", "HEARTBEAT", "CPU", "MEM", "DISK", "VERSION"];
-    let percent = |x: Option<f64>| x.map_or("-".to_string(), |x| format!("{x:.0}%"));
     let mut out = vec![header.map(String::from).to_vec()];
     for r in rows {
+        // `?`: the device sent something unreadable; `-`: it did not say.
+        let blank = |sent: Option<&Value>| if sent.is_some() { "?" } else { "-" }.to_string();
+        let (no_status, no_heartbeat) = (blank(r.status), blank(r.heartbeat));
+        let percent = |x: Option<f64>| x.map_or(no_heartbeat.clone(), |x| format!("{x:.0}%"));
         out.push(vec![
             r.id.to_string(),
-            match r.online {
-                Some(true) => "yes".into(),
-                Some(false) => "no".into(),
-                None => "-".into(),
-            },
-            r.heartbeat_age_s.map_or("-".to_string(), format::age),
+            r.online.map_or(no_status.clone(), |online| if online { "yes" } else { "no" }.to_string()),
+            r.heartbeat_age_s.map_or(no_heartbeat.clone(), format::age),
             percent(r.cpu_pct),
             percent(r.mem_used_pct),
             percent(r.disk_used_pct),
-            r.version.clone().unwrap_or_else(|| "-".into()),
+            r.version.clone().unwrap_or(no_status),
         ]);
     }
     out

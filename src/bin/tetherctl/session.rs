@@ -43,7 +43,7 @@ impl Session {
     /// Connects and subscribes; fails with exit 3 when the broker cannot be reached within the
     /// connect timeout (the client has logged why at each attempt).
     pub fn connect(settings: &Settings, subscriptions: Vec<String>) -> Result<Session, Failure> {
-        Session::connect_as(settings, format!("tetherctl-{:012x}", random() >> 16), subscriptions)
+        Session::connect_as(settings, client_id(), subscriptions)
     }
 
     fn connect_as(
@@ -161,10 +161,10 @@ impl Session {
 /// messages is marked by a probe to a topic of tetherctl's own, published after subscribing:
 /// the broker sends a client's messages in order (all at QoS 1 here), so they all came before it.
 pub fn snapshot(settings: &Settings, mut filters: Vec<String>) -> Result<Vec<Publish>, Failure> {
-    let client_id = format!("tetherctl-{:012x}", random() >> 16);
-    let probe = format!("{}/_tetherctl/{client_id}", settings.topic_root);
+    let id = client_id();
+    let probe = format!("{}/_tetherctl/{id}", settings.topic_root);
     filters.push(probe.clone());
-    let mut session = Session::connect_as(settings, client_id, filters)?;
+    let mut session = Session::connect_as(settings, id, filters)?;
     session.publish(&probe, b"probe", false, Some(PROBE_TAG));
     let deadline = Instant::now() + SNAPSHOT_LIMIT;
     let mut messages = Vec::new();
@@ -193,6 +193,11 @@ pub fn snapshot(settings: &Settings, mut filters: Vec<String>) -> Result<Vec<Pub
     }
     session.close();
     Ok(messages)
+}
+
+/// Unique, so two tetherctls never take each other's connection; 22 characters.
+fn client_id() -> String {
+    format!("tetherctl-{:012x}", random() >> 16)
 }
 
 /// A command id no other tetherctl picks: `<unix-ms>-<pid>-<random hex>`, one topic level.

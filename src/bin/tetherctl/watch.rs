@@ -60,14 +60,14 @@ fn render(root: &str, message: &Publish, json: bool) -> Option<String> {
     }
     let payload: Option<Result<Value, _>> =
         (!message.payload.is_empty()).then(|| serde_json::from_slice::<Value>(&message.payload));
-    if let Some(Err(e)) = &payload {
-        log::warn!("{}: not JSON ({e})", message.topic);
-    }
     if json {
         let payload = match payload {
             None => Value::Null,
             Some(Ok(value)) => value,
-            Some(Err(_)) => Value::String(String::from_utf8_lossy(&message.payload).into_owned()),
+            Some(Err(e)) => {
+                log::warn!("{}: not JSON ({e})", message.topic);
+                Value::String(String::from_utf8_lossy(&message.payload).into_owned())
+            }
         };
         let line = json!({
             "device": device,
