@@ -54,9 +54,10 @@ CONF
 
 # Installs mosquitto and its clients when missing (Debian/Ubuntu).
 ensure_mosquitto() {
-    command -v mosquitto >/dev/null 2>&1 && command -v mosquitto_sub >/dev/null 2>&1 && return 0
+    command -v mosquitto >/dev/null 2>&1 && command -v mosquitto_sub >/dev/null 2>&1 &&
+        command -v python3 >/dev/null 2>&1 && command -v openssl >/dev/null 2>&1 && return 0
     local sudo_=""
     [ "$(id -u)" = 0 ] || sudo_=sudo
     $sudo_ apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -qq mosquitto mosquitto-clients openssl >/dev/null
+    DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -qq mosquitto mosquitto-clients openssl python3 >/dev/null
 }
