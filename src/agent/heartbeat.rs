@@ -88,9 +88,6 @@ impl Heartbeat {
     fn start(&mut self, dropped: u64) {
         let Some(mut collector) = self.collector.take() else { return };
         self.last_seq += 1;
-        if let Err(e) = fsutil::write_atomic(&self.seq_path, self.last_seq.to_string().as_bytes()) {
-            log::warn!("cannot save heartbeat seq: {e}");
-        }
         let seq = self.last_seq;
         self.workers.spawn("heartbeat", move || {
             let heartbeat = collector.collect(seq, dropped);
@@ -113,6 +110,10 @@ impl Heartbeat {
                 Ok(payload) => {
                     log::debug!("heartbeat {} collected ({} bytes)", heartbeat.seq, payload.len());
                     outbox.push(self.topic.clone(), payload, true);
+                    // Saved only once queued: a collection cut short by a stop leaves no gap.
+                    if let Err(e) = fsutil::write_atomic(&self.seq_path, heartbeat.seq.to_string().as_bytes()) {
+                        log::warn!("cannot save heartbeat seq: {e}");
+                    }
                 }
                 Err(e) => log::error!("cannot encode heartbeat: {e}"),
             }

@@ -1,0 +1,178 @@
+//! Command-line flags and configuration errors.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+
+/// Writes `config` to a file in `dir`; returns its path.
+fn config_file(dir: &Path, config: &Value) -> PathBuf {
+    let path = dir.join("agent.json");
+    write_file(&path, &serde_json::to_string_pretty(config).unwrap());
+    path
+}
+
+/// A valid config that points at nothing in particular (no broker needed).
+fn offline_config(dir: &Path) -> Value {
+    json!({
+        "broker": {"url": "mqtt://127.0.0.1:9"},
+        "device_id": "dev-cfg",
+        "state_dir": dir.join("state"),
+    })
+}
+
+/// `--check-config` and a normal start both fail, saying `needle`.
+fn assert_rejected(config: &Value, needle: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = config_file(dir.path(), config);
+    let path = path.to_str().unwrap();
+    for args in [&["--config", path, "--check-config"][..], &["--config", path][..]] {
+        let out = run_agent(args);
+        let text = output_text(&out);
+        assert!(!out.status.success(), "{args:?} accepted a bad config ({needle}): {text}");
+        assert!(text.contains(needle), "{args:?}: the message does not name {needle:?}: {text}");
+    }
+}
+
+#[test]
+fn version_flag() {
+    let out = run_agent(&["--version"]);
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("tether-agent {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn arch_flag_matches_the_status() {
+    let out = run_agent(&["--arch"]);
+    assert!(out.status.success(), "{}", output_text(&out));
+    let arch = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(!arch.is_empty() && !arch.contains(char::is_whitespace), "--arch printed {arch:?}");
+
+    let broker = Broker::start_default();
+    let mut sub = Sub::new(&broker, &status_topic("dev-arch"));
+    let _agent = Agent::start(broker.agent_config("dev-arch"));
+    let status = sub.expect_online("dev-arch", secs(15));
+    assert_eq!(status["arch"], arch.as_str(), "status: {status}");
+}
+
+#[test]
+fn check_config_accepts_a_good_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("pw");
+    write_file(&pw, "secret");
+    let mut config = offline_config(dir.path());
+    merge(
+        &mut config,
+        json!({
+            "broker": {"url": "wss://broker.example:443/mqtt", "username": "dev-cfg", "password_file": pw,
+                       "proxy": "http://127.0.0.1:3128", "keepalive_s": 30},
+            "topic_root": "fleet",
+            "heartbeat": {"interval_s": 5, "disks": ["/"], "processes": [{"name": "sshd"}],
+                          "custom": {"fw": {"command": ["/bin/echo", "1"], "timeout_s": 2}}},
+            "reconnect": {"min_s": 1, "max_s": 60},
+            "offline_buffer": {"max_messages": 10, "max_bytes": 65536},
+            "reboot_command": ["/sbin/reboot"],
+        }),
+    );
+    let path = config_file(dir.path(), &config);
+    let out = run_agent(&["--config", path.to_str().unwrap(), "--check-config"]);
+    assert!(out.status.success(), "--check-config refused a good config: {}", output_text(&out));
+}
+
+#[test]
+fn unknown_key_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = offline_config(dir.path());
+    config["heartbeat"] = json!({"intervl_s": 5});
+    assert_rejected(&config, "intervl_s");
+    let mut config = offline_config(dir.path());
+    config["colour"] = json!("blue");
+    assert_rejected(&config, "colour");
+}
+
+#[test]
+fn bad_broker_url_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = offline_config(dir.path());
+    config["broker"]["url"] = json!("ftp://x");
+    assert_rejected(&config, "broker.url");
+}
+
+#[test]
+fn missing_password_file_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-dir").join("password");
+    let mut config = offline_config(dir.path());
+    merge(&mut config, json!({"broker": {"username": "dev-cfg", "password_file": missing}}));
+    assert_rejected(&config, missing.to_str().unwrap());
+}
+
+#[test]
+fn unreadable_config_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.json");
+    write_file(&path, "{ \"broker\": ");
+    let out = run_agent(&["--config", path.to_str().unwrap(), "--check-config"]);
+    assert!(!out.status.success(), "accepted truncated JSON: {}", output_text(&out));
+    let missing = dir.path().join("absent.json");
+    let out = run_agent(&["--config", missing.to_str().unwrap(), "--check-config"]);
+    assert!(!out.status.success());
+    assert!(output_text(&out).contains("absent.json"), "{}", output_text(&out));
+}
+
+#[test]
+fn print_id_prints_the_device_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = config_file(dir.path(), &offline_config(dir.path()));
+    let out = run_agent(&["--config", path.to_str().unwrap(), "--print-id"]);
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "dev-cfg");
+}
+
+#[test]
+fn without_device_id_the_printed_id_is_used_on_the_topics() {
+    let broker = Broker::start_default();
+    let mut config = broker.agent_config("unused");
+    config.as_object_mut().unwrap().remove("device_id");
+    let dir = tempfile::tempdir().unwrap();
+    config["state_dir"] = json!(dir.path().join("state"));
+    let path = config_file(dir.path(), &config);
+    let out = run_agent(&["--config", path.to_str().unwrap(), "--print-id"]);
+    assert!(out.status.success(), "{}", output_text(&out));
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(
+        !id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b)),
+        "--print-id printed {id:?}"
+    );
+    let mut sub = Sub::new(&broker, &status_topic(&id));
+    let _agent = Agent::start(config);
+    sub.expect_online(&id, secs(15));
+}
+
+#[test]
+fn topic_root_is_honoured() {
+    let broker = Broker::start_default();
+    let mut config = broker.agent_config("dev-root");
+    config["topic_root"] = json!("fleet/site-1");
+    let mut sub = Sub::builder(&broker, "fleet/site-1/dev-root/#").also("tether/#").start();
+    let _agent = Agent::start(config);
+    sub.expect_json("fleet/site-1/dev-root/status", "online", secs(15), |v| v["online"] == true);
+    sub.expect_json("fleet/site-1/dev-root/heartbeat", "a heartbeat", secs(10), |v| v["seq"].is_u64());
+    assert!(
+        !sub.seen().iter().any(|m| m.topic.starts_with("tether/")),
+        "published under tether/ despite topic_root: {:?}",
+        sub.seen().iter().filter(|m| m.topic.starts_with("tether/")).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn log_level_flag_is_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = config_file(dir.path(), &offline_config(dir.path()));
+    let out = run_agent(&["--config", path.to_str().unwrap(), "--log-level", "warn", "--check-config"]);
+    assert!(out.status.success(), "{}", output_text(&out));
+}

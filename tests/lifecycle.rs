@@ -1,0 +1,236 @@
+//! The agent's life: last will, clean shutdown, broker outages, the offline queue across
+//! restarts, and configuration reload on SIGHUP.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use std::thread::sleep;
+use std::time::Duration;
+
+fn config(broker: &Broker, device: &str, patch: Value) -> Value {
+    let mut c = broker.agent_config(device);
+    merge(&mut c, patch);
+    c
+}
+
+fn seq(hb: &Value) -> u64 {
+    hb["seq"].as_u64().unwrap_or_else(|| panic!("heartbeat without seq: {hb}"))
+}
+
+fn ts(hb: &Value) -> u64 {
+    hb["ts"].as_u64().unwrap_or_else(|| panic!("heartbeat without ts: {hb}"))
+}
+
+/// The heartbeats of `device` the subscriber got live (not from the retained store), in order.
+fn live_heartbeats(sub: &Sub, device: &str) -> Vec<Value> {
+    let topic = heartbeat_topic(device);
+    sub.seen().iter().filter(|m| m.topic == topic && !m.retained).filter_map(|m| m.json()).collect()
+}
+
+/// Waits for a live heartbeat collected after `after_ms` (unix ms), i.e. one made after the
+/// agent was back online.
+fn wait_fresh_heartbeat(sub: &mut Sub, device: &str, after_ms: u64) {
+    let topic = heartbeat_topic(device);
+    sub.expect(&format!("a heartbeat made after {after_ms}"), secs(30), |m| {
+        m.topic == topic && !m.retained && m.json().is_some_and(|hb| ts(&hb) > after_ms)
+    });
+}
+
+/// Every seq from `first` on arrived exactly once, in order; returns them.
+fn assert_each_once_in_order(hbs: &[Value], first: u64) -> Vec<u64> {
+    let seqs: Vec<u64> = hbs.iter().map(seq).filter(|&s| s >= first).collect();
+    let want: Vec<u64> = (first..first + seqs.len() as u64).collect();
+    assert_eq!(seqs, want, "heartbeat seqs from {first} on: not each exactly once in order");
+    seqs
+}
+
+/// Stops the broker half-way between two heartbeats (1 s apart), `last` being the latest: not
+/// while one is in flight, when QoS 1 lets the broker deliver it twice to the subscriber.
+fn stop_between_heartbeats(broker: &mut Broker, last: &Value) {
+    let at = ts(last) + 500;
+    sleep(Duration::from_millis(at.saturating_sub(unix_ms())));
+    broker.stop();
+}
+
+fn made_between(hbs: &[Value], from_ms: u64, to_ms: u64) -> usize {
+    hbs.iter().filter(|hb| (from_ms..to_ms).contains(&ts(hb))).count()
+}
+
+#[test]
+fn kill_9_leaves_the_will() {
+    let broker = Broker::start_default();
+    let mut sub = Sub::new(&broker, &status_topic("dev-will"));
+    let mut agent = Agent::start(config(&broker, "dev-will", json!({})));
+    sub.expect_online("dev-will", secs(15));
+    agent.kill9();
+    // The socket closes with the process: the broker sends the will at once (no keepalive wait).
+    sub.expect_offline("dev-will", secs(5));
+    let mut late = Sub::new(&broker, &status_topic("dev-will"));
+    let m = late.expect("the retained status", secs(5), |_| true);
+    assert!(m.retained, "the will is not retained: {m:?}");
+    assert_eq!(m.json(), Some(json!({"online": false})));
+}
+
+#[test]
+fn sigterm_goes_offline_cleanly_and_seq_survives_restart() {
+    let broker = Broker::start_default();
+    let d = "dev-term";
+    let mut sub = Sub::new(&broker, &format!("tether/{d}/#"));
+    let mut agent = Agent::start(config(&broker, d, json!({})));
+    sub.expect_online(d, secs(15));
+    let last = seq(&sub.expect_live_heartbeat(d, secs(10)));
+    let status = agent.term();
+    assert_eq!(status.code(), Some(0), "SIGTERM: {}", describe(&status));
+    sub.expect_offline(d, secs(5));
+    let mut late = Sub::new(&broker, &status_topic(d));
+    let m = late.expect("the retained status", secs(5), |_| true);
+    assert!(m.retained && m.json() == Some(json!({"online": false})), "{m:?}");
+
+    agent.restart();
+    sub.expect_online(d, secs(15));
+    let next = seq(&sub.expect_live_heartbeat(d, secs(10)));
+    assert!(next > last, "seq went back after a restart: {last} then {next}");
+}
+
+#[test]
+fn reconnects_after_a_broker_outage_and_delivers_every_heartbeat() {
+    let mut broker = Broker::start_default();
+    let d = "dev-outage";
+    let mut sub =
+        Sub::builder(&broker, &heartbeat_topic(d)).also(&status_topic(d)).persistent("outage-sub").start();
+    let _agent = Agent::start(config(&broker, d, json!({})));
+    sub.expect_online(d, secs(15));
+    let hb = sub.expect_live_heartbeat(d, secs(10));
+    let first = seq(&hb);
+
+    stop_between_heartbeats(&mut broker, &hb);
+    let stopped = unix_ms();
+    // Longer than three heartbeats.
+    sleep(Duration::from_millis(4500));
+    let restarted = unix_ms();
+    broker.start_again();
+    sub.expect_online(d, secs(30));
+    wait_fresh_heartbeat(&mut sub, d, restarted + 1500);
+
+    let hbs = live_heartbeats(&sub, d);
+    assert_each_once_in_order(&hbs, first);
+    let during = made_between(&hbs, stopped, restarted);
+    assert!(during >= 3, "only {during} heartbeat(s) made during the outage were delivered");
+}
+
+#[test]
+fn offline_queue_survives_an_agent_restart() {
+    let mut broker = Broker::start_default();
+    let d = "dev-queue";
+    let mut sub =
+        Sub::builder(&broker, &heartbeat_topic(d)).also(&status_topic(d)).persistent("queue-sub").start();
+    let mut agent = Agent::start(config(&broker, d, json!({})));
+    sub.expect_online(d, secs(15));
+    let hb = sub.expect_live_heartbeat(d, secs(10));
+    let first = seq(&hb);
+
+    stop_between_heartbeats(&mut broker, &hb);
+    let stopped = unix_ms();
+    // Restart the agent while the broker is away: what it queued is in state_dir. SIGTERM
+    // half-way between heartbeats too (3 after the last one delivered), so that none is being
+    // collected when it comes.
+    sleep(Duration::from_millis((ts(&hb) + 3500).saturating_sub(unix_ms())));
+    agent.term();
+    let agent_restarted = unix_ms();
+    agent.restart();
+    sleep(Duration::from_millis(2500));
+    let restarted = unix_ms();
+    broker.start_again();
+    sub.expect_online(d, secs(30));
+    wait_fresh_heartbeat(&mut sub, d, restarted + 1500);
+
+    let hbs = live_heartbeats(&sub, d);
+    assert_each_once_in_order(&hbs, first);
+    let before = made_between(&hbs, stopped, agent_restarted);
+    let after = made_between(&hbs, agent_restarted, restarted);
+    assert!(before >= 2, "{before} heartbeat(s) queued before the agent restarted were delivered");
+    assert!(after >= 1, "{after} heartbeat(s) queued after the agent restarted were delivered");
+}
+
+#[test]
+fn offline_queue_is_bounded_and_counts_what_it_dropped() {
+    let mut broker = Broker::start_default();
+    let d = "dev-bounded";
+    let mut sub =
+        Sub::builder(&broker, &heartbeat_topic(d)).also(&status_topic(d)).persistent("bounded-sub").start();
+    let _agent = Agent::start(config(&broker, d, json!({"offline_buffer": {"max_messages": 2}})));
+    sub.expect_online(d, secs(15));
+    let hb = sub.expect_live_heartbeat(d, secs(10));
+
+    stop_between_heartbeats(&mut broker, &hb);
+    let stopped = unix_ms();
+    sleep(Duration::from_millis(5500));
+    let restarted = unix_ms();
+    broker.start_again();
+    sub.expect_online(d, secs(30));
+    wait_fresh_heartbeat(&mut sub, d, restarted + 1500);
+
+    let hbs = live_heartbeats(&sub, d);
+    let seqs: Vec<u64> = hbs.iter().map(seq).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "seqs out of order or repeated: {seqs:?}");
+    let during = made_between(&hbs, stopped, restarted);
+    assert!(during <= 2, "{during} heartbeats from the outage delivered, max_messages is 2");
+    let dropped = hbs.last().unwrap()["dropped"].as_u64().unwrap_or(0);
+    assert!(dropped >= 1, "the heartbeat after the outage says dropped = {dropped}");
+}
+
+#[test]
+fn sighup_reloads_the_config() {
+    let broker = Broker::start_default();
+    let d = "dev-hup";
+    let mut sub = Sub::new(&broker, &format!("tether/{d}/#"));
+    let agent = Agent::start(config(&broker, d, json!({"heartbeat": {"interval_s": 3}})));
+    sub.expect_online(d, secs(15));
+    sub.expect_live_heartbeat(d, secs(10));
+    let pid = agent.pid();
+
+    agent.write_config(config(&broker, d, json!({"heartbeat": {"interval_s": 1}})));
+    agent.signal(libc::SIGHUP);
+    // Three heartbeats a second apart: impossible at the old 3 s interval.
+    sub.expect_live_heartbeat(d, secs(10));
+    let a = ts(&sub.expect_live_heartbeat(d, secs(5)));
+    let b = ts(&sub.expect_live_heartbeat(d, secs(5)));
+    assert!(b - a < 2000, "heartbeats {} ms apart after reloading interval_s 1", b - a);
+    assert_eq!(agent.pid(), pid);
+    sub.expect_none("the device going offline", Duration::from_millis(200), |m| {
+        m.payload.contains("\"online\":false")
+    });
+}
+
+#[test]
+fn sighup_with_a_broken_config_is_refused() {
+    let broker = Broker::start_default();
+    let d = "dev-badhup";
+    let mut sub = Sub::new(&broker, &format!("tether/{d}/#"));
+    let mut agent = Agent::start(config(&broker, d, json!({})));
+    sub.expect_online(d, secs(15));
+    sub.expect_live_heartbeat(d, secs(10));
+
+    let mut broken = config(&broker, d, json!({"heartbeat": {"interval_s": 7}}));
+    broken["bogus_key"] = json!(1);
+    agent.write_config(broken);
+    agent.signal(libc::SIGHUP);
+    let line = agent.wait_log_line(secs(10), |l| l.contains("bogus_key"));
+    assert!(line.is_some(), "the agent did not log why it refused the new config (bogus_key)");
+    // It goes on with the old config: online, a heartbeat every second.
+    let a = ts(&sub.expect_live_heartbeat(d, secs(5)));
+    let b = ts(&sub.expect_live_heartbeat(d, secs(5)));
+    assert!(b - a < 2000, "heartbeats {} ms apart: the broken config was applied", b - a);
+    assert!(agent.running(), "the agent exited on a broken config");
+    assert!(
+        !sub.seen().iter().any(|m| m.topic == status_topic(d) && m.payload.contains("\"online\":false")),
+        "the device went offline"
+    );
+    // Unparseable JSON: the same.
+    agent.write_config_text("{ not json");
+    agent.signal(libc::SIGHUP);
+    sub.expect_live_heartbeat(d, secs(5));
+    sub.expect_live_heartbeat(d, secs(5));
+    assert!(agent.running(), "the agent exited on an unparseable config");
+}

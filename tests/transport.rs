@@ -1,0 +1,273 @@
+//! The agent's connection to the broker: every transport, TLS checks, authentication, the
+//! fleet ACL, the HTTP CONNECT proxy, and that the agent never listens.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+
+/// Starts an agent with `patch` merged into the quick config, and checks it comes online with
+/// a full status and sends heartbeats.
+fn online_over(broker: &Broker, device: &str, patch: Value) -> (Agent, Sub) {
+    let mut config = broker.agent_config(device);
+    merge(&mut config, patch);
+    let mut sub = Sub::new(broker, &format!("tether/{device}/#"));
+    let agent = Agent::start(config);
+    let status = sub.expect_online(device, secs(15));
+    assert_eq!(status["version"], env!("CARGO_PKG_VERSION"), "status: {status}");
+    assert!(status["arch"].as_str().is_some_and(|a| !a.is_empty()), "status: {status}");
+    let since = status["since"].as_u64().unwrap_or_else(|| panic!("status without since: {status}"));
+    assert!(since.abs_diff(unix_s()) < 120, "since {since} is not about now ({})", unix_s());
+    let hb = sub.expect_live_heartbeat(device, secs(10));
+    assert!(hb["seq"].is_u64(), "heartbeat: {hb}");
+    (agent, sub)
+}
+
+#[test]
+fn connects_over_wss() {
+    let broker = Broker::start_default();
+    // A host name (checked against the certificate's DNS name) rather than an address.
+    online_over(
+        &broker,
+        "dev-wss",
+        json!({"broker": {"url": broker.url_with_host(Listener::Wss, "localhost"), "ca_file": broker.ca_file()}}),
+    );
+}
+
+#[test]
+fn connects_over_ws() {
+    let broker = Broker::start_default();
+    online_over(&broker, "dev-ws", json!({"broker": {"url": broker.url(Listener::Ws)}}));
+}
+
+#[test]
+fn connects_over_mqtts() {
+    let broker = Broker::start_default();
+    online_over(
+        &broker,
+        "dev-mqtts",
+        json!({"broker": {"url": broker.url(Listener::Mqtts), "ca_file": broker.ca_file()}}),
+    );
+}
+
+#[test]
+fn connects_over_mqtt_and_publishes_retained() {
+    let broker = Broker::start_default();
+    let (_agent, mut sub) = online_over(&broker, "dev-mqtt", json!({}));
+    sub.expect_live_heartbeat("dev-mqtt", secs(5));
+    // A subscriber arriving later gets the status and the last heartbeat from the retained store.
+    let mut late = Sub::new(&broker, "tether/dev-mqtt/#");
+    let m = late.expect("retained status", secs(5), |m| m.topic == status_topic("dev-mqtt"));
+    assert!(m.retained && m.json().unwrap()["online"] == json!(true), "{m:?}");
+    let m = late.expect("retained heartbeat", secs(5), |m| m.topic == heartbeat_topic("dev-mqtt"));
+    assert!(m.retained && m.json().unwrap()["seq"].is_u64(), "{m:?}");
+}
+
+#[test]
+fn connects_with_a_client_certificate() {
+    let broker = Broker::start_default();
+    let (cert, key) = broker.client_cert("dev-mtls");
+    let (_agent, _sub) = online_over(
+        &broker,
+        "dev-mtls",
+        json!({"broker": {
+            "url": broker.url(Listener::Mtls),
+            "ca_file": broker.ca_file(),
+            "cert_file": cert,
+            "key_file": key,
+        }}),
+    );
+    // The broker took the certificate's CN as the username.
+    assert!(broker.log().contains("u'dev-mtls'"), "the broker did not see the client certificate");
+}
+
+/// Runs an agent against listener `l` through a `TcpRelay` (to count its connection attempts),
+/// with `patch` merged into the quick config. Checks it never comes online, logs a line
+/// satisfying `cause` (given in lower case) and keeps trying (3 attempts). Returns the agent,
+/// still running, and the relay.
+fn never_connects(
+    broker: &Broker,
+    device: &str,
+    l: Listener,
+    patch: Value,
+    what: &str,
+    cause: fn(&str) -> bool,
+) -> (Agent, TcpRelay) {
+    let relay = TcpRelay::start(broker.ports.of(l));
+    let mut config = broker.agent_config(device);
+    merge(&mut config, json!({"broker": {"url": broker.url_at(l, "127.0.0.1", relay.port)}}));
+    merge(&mut config, patch);
+    let mut sub = Sub::new(broker, &status_topic(device));
+    let agent = Agent::start(config);
+    let line = agent.wait_log_line(secs(15), cause);
+    assert!(line.is_some(), "the agent did not log the cause ({what})");
+    assert!(
+        wait_until(secs(15), || relay.accepted().len() >= 3),
+        "the agent did not retry: {} connection attempt(s)",
+        relay.accepted().len()
+    );
+    sub.expect_none("the device online", secs(1), |m| m.payload.contains("\"online\":true"));
+    assert!(!broker.log().contains(&format!(" as {device} (")), "the broker accepted {device}");
+    (agent, relay)
+}
+
+#[test]
+fn wrong_ca_never_connects_and_backs_off() {
+    let broker = Broker::start_default();
+    let patch = json!({"broker": {"ca_file": broker.wrong_ca_file()}, "reconnect": {"min_s": 1, "max_s": 4}});
+    let cause = |l: &str| l.contains("unknownissuer") || l.contains("unknown issuer");
+    let (_agent, relay) =
+        never_connects(&broker, "dev-wrongca", Listener::Mqtts, patch, "unknown issuer", cause);
+    // Backoff: the delay starts about min_s (1 s) and grows towards max_s (4 s), never beyond.
+    assert!(wait_until(secs(30), || relay.accepted().len() >= 6), "fewer than 6 attempts in 30 s");
+    let times = relay.accepted();
+    let gaps: Vec<f64> = times.windows(2).map(|w| (w[1] - w[0]).as_secs_f64()).take(5).collect();
+    assert!(gaps[0] < 2.0, "the first retry waited {:.1} s (min_s is 1): {gaps:.1?}", gaps[0]);
+    let later = gaps[2..].iter().sum::<f64>() / (gaps.len() - 2) as f64;
+    assert!(later > gaps[0] + 0.5, "the delay between attempts did not grow: {gaps:.1?}");
+    assert!(gaps.iter().all(|&g| g < 5.0), "a delay longer than max_s (4 s): {gaps:.1?}");
+}
+
+#[test]
+fn wrong_host_name_never_connects() {
+    let broker = Broker::start_default();
+    let patch = json!({"broker": {"ca_file": broker.ca_file()}});
+    let cause = |l: &str| l.contains("notvalidforname") || l.contains("not valid for name");
+    never_connects(&broker, "dev-wrongname", Listener::WrongName, patch, "name mismatch", cause);
+}
+
+#[test]
+fn mtls_listener_without_client_certificate_never_connects() {
+    let broker = Broker::start_default();
+    let patch = json!({"broker": {"ca_file": broker.ca_file()}});
+    let cause = |l: &str| {
+        l.contains("certificaterequired")
+            || l.contains("certificate required")
+            || l.contains("handshakefailure")
+            || l.contains("handshake failure")
+            || (l.contains("alert") && l.contains("tls"))
+    };
+    never_connects(&broker, "dev-nocert", Listener::Mtls, patch, "a TLS alert: certificate required", cause);
+}
+
+#[test]
+fn wrong_password_is_reported_and_never_online() {
+    let broker = Broker::start(BrokerOpts::default().anonymous(false).user("dev-pw", "right-password"));
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("password");
+    write_file(&pw, "wrong-password\n");
+    let patch = json!({"broker": {"username": "dev-pw", "password_file": pw}});
+    let cause =
+        |l: &str| l.contains("not authori") || l.contains("bad user") || l.contains("username or password");
+    never_connects(&broker, "dev-pw", Listener::Plain, patch, "bad username or password", cause);
+}
+
+#[test]
+fn fleet_acl_isolates_devices() {
+    let broker = Broker::start(
+        BrokerOpts::default().anonymous(false).user("dev-a", "pw-a").user("dev-b", "pw-b").acl(FLEET_ACL),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut agents = Vec::new();
+    let mut op = Sub::new(&broker, "tether/#");
+    for (device, password) in [("dev-a", "pw-a"), ("dev-b", "pw-b")] {
+        let file = dir.path().join(device);
+        write_file(&file, password);
+        let mut config = broker.agent_config(device);
+        merge(&mut config, json!({"broker": {"username": device, "password_file": file}}));
+        agents.push(Agent::start(config));
+    }
+    for device in ["dev-a", "dev-b"] {
+        op.expect_any_time(&format!("{device} online"), secs(15), |m| {
+            m.topic == status_topic(device) && m.payload.contains("\"online\":true")
+        });
+    }
+    op.expect_live_heartbeat("dev-b", secs(5));
+
+    // As dev-a: subscribe to dev-b's topics (and everything), publish a command to dev-b.
+    let mut as_a = Sub::builder(&broker, "tether/dev-b/#")
+        .also("tether/#")
+        .user("dev-a", "pw-a")
+        .probe_root("tether/dev-a")
+        .start();
+    let a = Some(("dev-a", "pw-a"));
+    let cmd_b = cmd_topic("dev-b", "ping", "from-a");
+    publish_as(&broker, a, &cmd_b, br#"{"status":"init"}"#, true);
+    // dev-a's own command works (the agent as dev-a works normally).
+    let cmd_a = cmd_topic("dev-a", "ping", "own");
+    publish_as(&broker, a, &cmd_a, br#"{"status":"init"}"#, true);
+    as_a.expect_json(&cmd_a, "ping successful", secs(10), |v| v["status"] == "successful");
+
+    // Meanwhile dev-b kept publishing, the operator saw it, dev-a saw none of it.
+    op.expect_live_heartbeat("dev-b", secs(5));
+    op.expect_live_heartbeat("dev-b", secs(5));
+    as_a.collect(secs(1));
+    let leaked: Vec<&Msg> = as_a.seen().iter().filter(|m| m.topic.starts_with("tether/dev-b/")).collect();
+    assert!(leaked.is_empty(), "dev-a read dev-b's topics: {leaked:?}");
+    assert!(
+        as_a.seen().iter().any(|m| m.topic == heartbeat_topic("dev-a")),
+        "dev-a does not see its own topics"
+    );
+    // dev-a's command never reached dev-b's topic, and dev-b ran nothing.
+    assert!(
+        !op.seen().iter().any(|m| m.topic == cmd_b),
+        "dev-a's publish reached dev-b's command topic: {:?}",
+        op.seen().iter().filter(|m| m.topic == cmd_b).collect::<Vec<_>>()
+    );
+    let mut check_b = Sub::new(&broker, "tether/dev-b/cmd/#");
+    check_b.expect_none("a message on dev-b's command topic", secs(1), |m| m.topic == cmd_b);
+    for agent in &mut agents {
+        assert!(agent.running(), "an agent exited");
+    }
+}
+
+#[test]
+fn connects_through_an_http_proxy() {
+    let broker = Broker::start_default();
+    let proxy = HttpProxy::start(Mode::Tunnel);
+    online_over(
+        &broker,
+        "dev-proxy",
+        json!({"broker": {"url": broker.url(Listener::Wss), "ca_file": broker.ca_file(), "proxy": proxy.url()}}),
+    );
+    let want = format!("127.0.0.1:{}", broker.ports.wss);
+    assert!(proxy.targets().contains(&want), "the proxy saw {:?}, not {want}", proxy.targets());
+}
+
+#[test]
+fn refusing_proxy_is_reported_and_never_online() {
+    let broker = Broker::start_default();
+    let proxy = HttpProxy::start(Mode::Refuse);
+    let mut config = broker.agent_config("dev-refused");
+    merge(&mut config, json!({"broker": {"proxy": proxy.url()}}));
+    let mut sub = Sub::new(&broker, &status_topic("dev-refused"));
+    let agent = Agent::start(config);
+    let line = agent.wait_log_line(secs(15), |l| {
+        l.contains("proxy") && (l.contains("forbidden") || l.contains(" 403") || l.contains("403 "))
+    });
+    assert!(line.is_some(), "the agent did not log the proxy's refusal (403)");
+    assert!(wait_until(secs(10), || proxy.targets().len() >= 2), "no retry through the proxy");
+    sub.expect_none("the device online", secs(1), |m| m.payload.contains("\"online\":true"));
+    assert!(!broker.log().contains(" as dev-refused ("), "the agent went around the proxy");
+}
+
+#[test]
+fn never_listens_on_any_socket() {
+    let mut broker = Broker::start_default();
+    let (mut agent, mut sub) = online_over(&broker, "dev-nolisten", json!({}));
+    // A command and a few heartbeats later, it has sockets but listens on none.
+    let topic = cmd_topic("dev-nolisten", "ping", "1");
+    publish(&broker, &topic, br#"{"status":"init"}"#, true);
+    sub.expect_json(&topic, "ping successful", secs(10), |v| v["status"] == "successful");
+    sub.expect_live_heartbeat("dev-nolisten", secs(5));
+    assert!(agent.running());
+    let pid = agent.pid();
+    assert!(socket_count(pid) > 0, "the agent has no socket at all: is it the right process?");
+    assert_eq!(listening_sockets(pid), Vec::<String>::new(), "the agent listens");
+    // Also while it is disconnected and retrying.
+    drop(sub);
+    broker.stop();
+    std::thread::sleep(secs(2));
+    assert_eq!(listening_sockets(pid), Vec::<String>::new(), "the agent listens while offline");
+    broker.start_again();
+}
