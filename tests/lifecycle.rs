@@ -94,6 +94,24 @@ fn sigterm_goes_offline_cleanly_and_seq_survives_restart() {
 }
 
 #[test]
+fn sigterm_during_a_slow_collection_leaves_no_seq_gap() {
+    let broker = Broker::start_default();
+    let d = "dev-slowterm";
+    let mut sub = Sub::new(&broker, &heartbeat_topic(d));
+    // Collections take ~0.8 s, so a SIGTERM soon after a heartbeat lands in the next one.
+    let slow =
+        json!({"heartbeat": {"custom": {"slow": {"command": ["/bin/sh", "-c", "sleep 0.8; echo 1"]}}}});
+    let mut agent = Agent::start(config(&broker, d, slow));
+    let last = seq(&sub.expect_live_heartbeat(d, secs(15)));
+    sleep(Duration::from_millis(400));
+    let status = agent.term();
+    assert_eq!(status.code(), Some(0), "SIGTERM: {}", describe(&status));
+    agent.restart();
+    let next = seq(&sub.expect_live_heartbeat(d, secs(15)));
+    assert_eq!(next, last + 1, "the heartbeat cut short by the stop left a gap: {last} then {next}");
+}
+
+#[test]
 fn reconnects_after_a_broker_outage_and_delivers_every_heartbeat() {
     let mut broker = Broker::start_default();
     let d = "dev-outage";
