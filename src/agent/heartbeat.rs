@@ -111,14 +111,18 @@ impl Heartbeat {
                     log::debug!("heartbeat {} collected ({} bytes)", heartbeat.seq, payload.len());
                     outbox.push(self.topic.clone(), payload, true);
                     // Saved only once queued: a collection cut short by a stop leaves no gap.
-                    if let Err(e) = fsutil::write_atomic(&self.seq_path, heartbeat.seq.to_string().as_bytes()) {
-                        log::warn!("cannot save heartbeat seq: {e}");
-                    }
+                    self.save_seq(heartbeat.seq);
                 }
                 Err(e) => log::error!("cannot encode heartbeat: {e}"),
             }
             queued.push(heartbeat.seq);
         }
         queued
+    }
+
+    fn save_seq(&self, seq: u64) {
+        if let Err(e) = fsutil::write_atomic(&self.seq_path, seq.to_string().as_bytes()) {
+            log::warn!("cannot save heartbeat seq: {e}");
+        }
     }
 }
