@@ -1,6 +1,10 @@
+# shellcheck shell=bash disable=SC2034  # BROKER_* are read by the scripts that source this
 # Shell helpers shared by the demo, the shell suites and the benchmarks: a test CA, and a
 # Mosquitto with a plain listener (for local subscribers) and a wss listener, on free ports.
 # Source it, then: broker_start DIR  → sets BROKER_PLAIN_PORT, BROKER_WSS_PORT, BROKER_CA.
+
+# shellcheck source=tests/lib/suite.sh
+. "$(dirname "${BASH_SOURCE[0]}")/suite.sh"
 
 free_port() {
     python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
@@ -10,9 +14,10 @@ free_port() {
 make_test_certs() {
     local dir=$1
     mkdir -p "$dir"
-    openssl req -x509 -newkey rsa:2048 -nodes -days 7 -subj "/CN=Tether test CA" \
+    # P-256: quick to verify, also for an ARM agent under qemu.
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 7 -subj "/CN=Tether test CA" \
         -keyout "$dir/ca.key" -out "$dir/ca.pem" 2>/dev/null
-    openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" \
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=localhost" \
         -keyout "$dir/server.key" -out "$dir/server.csr" 2>/dev/null
     printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\n' > "$dir/server.ext"
     openssl x509 -req -days 7 -in "$dir/server.csr" -CA "$dir/ca.pem" -CAkey "$dir/ca.key" \
@@ -42,10 +47,13 @@ protocol websockets
 certfile $dir/server.pem
 keyfile $dir/server.key
 CONF
-    mosquitto -c "$dir/mosquitto.conf" 2>>"$dir/mosquitto.stderr" &
+    "$(command -v mosquitto || echo /usr/sbin/mosquitto)" -c "$dir/mosquitto.conf" 2>>"$dir/mosquitto.stderr" &
     BROKER_PID=$!
     for _ in $(seq 50); do
-        if (exec 3<>"/dev/tcp/127.0.0.1/$BROKER_WSS_PORT") 2>/dev/null; then return 0; fi
+        if (exec 3<>"/dev/tcp/127.0.0.1/$BROKER_WSS_PORT") 2>/dev/null &&
+            (exec 3<>"/dev/tcp/127.0.0.1/$BROKER_PLAIN_PORT") 2>/dev/null; then
+            return 0
+        fi
         sleep 0.1
     done
     echo "mosquitto did not start; see $dir/mosquitto.log" >&2
@@ -54,10 +62,5 @@ CONF
 
 # Installs mosquitto and its clients when missing (Debian/Ubuntu).
 ensure_mosquitto() {
-    command -v mosquitto >/dev/null 2>&1 && command -v mosquitto_sub >/dev/null 2>&1 &&
-        command -v python3 >/dev/null 2>&1 && command -v openssl >/dev/null 2>&1 && return 0
-    local sudo_=""
-    [ "$(id -u)" = 0 ] || sudo_=sudo
-    $sudo_ apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -qq mosquitto mosquitto-clients openssl python3 >/dev/null
+    install_missing mosquitto:mosquitto mosquitto_sub:mosquitto-clients python3:python3 openssl:openssl
 }

@@ -22,32 +22,14 @@ REPO=$(pwd)
 SCRIPT=$REPO/init.d/tether-agent
 EXAMPLE_DEFAULTS=$REPO/init.d/tether-agent.default
 
-pass=0 fail=0 skip=0
-ok() { pass=$((pass + 1)); echo "  ok    $*"; }
-bad() { fail=$((fail + 1)); echo "  FAIL  $*"; }
-skipped() { skip=$((skip + 1)); echo "  skip  $*"; }
+# shellcheck source=tests/lib/suite.sh
+. tests/lib/suite.sh
+suite initd
 # check DESCRIPTION CONDITION: one test; CONDITION is shell code, evaluated here and now.
 check() { if eval "$2"; then ok "$1"; else bad "$1"; fi; }
-finish() {
-    local line="initd: $pass passed, $fail failed"
-    [ "$skip" -gt 0 ] && line+=", $skip skipped"
-    echo "$line"
-    [ "$fail" = 0 ]
-    exit
-}
 
 # --- tools: installed only when missing ----------------------------------------------------------
-need=()
-command -v busybox >/dev/null 2>&1 || need+=(busybox)
-command -v shellcheck >/dev/null 2>&1 || need+=(shellcheck)
-[ -x /sbin/start-stop-daemon ] || [ -x /usr/sbin/start-stop-daemon ] || need+=(dpkg)
-if [ "${#need[@]}" -gt 0 ]; then
-    echo "installing: ${need[*]}"
-    sudo_=""
-    [ "$(id -u)" = 0 ] || sudo_="sudo"
-    $sudo_ apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -qq "${need[@]}" >/dev/null
-fi
+install_missing busybox:busybox shellcheck:shellcheck start-stop-daemon:dpkg
 
 # --- the agent under test ------------------------------------------------------------------------
 BIN=${TETHER_AGENT_BIN:-target/debug/tether-agent}

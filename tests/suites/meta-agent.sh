@@ -31,14 +31,9 @@ REGEN="meta-agent/scripts/update-crates-inc"
 OELINT_VERSION=9.11.2
 BITBAKE_SETUP_VERSION=2.19.0
 
-pass=0 fail=0
-ok() { pass=$((pass + 1)); echo "  ok    $*"; }
-bad() { fail=$((fail + 1)); echo "  FAIL  $*"; }
-finish() {
-    echo "meta-agent: $pass passed, $fail failed"
-    [ "$fail" = 0 ]
-    exit
-}
+# shellcheck source=tests/lib/suite.sh
+. tests/lib/suite.sh
+suite meta-agent
 
 T=$(mktemp -d /tmp/tether-meta-agent.XXXXXX)
 trap 'rm -rf "$T"' EXIT
