@@ -1,6 +1,10 @@
 //! The periodic heartbeat: collected on a worker thread (custom scripts may take seconds),
 //! numbered with a sequence that survives restarts, and queued in the outbox so one made
 //! while offline is delivered later.
+//!
+//! The sequence is not written for every heartbeat (flash wears): the file holds a bound that
+//! no seq made so far exceeds, raised `SEQ_BLOCK` at a time, and the exact last seq on a clean
+//! stop. After a crash or power cut the seq jumps ahead to the bound, so it never repeats.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -14,6 +18,8 @@ use crate::protocol;
 use crate::worker::Workers;
 
 const SEQ_FILE: &str = "heartbeat-seq";
+/// Seqs reserved per write of the seq file: one write every ~40 min at the default interval.
+const SEQ_BLOCK: u64 = 100;
 
 pub struct Heartbeat {
     topic: String,
@@ -24,7 +30,12 @@ pub struct Heartbeat {
     /// A new config's collector settings, applied when the running collection returns.
     pending_config: Option<HeartbeatConfig>,
     workers: Workers<(Collector, protocol::Heartbeat)>,
+    /// The seq of the latest collection started.
     last_seq: u64,
+    /// The seq of the latest heartbeat queued.
+    queued_seq: u64,
+    /// What the seq file says: no seq up to it may be used again.
+    reserved_seq: u64,
     seq_path: PathBuf,
 }
 
@@ -49,6 +60,8 @@ impl Heartbeat {
             pending_config: None,
             workers: Workers::new(waker),
             last_seq,
+            queued_seq: last_seq,
+            reserved_seq: last_seq,
             seq_path,
         }
     }
@@ -89,6 +102,9 @@ impl Heartbeat {
         let Some(mut collector) = self.collector.take() else { return };
         self.last_seq += 1;
         let seq = self.last_seq;
+        if seq > self.reserved_seq {
+            self.save_seq(seq + SEQ_BLOCK - 1);
+        }
         self.workers.spawn("heartbeat", move || {
             let heartbeat = collector.collect(seq, dropped);
             (collector, heartbeat)
@@ -110,8 +126,7 @@ impl Heartbeat {
                 Ok(payload) => {
                     log::debug!("heartbeat {} collected ({} bytes)", heartbeat.seq, payload.len());
                     outbox.push(self.topic.clone(), payload, true);
-                    // Saved only once queued: a collection cut short by a stop leaves no gap.
-                    self.save_seq(heartbeat.seq);
+                    self.queued_seq = heartbeat.seq;
                 }
                 Err(e) => log::error!("cannot encode heartbeat: {e}"),
             }
@@ -120,9 +135,16 @@ impl Heartbeat {
         queued
     }
 
-    fn save_seq(&self, seq: u64) {
-        if let Err(e) = fsutil::write_atomic(&self.seq_path, seq.to_string().as_bytes()) {
-            log::warn!("cannot save heartbeat seq: {e}");
+    /// A clean stop: the next run goes on from the last heartbeat queued, so neither a stop
+    /// nor a collection it cut short leaves a gap.
+    pub fn on_stop(&mut self) {
+        self.save_seq(self.queued_seq);
+    }
+
+    fn save_seq(&mut self, seq: u64) {
+        match fsutil::write_atomic(&self.seq_path, seq.to_string().as_bytes()) {
+            Ok(()) => self.reserved_seq = seq,
+            Err(e) => log::warn!("cannot save heartbeat seq: {e}"),
         }
     }
 }

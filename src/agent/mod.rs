@@ -102,14 +102,20 @@ impl Agent {
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        [self.client.next_deadline(), self.heartbeat.next_deadline(), self.stop_deadline]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            self.client.next_deadline(),
+            self.heartbeat.next_deadline(),
+            self.outbox.next_deadline(),
+            self.stop_deadline,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     fn on_timers(&mut self, now: Instant) {
         self.client.on_timer(self.poll.registry(), now);
+        self.outbox.on_timer(now);
         if self.stop_deadline.is_none() {
             self.heartbeat.on_timer(now, &self.outbox);
         }
@@ -166,6 +172,7 @@ impl Agent {
     }
 
     fn on_connected(&mut self) {
+        self.outbox.on_connected();
         let status = Status {
             online: true,
             version: Some(crate::VERSION.into()),
@@ -231,6 +238,8 @@ impl Agent {
         match self.stop_deadline {
             Some(deadline) if Instant::now() >= deadline => {
                 self.client.disconnect();
+                self.outbox.store_all();
+                self.heartbeat.on_stop();
                 log::info!("stopped; {} message(s) kept in the outbox for next time", self.outbox.len());
                 true
             }

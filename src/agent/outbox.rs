@@ -1,12 +1,17 @@
 //! Messages that must reach the broker (heartbeats, command statuses) wait here until the
-//! broker acknowledges them. Each message is one small file in `STATE/outbox/`, so a power
-//! cut or restart loses nothing and no write ever rewrites the whole queue (flash wears).
-//! The queue is bounded: past the bound the oldest messages are dropped and counted.
+//! broker acknowledges them. A message that cannot go out at once (the link is down), or that
+//! the broker has not acknowledged within `STORE_AFTER`, is stored as one small file in
+//! `STATE/outbox/`, so a power cut or restart loses nothing; a clean stop stores the rest. A
+//! connected device whose broker answers does not write to flash at all: at one heartbeat
+//! every 25 s, writing each one would cost thousands of fsyncs a day on cheap SD cards and eMMC.
+//! No write ever rewrites the whole queue. The queue is bounded: past the bound the oldest
+//! messages are dropped and counted.
 
 use std::collections::VecDeque;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use crate::config::OfflineBufferConfig;
 use crate::fsutil;
@@ -15,6 +20,8 @@ use crate::net::client::Client;
 /// QoS 1 publishes in flight at once while draining the queue.
 const WINDOW: usize = 16;
 const DROPPED_FILE: &str = "dropped";
+/// A message not acknowledged this long after it was queued is stored on disk.
+const STORE_AFTER: Duration = Duration::from_secs(5);
 
 struct Entry {
     id: u64,
@@ -22,6 +29,19 @@ struct Entry {
     payload: Vec<u8>,
     retain: bool,
     sent: bool,
+    kept: Kept,
+    queued_at: Instant,
+}
+
+/// Where a message is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kept {
+    /// Only in memory, for now.
+    Memory,
+    /// In a file in the outbox directory too.
+    Disk,
+    /// Only in memory: storing it failed (full or read-only disk), and is not tried again.
+    MemoryOnly,
 }
 
 impl Entry {
@@ -37,6 +57,9 @@ pub struct Outbox {
     limits: OfflineBufferConfig,
     next_id: u64,
     dropped: u64,
+    /// The broker connection is up: new messages go out at once and are stored only if the
+    /// broker does not acknowledge them in time.
+    online: bool,
 }
 
 impl Outbox {
@@ -50,6 +73,7 @@ impl Outbox {
             limits,
             next_id: 1,
             dropped: 0,
+            online: false,
         };
         outbox.dropped = fsutil::read_optional(&dir.join(DROPPED_FILE))?
             .and_then(|b| String::from_utf8_lossy(&b).trim().parse().ok())
@@ -101,17 +125,46 @@ impl Outbox {
         self.dropped
     }
 
-    /// Queues a message durably; it is sent by `pump` in order.
+    /// Queues a message; it is sent by `pump` in order, and stored on disk unless the broker
+    /// takes it at once.
     pub fn push(&mut self, topic: String, payload: Vec<u8>, retain: bool) {
-        let entry = Entry { id: self.next_id, topic, payload, retain, sent: false };
+        let mut entry = Entry {
+            id: self.next_id,
+            topic,
+            payload,
+            retain,
+            sent: false,
+            kept: Kept::Memory,
+            queued_at: Instant::now(),
+        };
         self.next_id += 1;
-        if let Err(e) = fsutil::write_atomic(&self.path(entry.id), &encode(&entry)) {
-            // Still worth sending; it just would not survive a restart.
-            log::error!("outbox: cannot persist message {}: {e}", entry.id);
+        if !self.online {
+            store(&self.dir, &mut entry);
         }
         self.bytes += entry.size();
         self.entries.push_back(entry);
         self.enforce_bounds();
+    }
+
+    /// When the oldest message kept only in memory is due to be stored.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        // Entries are queued in order, so the first one in memory is the oldest.
+        self.entries.iter().find(|e| e.kept == Kept::Memory).map(|e| e.queued_at + STORE_AFTER)
+    }
+
+    /// Stores the messages the broker has not acknowledged in time.
+    pub fn on_timer(&mut self, now: Instant) {
+        for entry in
+            self.entries.iter_mut().filter(|e| e.kept == Kept::Memory && e.queued_at + STORE_AFTER <= now)
+        {
+            log::debug!("outbox: message {} not acknowledged within {STORE_AFTER:?}: storing it", entry.id);
+            store(&self.dir, entry);
+        }
+    }
+
+    /// Stores every message kept only in memory: the agent is stopping, or the link is down.
+    pub fn store_all(&mut self) {
+        self.entries.iter_mut().filter(|e| e.kept == Kept::Memory).for_each(|e| store(&self.dir, e));
     }
 
     /// Sends what is not in flight yet, oldest first, keeping a bounded window in flight.
@@ -129,14 +182,20 @@ impl Outbox {
         if let Some(pos) = self.entries.iter().position(|e| e.id == id) {
             if let Some(entry) = self.entries.remove(pos) {
                 self.bytes -= entry.size();
-                self.remove_file(id);
+                self.forget(&entry);
             }
         }
     }
 
-    /// The connection went away: whatever was in flight is sent again on the next one.
+    pub fn on_connected(&mut self) {
+        self.online = true;
+    }
+
+    /// The connection went away: whatever was in flight is stored, and sent again on the next one.
     pub fn on_disconnected(&mut self) {
+        self.online = false;
         self.entries.iter_mut().for_each(|e| e.sent = false);
+        self.store_all();
     }
 
     fn enforce_bounds(&mut self) {
@@ -146,7 +205,7 @@ impl Outbox {
         {
             let Some(entry) = self.entries.pop_front() else { break };
             self.bytes -= entry.size();
-            self.remove_file(entry.id);
+            self.forget(&entry);
             self.dropped += 1;
         }
         if self.dropped != before {
@@ -160,14 +219,33 @@ impl Outbox {
     }
 
     fn path(&self, id: u64) -> PathBuf {
-        self.dir.join(format!("{id:020}"))
+        entry_path(&self.dir, id)
     }
 
-    fn remove_file(&self, id: u64) {
-        if let Err(e) = fs::remove_file(self.path(id)) {
-            log::warn!("outbox: cannot remove message {id}: {e}");
+    /// Removes a message's file, if it has one.
+    fn forget(&self, entry: &Entry) {
+        if entry.kept != Kept::Disk {
+            return;
+        }
+        if let Err(e) = fs::remove_file(self.path(entry.id)) {
+            log::warn!("outbox: cannot remove message {}: {e}", entry.id);
         }
     }
+}
+
+fn entry_path(dir: &Path, id: u64) -> PathBuf {
+    dir.join(format!("{id:020}"))
+}
+
+fn store(dir: &Path, entry: &mut Entry) {
+    entry.kept = match fsutil::write_atomic(&entry_path(dir, entry.id), &encode(entry)) {
+        Ok(()) => Kept::Disk,
+        Err(e) => {
+            // Still worth sending; it just would not survive a restart.
+            log::error!("outbox: cannot store message {}: {e}", entry.id);
+            Kept::MemoryOnly
+        }
+    };
 }
 
 /// `TOPIC \n RETAIN(0|1) \n PAYLOAD`: topics never contain a newline (we build them).
@@ -188,7 +266,7 @@ fn decode(id: u64, bytes: Vec<u8>) -> Option<Entry> {
         _ => return None,
     };
     let payload = bytes[topic_end + 3..].to_vec();
-    Some(Entry { id, topic, payload, retain, sent: false })
+    Some(Entry { id, topic, payload, retain, sent: false, kept: Kept::Disk, queued_at: Instant::now() })
 }
 
 #[cfg(test)]
@@ -234,6 +312,56 @@ mod tests {
         assert_eq!(outbox.len(), 2, "byte bound: each entry is 2 bytes");
         let reopened = Outbox::open(&dir, limits(100, 1 << 20)).unwrap();
         assert_eq!((reopened.len(), reopened.dropped()), (2, 3));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn files(dir: &Path) -> usize {
+        fs::read_dir(dir)
+            .unwrap()
+            .filter(|e| !e.as_ref().unwrap().file_name().to_string_lossy().starts_with('.'))
+            .count()
+    }
+
+    #[test]
+    fn online_messages_acknowledged_in_time_never_touch_the_disk() {
+        let dir = temp_dir("online");
+        let mut outbox = Outbox::open(&dir, limits(10, 1 << 20)).unwrap();
+        outbox.on_connected();
+        outbox.push("t".into(), b"a".to_vec(), true);
+        outbox.push("t".into(), b"b".to_vec(), true);
+        assert_eq!(files(&dir), 0);
+        let due = outbox.next_deadline().expect("a store deadline");
+        outbox.on_timer(due - Duration::from_millis(1));
+        assert_eq!(files(&dir), 0, "stored before the delay");
+        outbox.on_ack(1);
+        outbox.on_ack(2);
+        assert!(outbox.is_empty() && outbox.next_deadline().is_none());
+        outbox.store_all();
+        assert_eq!(files(&dir), 0);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn unacknowledged_messages_are_stored_late_on_disconnect_and_on_stop() {
+        let dir = temp_dir("late");
+        let mut outbox = Outbox::open(&dir, limits(10, 1 << 20)).unwrap();
+        outbox.on_connected();
+        outbox.push("t".into(), b"late".to_vec(), true);
+        outbox.on_timer(outbox.next_deadline().unwrap());
+        assert_eq!(files(&dir), 1, "not acknowledged in time: stored");
+        assert_eq!(outbox.next_deadline(), None, "nothing left to store");
+        outbox.push("t".into(), b"cut".to_vec(), false);
+        outbox.on_disconnected();
+        assert_eq!(files(&dir), 2, "the link went down: stored");
+        outbox.push("t".into(), b"offline".to_vec(), false);
+        assert_eq!(files(&dir), 3, "queued while offline: stored at once");
+        outbox.on_connected();
+        outbox.push("t".into(), b"stop".to_vec(), false);
+        outbox.store_all();
+        outbox.on_ack(1);
+        let reopened = Outbox::open(&dir, limits(10, 1 << 20)).unwrap();
+        let got: Vec<_> = reopened.entries.iter().map(|e| e.payload.clone()).collect();
+        assert_eq!(got, [b"cut".to_vec(), b"offline".to_vec(), b"stop".to_vec()]);
         fs::remove_dir_all(&dir).unwrap();
     }
 
