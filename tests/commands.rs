@@ -271,3 +271,24 @@ fn oversized_payload_fails_mentioning_its_size() {
     );
     assert_unharmed(&broker, &mut agent, &mut sub, d);
 }
+
+#[test]
+fn an_oversized_retained_command_over_wss_is_refused_without_dropping_the_link() {
+    // Over the agent's packet bound (256 KiB), so it is skipped as it streams in through the
+    // WebSocket frames. Mosquitto 2.0 sends big messages over websockets at ~40 KB/s, so it
+    // takes longer than the keepalive to pass: the bytes themselves must count as life.
+    let broker = Broker::start_default();
+    let d = "dev-huge";
+    let wss =
+        json!({"broker": {"url": broker.url(Listener::Wss), "ca_file": broker.ca_file(), "keepalive_s": 5}});
+    let (mut agent, mut sub) = start(&broker, d, wss);
+    let topic = cmd_topic(d, "ping", "huge1");
+    let payload = json!({"status": "init", "pad": "x".repeat(400 * 1024)}).to_string();
+    publish(&broker, &topic, payload.as_bytes(), true);
+    let state = sub.expect_json(&topic, "a final status", secs(30), is_final);
+    assert_eq!(state["status"], "failed", "{state}");
+    assert!(state["reason"].as_str().is_some_and(|r| r.contains("too large")), "{state}");
+    assert_unharmed(&broker, &mut agent, &mut sub, d);
+    let connects = agent.log().matches("connected to wss://").count();
+    assert_eq!(connects, 1, "the agent reconnected {} time(s)", connects.saturating_sub(1));
+}

@@ -304,3 +304,24 @@ fn sighup_with_a_broken_config_is_refused() {
     sub.expect_live_heartbeat(d, secs(5));
     assert!(agent.running(), "the agent exited on an unparseable config");
 }
+
+#[test]
+fn a_broker_that_stops_answering_is_declared_dead_within_one_and_a_half_keepalives() {
+    let broker = Broker::start_default();
+    let d = "dev-frozen";
+    let mut sub = Sub::new(&broker, &heartbeat_topic(d));
+    let agent = Agent::start(config(&broker, d, json!({"broker": {"keepalive_s": 5}})));
+    sub.expect_live_heartbeat(d, secs(15));
+    // Frozen, not gone: the kernel keeps the TCP connection up, the broker says nothing.
+    signal(broker.pid(), libc::SIGSTOP);
+    let frozen = std::time::Instant::now();
+    let line = agent.wait_log_line(secs(15), |l| l.contains("did not answer"));
+    let after = frozen.elapsed();
+    signal(broker.pid(), libc::SIGCONT);
+    let line = line.unwrap_or_else(|| panic!("no 'did not answer' in the log:\n{}", agent.log()));
+    // 1.5 x 5 s from the last packet heard, which came at most a heartbeat before the freeze.
+    assert!(after <= Duration::from_millis(7500 + 1500), "declared dead after {after:?}: {line}");
+    assert!(after >= Duration::from_millis(5000), "declared dead too early, after {after:?}: {line}");
+    let reconnected = wait_until(secs(15), || agent.log().matches("connected to").count() >= 2);
+    assert!(reconnected, "the agent did not reconnect once the broker answered again:\n{}", agent.log());
+}

@@ -309,20 +309,44 @@ impl Client {
         }
     }
 
-    fn read_packets(&mut self) {
-        let mut inbuf = std::mem::take(&mut self.inbuf);
-        let Some(link) = self.link_mut() else { return };
-        let read = link.read_into(&mut inbuf);
-        self.inbuf = inbuf;
-        let closed = match read {
-            Ok(end) => end == ReadEnd::Closed,
-            Err(e) => return self.fail(describe_io(&e)),
-        };
-        if let Err(e) = self.decode_packets() {
-            return self.fail(e);
+    /// Any byte shows the broker is alive: a big message that takes long to arrive (slow link,
+    /// slow broker) holds the PINGRESP back behind it, and must not count as silence.
+    fn heard_from_broker(&mut self) {
+        if let State::Up(s) = &mut self.state {
+            s.last_rx = Instant::now();
+            s.ping_sent = None;
         }
-        if closed && !matches!(self.state, State::Idle { .. } | State::Stopped) {
-            self.fail("broker closed the connection".into());
+    }
+
+    /// Reads and decodes until the socket has nothing more, a bounded batch at a time.
+    fn read_packets(&mut self) {
+        loop {
+            let mut inbuf = std::mem::take(&mut self.inbuf);
+            let Some(link) = self.link_mut() else { return };
+            let read = link.read_into(&mut inbuf);
+            self.inbuf = inbuf;
+            let end = match read {
+                Ok((end, bytes)) => {
+                    if bytes > 0 {
+                        self.heard_from_broker();
+                    }
+                    end
+                }
+                Err(e) => return self.fail(describe_io(&e)),
+            };
+            if let Err(e) = self.decode_packets() {
+                return self.fail(e);
+            }
+            match end {
+                ReadEnd::More => continue,
+                ReadEnd::WouldBlock => return,
+                ReadEnd::Closed => {
+                    if !matches!(self.state, State::Idle { .. } | State::Stopped) {
+                        self.fail("broker closed the connection".into());
+                    }
+                    return;
+                }
+            }
         }
     }
 
@@ -342,10 +366,6 @@ impl Client {
             }
             match v4::read(&mut self.inbuf, self.opts.max_packet) {
                 Ok(packet) => {
-                    if let State::Up(s) = &mut self.state {
-                        s.last_rx = Instant::now();
-                        s.ping_sent = None;
-                    }
                     self.handle(packet)?;
                     if !matches!(self.state, State::Up(_) | State::AwaitingConnAck { .. }) {
                         return Ok(());

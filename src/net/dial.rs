@@ -12,15 +12,12 @@ use std::sync::Arc;
 use tungstenite::client::ClientRequestBuilder;
 use tungstenite::handshake::client::ClientHandshake;
 use tungstenite::handshake::{HandshakeError, MidHandshake};
-use tungstenite::protocol::WebSocketConfig;
 
 use super::link::{Link, Stream};
 use super::url::{BrokerUrl, ProxyUrl};
 
 /// Largest proxy response head we accept.
 const MAX_PROXY_RESPONSE: usize = 8192;
-/// Largest MQTT packet over a WebSocket (tungstenite refuses bigger messages).
-pub const MAX_WS_MESSAGE: usize = 4 * 1024 * 1024;
 
 /// Where and how to connect; built once per config.
 pub struct Route {
@@ -147,7 +144,7 @@ impl Dialer {
 
     fn after_transport(&self, stream: Stream) -> Result<Step, String> {
         if !self.route.broker.scheme.is_websocket() {
-            return Ok(Step::Done(Link::Raw { stream, out: Vec::new() }));
+            return Ok(Step::Done(Link::raw(stream)));
         }
         let url = &self.route.broker;
         let scheme = if url.scheme.is_tls() { "wss" } else { "ws" };
@@ -156,7 +153,7 @@ impl Dialer {
             .parse()
             .map_err(|e| format!("WebSocket: bad URL: {e}"))?;
         let request = ClientRequestBuilder::new(uri).with_sub_protocol("mqtt");
-        ws_step(tungstenite::client::client_with_config(request, stream, Some(ws_config())))
+        ws_step(tungstenite::client::client(request, stream))
     }
 
     fn tls_step(&self, mut tls: Box<StreamOwned<ClientConnection, TcpStream>>) -> Result<Step, String> {
@@ -226,19 +223,12 @@ fn ws_step(
     >,
 ) -> Result<Step, String> {
     match result {
-        Ok((ws, _response)) => Ok(Step::Done(Link::Ws(Box::new(ws)))),
+        // From here on the link frames MQTT itself (see ws.rs). tungstenite has read nothing
+        // past the handshake response: an MQTT broker sends nothing before our CONNECT.
+        Ok((ws, _response)) => Ok(Step::Done(Link::websocket(ws.into_inner()))),
         Err(HandshakeError::Interrupted(mid)) => Ok(Step::Wait(Stage::Ws { mid })),
         Err(HandshakeError::Failure(e)) => Err(describe_ws(e)),
     }
-}
-
-/// Small buffers: MQTT packets from the broker are few and small, and RSS matters on a board.
-fn ws_config() -> WebSocketConfig {
-    WebSocketConfig::default()
-        .read_buffer_size(4096)
-        .write_buffer_size(0)
-        .max_message_size(Some(MAX_WS_MESSAGE))
-        .max_frame_size(Some(MAX_WS_MESSAGE))
 }
 
 fn proxy_request(route: &Route) -> Vec<u8> {

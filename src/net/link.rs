@@ -1,11 +1,11 @@
 //! A connected byte pipe to the broker, whatever carries it: TCP or TLS, with or without a
 //! WebSocket on top. MQTT packets go in and come out as bytes; the pipe never blocks.
 
+use super::ws::{self, Decoded, Deframer};
 use bytes::BytesMut;
 use mio::net::TcpStream;
 use rustls::{ClientConnection, StreamOwned};
 use std::io::{self, Read, Write};
-use tungstenite::{Message, WebSocket};
 
 pub enum Stream {
     Plain(TcpStream),
@@ -50,35 +50,47 @@ impl Write for Stream {
 pub enum ReadEnd {
     /// Everything available was read; more may come later.
     WouldBlock,
+    /// The read budget is used up: decode what came, then read again.
+    More,
     /// The broker closed the connection.
     Closed,
 }
 
-pub enum Link {
-    Raw { stream: Stream, out: Vec<u8> },
-    Ws(Box<WebSocket<Stream>>),
+/// The connection to the broker once dialled: MQTT bytes in and out, over a WebSocket or not.
+pub struct Link {
+    stream: Stream,
+    /// Bytes the socket has not taken yet.
+    out: Vec<u8>,
+    /// Set when a WebSocket carries the MQTT bytes.
+    ws: Option<Deframer>,
 }
 
 /// Bytes read per call; small to keep the agent's memory flat.
 const READ_CHUNK: usize = 4096;
+/// Bytes read before the caller decodes them: however much the broker sends at once (a huge
+/// retained message), the agent holds a bounded amount of it.
+const READ_BUDGET: usize = 16 * READ_CHUNK;
 
 impl Link {
+    /// MQTT straight on TCP or TLS.
+    pub fn raw(stream: Stream) -> Link {
+        Link { stream, out: Vec::new(), ws: None }
+    }
+
+    /// MQTT in WebSocket binary frames, on a stream whose handshake is done.
+    pub fn websocket(stream: Stream) -> Link {
+        Link { stream, out: Vec::new(), ws: Some(Deframer::default()) }
+    }
+
     pub fn tcp(&self) -> &TcpStream {
-        match self {
-            Link::Raw { stream, .. } => stream.tcp(),
-            Link::Ws(ws) => ws.get_ref().tcp(),
-        }
+        self.stream.tcp()
     }
 
     /// Queues `bytes` and writes as much as the socket takes now.
     pub fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
-        match self {
-            Link::Raw { out, .. } => out.extend_from_slice(bytes),
-            Link::Ws(ws) => match ws.write(Message::binary(bytes.to_vec())) {
-                Ok(()) => {}
-                Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(ws_io_error(e)),
-            },
+        match self.ws {
+            Some(_) => ws::encode_mqtt(bytes, &mut self.out),
+            None => self.out.extend_from_slice(bytes),
         }
         self.flush()
     }
@@ -86,75 +98,51 @@ impl Link {
     /// Writes queued bytes until done or the socket is full (then the next writable event
     /// calls this again).
     pub fn flush(&mut self) -> io::Result<()> {
-        let result = match self {
-            Link::Raw { stream, out } => flush_raw(stream, out),
-            Link::Ws(ws) => ws.flush().map_err(ws_io_error),
-        };
-        match result {
+        while !self.out.is_empty() {
+            match self.stream.write(&self.out) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    self.out.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+        match self.stream.flush() {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
             other => other,
         }
     }
 
-    /// Appends every byte available now to `inbuf`.
-    pub fn read_into(&mut self, inbuf: &mut BytesMut) -> io::Result<ReadEnd> {
-        match self {
-            Link::Raw { stream, .. } => read_raw(stream, inbuf),
-            Link::Ws(ws) => read_ws(ws, inbuf),
-        }
-    }
-}
-
-fn flush_raw(stream: &mut Stream, out: &mut Vec<u8>) -> io::Result<()> {
-    while !out.is_empty() {
-        match stream.write(out) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => {
-                out.drain(..n);
+    /// Appends the MQTT bytes available now to `inbuf`, up to a budget; returns how it ended
+    /// and how many bytes came from the socket (frames included).
+    pub fn read_into(&mut self, inbuf: &mut BytesMut) -> io::Result<(ReadEnd, usize)> {
+        let mut chunk = [0u8; READ_CHUNK];
+        let mut budget = READ_BUDGET;
+        let end = loop {
+            if budget == 0 {
+                break ReadEnd::More;
             }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    stream.flush()
-}
-
-fn read_raw(stream: &mut Stream, inbuf: &mut BytesMut) -> io::Result<ReadEnd> {
-    let mut chunk = [0u8; READ_CHUNK];
-    loop {
-        match stream.read(&mut chunk) {
-            Ok(0) => return Ok(ReadEnd::Closed),
-            Ok(n) => inbuf.extend_from_slice(&chunk[..n]),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(ReadEnd::WouldBlock),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-fn read_ws(ws: &mut WebSocket<Stream>, inbuf: &mut BytesMut) -> io::Result<ReadEnd> {
-    loop {
-        match ws.read() {
-            Ok(Message::Binary(data)) => inbuf.extend_from_slice(&data),
-            Ok(Message::Close(_)) => return Ok(ReadEnd::Closed),
-            // Text frames are not MQTT; pings are answered by tungstenite on the next flush.
-            Ok(_) => {}
-            Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
-                // A ping read above queued a pong: send it.
-                let _ = ws.flush();
-                return Ok(ReadEnd::WouldBlock);
+            let n = match self.stream.read(&mut chunk) {
+                Ok(0) => break ReadEnd::Closed,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break ReadEnd::WouldBlock,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            budget = budget.saturating_sub(n);
+            match &mut self.ws {
+                None => inbuf.extend_from_slice(&chunk[..n]),
+                Some(ws) => {
+                    if ws.decode(&chunk[..n], inbuf, &mut self.out)? == Decoded::Closed {
+                        break ReadEnd::Closed;
+                    }
+                }
             }
-            Err(tungstenite::Error::ConnectionClosed) | Err(tungstenite::Error::AlreadyClosed) => {
-                return Ok(ReadEnd::Closed)
-            }
-            Err(e) => return Err(ws_io_error(e)),
-        }
-    }
-}
-
-pub fn ws_io_error(e: tungstenite::Error) -> io::Error {
-    match e {
-        tungstenite::Error::Io(e) => e,
-        other => io::Error::other(format!("WebSocket: {other}")),
+        };
+        // Pongs for the pings just read.
+        self.flush()?;
+        Ok((end, READ_BUDGET - budget))
     }
 }

@@ -6,3 +6,4 @@ pub mod link;
 pub mod options;
 pub mod tls;
 pub mod url;
+mod ws;

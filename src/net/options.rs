@@ -5,10 +5,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::client::ClientOptions;
-use super::dial::{Route, MAX_WS_MESSAGE};
+use super::dial::Route;
 use super::tls::{self, TlsFiles};
 use super::url::{BrokerUrl, ProxyUrl};
 use crate::config::{BrokerConfig, ReconnectConfig};
+
+/// Incoming packets bigger than this are skipped unless the caller sets another bound.
+const DEFAULT_MAX_PACKET: usize = 4 * 1024 * 1024;
 
 impl ClientOptions {
     /// The route (URL, proxy, TLS), login, keepalive and connect timeout of `b`; no will, no
@@ -44,7 +47,7 @@ impl ClientOptions {
             subscriptions: Vec::new(),
             reconnect_min: Duration::from_secs(reconnect.min_s),
             reconnect_max: Duration::from_secs(reconnect.max_s),
-            max_packet: MAX_WS_MESSAGE,
+            max_packet: DEFAULT_MAX_PACKET,
         })
     }
 }

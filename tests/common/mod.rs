@@ -101,7 +101,7 @@ fn run(cmd: &mut Command) -> Output {
     out
 }
 
-fn signal(pid: u32, sig: i32) {
+pub fn signal(pid: u32, sig: i32) {
     unsafe {
         libc::kill(pid as i32, sig);
     }
