@@ -1,6 +1,6 @@
 //! Collects one heartbeat's data on Linux from /proc, /sys, statvfs(2) and the configured custom
 //! files and commands. It runs on a worker thread and may block, but never longer than the
-//! largest custom command timeout. Nothing here panics on odd input: the parsers are small pure
+//! largest custom `timeout_s`. Nothing here panics on odd input: the parsers are small pure
 //! functions over text, and every failure becomes a zero, an absent value or an error value.
 
 use std::collections::{BTreeMap, HashMap};
@@ -11,6 +11,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, TryRecvError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -19,7 +20,8 @@ use serde_json::{json, Value};
 use crate::config::{CustomSpec, HeartbeatConfig, ProcessSpec};
 use crate::protocol::{Disk, Heartbeat, Memory, NetIface, ProcessInfo, Temperature};
 
-/// Command threads only poll a pipe and copy bytes; JSON parsing happens on the caller's thread.
+/// Command and file threads only poll a pipe or read a file and copy bytes; JSON parsing
+/// happens on the caller's thread.
 const COMMAND_THREAD_STACK: usize = 64 * 1024;
 /// How often a running command is checked for having exited while its pipe is quiet.
 const POLL_TICK: Duration = Duration::from_millis(20);
@@ -46,6 +48,10 @@ pub struct Collector {
     /// Uptime at the previous call. Process start times are on the same clock, which is why it
     /// is used rather than `Instant`.
     prev_uptime: Option<f64>,
+    /// Custom file reads that overran their time limit and are still blocked in the kernel, by
+    /// name: not started again until they return, so a hung file costs one thread, not one
+    /// per heartbeat.
+    blocked_reads: HashMap<String, Receiver<io::Result<Vec<u8>>>>,
 }
 
 impl Collector {
@@ -57,6 +63,7 @@ impl Collector {
             prev_cpu: CpuTimes::default(),
             prev_process_ticks: HashMap::new(),
             prev_uptime: None,
+            blocked_reads: HashMap::new(),
         }
     }
 
@@ -64,7 +71,7 @@ impl Collector {
     pub fn collect(&mut self, seq: u64, dropped: u64) -> crate::protocol::Heartbeat {
         let ts = unix_millis();
         // Commands start first so that they run while /proc is read.
-        let custom = start_custom(&self.config.custom);
+        let custom = self.start_custom();
         let uptime = read_small("/proc/uptime").ok().and_then(|text| parse_uptime(&text));
         let load = read_small("/proc/loadavg").ok().and_then(|text| parse_loadavg(&text));
         let cpu_pct = self.cpu_pct();
@@ -82,7 +89,7 @@ impl Collector {
             net: read_net(),
             processes,
             temperatures: read_temperatures(),
-            custom: finish_custom(custom),
+            custom: self.finish_custom(custom),
             dropped,
         }
     }
@@ -492,56 +499,96 @@ fn process_names(pid: u32) -> Vec<String> {
 
 // ---- Custom values. ----
 
-/// A custom value being produced: files are read at once, commands run on their own thread.
+/// A custom value being produced: files are read and commands run on threads of their own,
+/// each within its `timeout_s`.
 enum Pending {
     Ready(Value),
     Running(JoinHandle<CommandResult>),
+    Reading { rx: Receiver<io::Result<Vec<u8>>>, deadline: Instant, timeout_s: u64 },
 }
 
-fn start_custom(specs: &BTreeMap<String, CustomSpec>) -> Vec<(String, Pending)> {
-    specs.iter().map(|(name, spec)| (name.clone(), start_one(spec))).collect()
-}
+impl Collector {
+    fn start_custom(&mut self) -> Vec<(String, Pending)> {
+        let specs = self.config.custom.clone();
+        specs.iter().map(|(name, spec)| (name.clone(), self.start_one(name, spec))).collect()
+    }
 
-fn start_one(spec: &CustomSpec) -> Pending {
-    match (&spec.file, &spec.command) {
-        (Some(path), _) => Pending::Ready(read_custom_file(path, spec.max_bytes)),
-        (None, Some(argv)) => {
-            let (argv, timeout_s, max_bytes) = (argv.clone(), spec.timeout_s, spec.max_bytes);
-            let spawned = thread::Builder::new()
-                .name("custom-command".into())
-                .stack_size(COMMAND_THREAD_STACK)
-                .spawn(move || run_command(&argv, timeout_s, max_bytes));
-            match spawned {
-                Ok(handle) => Pending::Running(handle),
-                Err(e) => Pending::Ready(error_value(format!("cannot start a thread: {}", error_text(&e)))),
+    fn start_one(&mut self, name: &str, spec: &CustomSpec) -> Pending {
+        match (&spec.file, &spec.command) {
+            (Some(path), _) => self.start_read(name, path, spec),
+            (None, Some(argv)) => {
+                let (argv, timeout_s, max_bytes) = (argv.clone(), spec.timeout_s, spec.max_bytes);
+                match spawn_small("custom-command", move || run_command(&argv, timeout_s, max_bytes)) {
+                    Ok(handle) => Pending::Running(handle),
+                    Err(e) => {
+                        Pending::Ready(error_value(format!("cannot start a thread: {}", error_text(&e))))
+                    }
+                }
+            }
+            (None, None) => Pending::Ready(error_value("neither file nor command is configured")),
+        }
+    }
+
+    /// Reads a custom file on a thread: a file on a hung NFS mount, a sensor driver stuck on
+    /// its bus or a FIFO nobody writes to would otherwise block the heartbeat for good.
+    fn start_read(&mut self, name: &str, path: &Path, spec: &CustomSpec) -> Pending {
+        if let Some(rx) = self.blocked_reads.remove(name) {
+            if let Err(TryRecvError::Empty) = rx.try_recv() {
+                self.blocked_reads.insert(name.to_string(), rx);
+                return Pending::Ready(error_value("still blocked reading it since an earlier heartbeat"));
             }
         }
-        (None, None) => Pending::Ready(error_value("neither file nor command is configured")),
+        let (tx, rx) = mpsc::channel();
+        let (path, max_bytes) = (path.to_path_buf(), spec.max_bytes as u64);
+        let spawned = spawn_small("custom-file", move || {
+            let mut bytes = Vec::new();
+            let read = File::open(&path).and_then(|file| file.take(max_bytes).read_to_end(&mut bytes));
+            let _ = tx.send(read.map(|_| bytes));
+        });
+        match spawned {
+            Ok(_) => Pending::Reading {
+                rx,
+                deadline: Instant::now() + Duration::from_secs(spec.timeout_s),
+                timeout_s: spec.timeout_s,
+            },
+            Err(e) => Pending::Ready(error_value(format!("cannot start a thread: {}", error_text(&e)))),
+        }
+    }
+
+    fn finish_custom(&mut self, pending: Vec<(String, Pending)>) -> BTreeMap<String, Value> {
+        pending.into_iter().map(|(name, pending)| (name.clone(), self.finish_one(name, pending))).collect()
+    }
+
+    fn finish_one(&mut self, name: String, pending: Pending) -> Value {
+        match pending {
+            Pending::Ready(value) => value,
+            Pending::Running(handle) => match handle.join() {
+                Ok(result) => result.into_value(),
+                Err(_) => error_value("the command's thread panicked"),
+            },
+            Pending::Reading { rx, deadline, timeout_s } => {
+                match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                    Ok(Ok(bytes)) => output_value(&bytes),
+                    Ok(Err(e)) => error_value(error_text(&e)),
+                    Err(RecvTimeoutError::Timeout) => {
+                        log::warn!("custom value {name}: reading its file timed out after {timeout_s} s");
+                        self.blocked_reads.insert(name, rx);
+                        error_value(format!("timed out after {timeout_s} s"))
+                    }
+                    Err(RecvTimeoutError::Disconnected) => {
+                        error_value("the reading thread ended without a result")
+                    }
+                }
+            }
+        }
     }
 }
 
-fn finish_custom(pending: Vec<(String, Pending)>) -> BTreeMap<String, Value> {
-    pending
-        .into_iter()
-        .map(|(name, pending)| {
-            let value = match pending {
-                Pending::Ready(value) => value,
-                Pending::Running(handle) => match handle.join() {
-                    Ok(result) => result.into_value(),
-                    Err(_) => error_value("the command's thread panicked"),
-                },
-            };
-            (name, value)
-        })
-        .collect()
-}
-
-fn read_custom_file(path: &Path, max_bytes: usize) -> Value {
-    let mut bytes = Vec::new();
-    match File::open(path).and_then(|file| file.take(max_bytes as u64).read_to_end(&mut bytes)) {
-        Ok(_) => output_value(&bytes),
-        Err(e) => error_value(error_text(&e)),
-    }
+fn spawn_small<T: Send + 'static>(
+    name: &str,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> io::Result<JoinHandle<T>> {
+    thread::Builder::new().name(name.into()).stack_size(COMMAND_THREAD_STACK).spawn(work)
 }
 
 /// What running a custom command gave: its stdout (capped) and why it failed, if it did.
@@ -660,7 +707,7 @@ fn reap(mut child: Child) -> Option<ExitStatus> {
         }
     }
     log::warn!("custom command {} did not die after SIGKILL; reaping it in the background", child.id());
-    let reaper = thread::Builder::new().stack_size(COMMAND_THREAD_STACK).spawn(move || child.wait());
+    let reaper = spawn_small("reaper", move || child.wait());
     if let Err(e) = reaper {
         log::warn!("cannot start a reaper thread: {e}");
     }

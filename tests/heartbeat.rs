@@ -4,6 +4,7 @@ mod common;
 
 use common::*;
 use serde_json::{json, Value};
+use std::io::Write;
 use std::process::{Child, Command};
 
 fn meminfo_kb(key: &str) -> u64 {
@@ -200,6 +201,38 @@ fn custom_values_from_files_and_commands() {
     // A changed file shows in a later heartbeat.
     write_file(&fw, "1.2.4\n");
     sub.expect_json(&heartbeat_topic("dev-custom"), "fw 1.2.4", secs(10), |hb| hb["custom"]["fw"] == "1.2.4");
+}
+
+#[test]
+fn a_custom_file_that_blocks_times_out_costs_one_thread_and_recovers() {
+    let broker = Broker::start_default();
+    let dir = tempfile::tempdir().unwrap();
+    // A FIFO nobody writes to: opening it blocks, as a hung NFS mount or sensor driver would.
+    let fifo = dir.path().join("sensor");
+    let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    let d = "dev-blocked-file";
+    let (agent, mut sub) =
+        start(&broker, d, json!({"heartbeat": {"custom": {"sensor": {"file": fifo, "timeout_s": 1}}}}));
+    let topic = heartbeat_topic(d);
+    let error_of = |hb: &Value| hb["custom"]["sensor"]["error"].as_str().unwrap_or("").to_string();
+    sub.expect_json(&topic, "a timed out read", secs(10), |hb| error_of(hb) == "timed out after 1 s");
+    for _ in 0..3 {
+        let hb = sub.expect_live_heartbeat(d, secs(5));
+        assert!(error_of(&hb).contains("still blocked"), "custom: {}", hb["custom"]);
+    }
+    let threads = read_to_string(&std::path::PathBuf::from(format!("/proc/{}/status", agent.pid())))
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:").map(|n| n.trim().parse::<u32>().unwrap()))
+        .unwrap();
+    // The loop, the one blocked reader, and at most a heartbeat worker.
+    assert!(threads <= 3, "{threads} threads: a blocked file costs more than one");
+
+    // The blocked read returns (a writer comes), and the path now holds a plain file.
+    std::fs::OpenOptions::new().write(true).open(&fifo).unwrap().write_all(b"stale").unwrap();
+    std::fs::remove_file(&fifo).unwrap();
+    write_file(&fifo, "42\n");
+    sub.expect_json(&topic, "the file's value", secs(10), |hb| hb["custom"]["sensor"] == 42);
 }
 
 #[test]
