@@ -288,7 +288,11 @@ fn connection_problems_are_reported_with_their_exit_status() {
 
     let out = ctl(&["--broker", "http://127.0.0.1:1", "devices"]);
     assert_exit(&out, 78, "an http:// broker URL");
-    assert!(stderr(&out).contains("unsupported scheme \"http\""), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--broker: unsupported scheme \"http\""), "{}", stderr(&out));
+
+    let out = ctl(&["--broker", &broker.url(Listener::Mqtts), "--ca", "/nonexistent/ca.pem", "devices"]);
+    assert_exit(&out, 78, "a CA file that does not exist");
+    assert!(stderr(&out).contains("--ca: /nonexistent/ca.pem: "), "names the flag: {}", stderr(&out));
 
     let out = ctl(&["--broker", "mqtt://127.0.0.1", "devices", "--bogus"]);
     assert_exit(&out, 64, "an unknown option");

@@ -58,7 +58,8 @@ impl Session {
                 .min(Duration::from_secs(settings.broker.connect_timeout_s)),
             reconnect_min: RECONNECT_MIN,
             reconnect_max: RECONNECT_MAX,
-            ..ClientOptions::for_broker(&settings.broker, client_id).map_err(Failure::config)?
+            ..ClientOptions::for_broker(&settings.broker, client_id)
+                .map_err(|e| Failure::config(settings.name_source(e)))?
         };
         let broker = opts.route.broker.to_string();
         let poll = Poll::new().map_err(|e| Failure::error(format!("poll: {e}")))?;

@@ -33,6 +33,26 @@ pub struct Settings {
     pub topic_root: String,
     /// How long tetherctl tries to reach the broker before it gives up (exit 3).
     pub connect_timeout: Duration,
+    /// Where each broker setting given by flag or environment came from: (config key, flag or
+    /// variable name), so an error names what the user typed.
+    sources: Vec<(&'static str, &'static str)>,
+    config_path: Option<String>,
+}
+
+impl Settings {
+    /// Rewrites a broker setting error ("broker.ca_file: ...") to name where the setting came
+    /// from: the flag ("--ca: ..."), the variable ("TETHER_CA: ..."), or the config file.
+    pub fn name_source(&self, message: String) -> String {
+        for (key, given_as) in &self.sources {
+            if let Some(rest) = message.strip_prefix(key).filter(|rest| rest.starts_with(':')) {
+                return format!("{given_as}{rest}");
+            }
+        }
+        match &self.config_path {
+            Some(path) if message.starts_with("broker.") => format!("config {path}: {message}"),
+            _ => message,
+        }
+    }
 }
 
 #[derive(Default, Deserialize)]
@@ -46,33 +66,53 @@ struct ConfigFile {
 
 /// `env` looks up an environment variable (a parameter so tests need not change the process's).
 pub fn resolve(flags: &ConnFlags, env: &dyn Fn(&str) -> Option<String>) -> Result<Settings, Failure> {
-    let pick = |flag: &Option<String>, var: &str| flag.clone().or_else(|| env(var).filter(|v| !v.is_empty()));
-    let file = match pick(&flags.config, "TETHER_CONFIG") {
-        Some(path) => load(Path::new(&path))?,
+    let mut sources = Vec::new();
+    // The flag's value, else the variable's; remembers which one for error messages.
+    let mut pick = |key: &'static str, flag: &Option<String>, flag_name: &'static str, var: &'static str| {
+        if let Some(value) = flag.clone() {
+            sources.push((key, flag_name));
+            return Some(value);
+        }
+        let value = env(var).filter(|v| !v.is_empty())?;
+        sources.push((key, var));
+        Some(value)
+    };
+    let config_path = pick("config", &flags.config, "--config", "TETHER_CONFIG");
+    let file = match &config_path {
+        Some(path) => load(Path::new(path))?,
         None => ConfigFile::default(),
     };
-    let url = pick(&flags.broker, "TETHER_BROKER")
+    let url = pick("broker.url", &flags.broker, "--broker", "TETHER_BROKER")
         .or_else(|| file.broker.as_ref().map(|b| b.url.clone()))
         .ok_or_else(|| Failure::usage("no broker given: use --broker URL, TETHER_BROKER or --config FILE"))?;
     let mut broker = file.broker.unwrap_or_else(|| BrokerConfig::new(url.clone()));
     broker.url = url;
-    let path = |flag: &Option<String>, var: &str, current: Option<PathBuf>| {
-        pick(flag, var).map(PathBuf::from).or(current)
-    };
-    broker.ca_file = path(&flags.ca, "TETHER_CA", broker.ca_file.take());
-    broker.cert_file = path(&flags.cert, "TETHER_CERT", broker.cert_file.take());
-    broker.key_file = path(&flags.key, "TETHER_KEY", broker.key_file.take());
-    broker.password_file = path(&flags.password_file, "TETHER_PASSWORD_FILE", broker.password_file.take());
-    broker.username = pick(&flags.username, "TETHER_USERNAME").or(broker.username.take());
-    broker.proxy = pick(&flags.proxy, "TETHER_PROXY").or(broker.proxy.take());
-    broker.validate().map_err(|e| Failure::config(e.to_string()))?;
+    let ca = pick("broker.ca_file", &flags.ca, "--ca", "TETHER_CA");
+    let cert = pick("broker.cert_file", &flags.cert, "--cert", "TETHER_CERT");
+    let key = pick("broker.key_file", &flags.key, "--key", "TETHER_KEY");
+    let password_file =
+        pick("broker.password_file", &flags.password_file, "--password-file", "TETHER_PASSWORD_FILE");
+    let username = pick("broker.username", &flags.username, "--username", "TETHER_USERNAME");
+    let proxy = pick("broker.proxy", &flags.proxy, "--proxy", "TETHER_PROXY");
+    let topic_root = pick("topic_root", &flags.topic_root, "--topic-root", "TETHER_TOPIC_ROOT");
+    broker.ca_file = ca.map(PathBuf::from).or(broker.ca_file.take());
+    broker.cert_file = cert.map(PathBuf::from).or(broker.cert_file.take());
+    broker.key_file = key.map(PathBuf::from).or(broker.key_file.take());
+    broker.password_file = password_file.map(PathBuf::from).or(broker.password_file.take());
+    broker.username = username.or(broker.username.take());
+    broker.proxy = proxy.or(broker.proxy.take());
 
-    let topic_root = pick(&flags.topic_root, "TETHER_TOPIC_ROOT")
-        .or(file.topic_root)
-        .unwrap_or_else(|| DEFAULT_TOPIC_ROOT.into());
-    check_topic_root(&topic_root).map_err(|e| Failure::config(format!("topic root: {e}")))?;
-    let connect_timeout = flags.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT);
-    Ok(Settings { broker, topic_root, connect_timeout })
+    let topic_root = topic_root.or(file.topic_root).unwrap_or_else(|| DEFAULT_TOPIC_ROOT.into());
+    let settings = Settings {
+        broker,
+        topic_root,
+        connect_timeout: flags.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
+        sources,
+        config_path,
+    };
+    settings.broker.validate().map_err(|e| Failure::config(settings.name_source(e.to_string())))?;
+    check_topic_root(&settings.topic_root).map_err(|e| Failure::config(format!("topic root: {e}")))?;
+    Ok(settings)
 }
 
 fn load(path: &Path) -> Result<ConfigFile, Failure> {
@@ -130,6 +170,30 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(resolve(&bad_root, &none).err().unwrap().code, crate::exit::CONFIG);
+    }
+
+    #[test]
+    fn errors_name_the_flag_variable_or_file_the_setting_came_from() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("ctl.json");
+        std::fs::write(&config, r#"{"broker":{"url":"mqtts://h","cert_file":"/no/cert.pem"}}"#).unwrap();
+        let config = config.to_str().unwrap().to_string();
+        let message =
+            |flags: ConnFlags, vars: &[(&str, &str)]| resolve(&flags, &env(vars)).err().unwrap().message;
+        let flag = ConnFlags {
+            broker: Some("mqtts://h".into()),
+            ca: Some("/no/ca.pem".into()),
+            ..Default::default()
+        };
+        assert!(message(flag, &[]).starts_with("--ca: /no/ca.pem: "));
+        let by_env = ConnFlags { broker: Some("mqtts://h".into()), ..Default::default() };
+        assert!(message(by_env, &[("TETHER_PASSWORD_FILE", "/no/pw")])
+            .starts_with("TETHER_PASSWORD_FILE: /no/pw: "));
+        let bad_url = ConnFlags { broker: Some("ftp://h".into()), ..Default::default() };
+        assert!(message(bad_url, &[]).starts_with("--broker: unsupported scheme"));
+        let in_file = ConnFlags { config: Some(config.clone()), ..Default::default() };
+        let m = message(in_file, &[]);
+        assert!(m.starts_with(&format!("config {config}: broker.cert_file: /no/cert.pem: ")), "{m}");
     }
 
     #[test]
