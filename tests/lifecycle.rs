@@ -223,13 +223,15 @@ fn offline_queue_survives_an_agent_restart() {
     assert!(after >= 1, "{after} heartbeat(s) queued after the agent restarted were delivered");
 }
 
-#[test]
-fn offline_queue_is_bounded_and_counts_what_it_dropped() {
+/// A 5.5 s outage with 1 s heartbeats against an offline bound that holds two of them: at
+/// most two from the outage are delivered, in order, and the next heartbeat counts the rest.
+fn assert_outage_is_bounded(d: &str, offline_buffer: Value) {
     let mut broker = Broker::start_default();
-    let d = "dev-bounded";
-    let mut sub =
-        Sub::builder(&broker, &heartbeat_topic(d)).also(&status_topic(d)).persistent("bounded-sub").start();
-    let _agent = Agent::start(config(&broker, d, json!({"offline_buffer": {"max_messages": 2}})));
+    let mut sub = Sub::builder(&broker, &heartbeat_topic(d))
+        .also(&status_topic(d))
+        .persistent(&format!("{d}-sub"))
+        .start();
+    let _agent = Agent::start(config(&broker, d, json!({ "offline_buffer": offline_buffer })));
     sub.expect_online(d, secs(15));
     let hb = sub.expect_live_heartbeat(d, secs(10));
 
@@ -245,9 +247,20 @@ fn offline_queue_is_bounded_and_counts_what_it_dropped() {
     let seqs: Vec<u64> = hbs.iter().map(seq).collect();
     assert!(seqs.windows(2).all(|w| w[0] < w[1]), "seqs out of order or repeated: {seqs:?}");
     let during = made_between(&hbs, stopped, restarted);
-    assert!(during <= 2, "{during} heartbeats from the outage delivered, max_messages is 2");
+    assert!(during <= 2, "{during} heartbeats from the outage delivered, the bound holds 2");
     let dropped = hbs.last().unwrap()["dropped"].as_u64().unwrap_or(0);
     assert!(dropped >= 1, "the heartbeat after the outage says dropped = {dropped}");
+}
+
+#[test]
+fn offline_queue_is_bounded_by_messages_and_counts_what_it_dropped() {
+    assert_outage_is_bounded("dev-bounded", json!({"max_messages": 2}));
+}
+
+#[test]
+fn offline_queue_is_bounded_by_bytes_and_counts_what_it_dropped() {
+    // A heartbeat here is 400-500 bytes with its topic: 1000 bytes hold two.
+    assert_outage_is_bounded("dev-bounded-bytes", json!({"max_bytes": 1000}));
 }
 
 #[test]
