@@ -271,3 +271,65 @@ fn never_listens_on_any_socket() {
     assert_eq!(listening_sockets(pid), Vec::<String>::new(), "the agent listens while offline");
     broker.start_again();
 }
+
+/// A web server that answers 404 to everything, as a reverse proxy in front of the broker
+/// does for a wrong WebSocket path. Runs until the test process ends.
+fn http_404_server() -> u16 {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && conn.read(&mut byte).unwrap_or(0) == 1 {
+                head.push(byte[0]);
+            }
+            let _ =
+                conn.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        }
+    });
+    port
+}
+
+#[test]
+fn dns_refused_and_http_failures_are_logged_once_per_attempt_with_their_cause() {
+    let broker = Broker::start_default();
+    let closed_port = free_port();
+    let cases = [
+        (
+            "dev-dns",
+            "mqtt://no-such-host.invalid:1883".to_string(),
+            "dns: cannot resolve no-such-host.invalid",
+        ),
+        ("dev-refused", format!("mqtt://127.0.0.1:{closed_port}"), "connection refused"),
+        ("dev-404", format!("ws://127.0.0.1:{}/mqtt", http_404_server()), "http 404"),
+    ];
+    let agents: Vec<Agent> = cases
+        .iter()
+        .map(|(device, url, _)| {
+            let mut config = broker.agent_config(device);
+            merge(&mut config, json!({"broker": {"url": url}}));
+            Agent::start(config)
+        })
+        .collect();
+    for (agent, (device, url, cause)) in agents.iter().zip(&cases) {
+        let failures = || {
+            agent
+                .log()
+                .lines()
+                .map(str::to_lowercase)
+                .filter(|l| l.contains("retrying in"))
+                .collect::<Vec<_>>()
+        };
+        assert!(
+            wait_until(secs(15), || failures().len() >= 3),
+            "{device}: fewer than 3 attempts:\n{}",
+            agent.log()
+        );
+        for line in failures() {
+            // One line per failed attempt, naming the URL and the cause.
+            assert!(line.contains(url) && line.contains(cause), "{device}: {line:?} does not say {cause:?}");
+        }
+    }
+}
