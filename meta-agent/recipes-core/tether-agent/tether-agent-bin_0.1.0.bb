@@ -32,7 +32,9 @@ def tether_agent_rust_target(d):
         return ''
     if arch == 'x86_64':
         return 'x86_64-unknown-linux-musl'
-    if arch in ('i586', 'i686'):
+    # Rust's i686 means a Pentium 4 (SSE2): it would trap on the i586-class CPUs (Quark, Geode,
+    # Vortex86) that i586 tunes are for.
+    if arch == 'i686':
         return 'i686-unknown-linux-musl'
     if arch == 'aarch64':
         return 'aarch64-unknown-linux-musl'
@@ -51,7 +53,7 @@ def tether_agent_rust_target(d):
 TETHER_AGENT_RUST_TARGET ??= "${@tether_agent_rust_target(d)}"
 TETHER_AGENT_BIN = "tether-agent-${PV}-${TETHER_AGENT_RUST_TARGET}"
 
-# No binary for this tune (armv4, big-endian, x32, other architectures): skip the recipe.
+# No binary for this tune (armv4, i586, big-endian, x32, other architectures): skip the recipe.
 COMPATIBLE_HOST = "${@'.*' if d.getVar('TETHER_AGENT_RUST_TARGET') else 'none'}"
 
 # Local files are looked up in the dist directory, then in the checkout. Expanded here, while
