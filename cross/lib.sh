@@ -140,6 +140,13 @@ tether_cross_setup() {
     done
     ln -sfn "$zig" "$bindir/zig"
     export PATH="$bindir:$PATH" CARGO="$bindir/cargo" RUSTC="$bindir/rustc" RUSTC_BOOTSTRAP=1
+    # Source paths end up in the binary (panic locations): the same everywhere, so that anyone
+    # can rebuild a release bit for bit, and no build machine's home directory ships.
+    TETHER_REMAP_FLAGS=""
+    local from
+    for from in "$root=/tether" "${CARGO_HOME:-$HOME/.cargo}=/cargo"; do
+        case "$from" in *" "*) ;; *) TETHER_REMAP_FLAGS+=" --remap-path-prefix=$from" ;; esac
+    done
     # Anything that would change what gets built behind our back.
     unset RUSTFLAGS CARGO_ENCODED_RUSTFLAGS RUSTC_WRAPPER RUSTC_WORKSPACE_WRAPPER \
           CARGO_BUILD_TARGET CARGO_BUILD_RUSTFLAGS RUSTUP_TOOLCHAIN
@@ -153,5 +160,5 @@ tether_target_env() {
     var="CARGO_TARGET_$(echo "$1" | tr 'a-z-' 'A-Z_')_RUSTFLAGS"
     # Zig supplies the crt objects and libc; Rust's own self-contained copies would clash with
     # them (the link fails on rcrt1.o).
-    export "$var=-C link-self-contained=no${2:+ $2}"
+    export "$var=-C link-self-contained=no${TETHER_REMAP_FLAGS:-}${2:+ $2}"
 }
