@@ -11,6 +11,9 @@
 #                           with the right arch, and a ping command that round-trips
 #   5. unit tests           the library's unit tests built for armv5te and run under arm926
 #                           (skipped with TETHER_ARMV5_UNIT_TESTS=0)
+#   6. reproducible         the same sources built again at another path give the very same
+#                           bytes (so a release's SHA256SUMS can be checked by rebuilding it;
+#                           skipped with TETHER_ARMV5_REPRO=0)
 # Ends with "armv5: N passed, N failed". Everything it starts is stopped on exit.
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
@@ -163,6 +166,27 @@ else
         bad "unit tests under arm926 ($(($(date +%s) - start))s)"
         grep -E '^(test .* FAILED|failures:|error)|panicked' "$WORK/unit.log" | head -20 | sed 's/^/    /'
         tail -n 15 "$WORK/unit.log" | sed 's/^/    /'
+    fi
+fi
+
+# --- 6: a rebuild elsewhere is bit for bit the same ------------------------------------------------
+if [ "${TETHER_ARMV5_REPRO:-1}" = 0 ]; then
+    skipped "reproducible build (TETHER_ARMV5_REPRO=0)"
+else
+    start=$(date +%s)
+    # The working tree's files (committed or not), without build output, in another directory.
+    mkdir -p "$WORK/repro"
+    git ls-files -z --cached --others --exclude-standard | tar -C "$REPO" --null -T - -cf - | tar -C "$WORK/repro" -xf -
+    if (cd "$WORK/repro" && cross/build --no-install "$TARGET") > "$WORK/repro.log" 2>&1; then
+        again=$WORK/repro/dist/tether-agent-$VERSION-$TARGET
+        if cmp -s "$BIN" "$again"; then
+            ok "reproducible: rebuilt in another directory, the same $(stat -c %s "$BIN") bytes ($(($(date +%s) - start))s)"
+        else
+            bad "reproducible: a rebuild in another directory differs ($(cmp "$BIN" "$again" | head -1))"
+        fi
+    else
+        bad "reproducible: the rebuild failed"
+        tail -n 15 "$WORK/repro.log" | sed 's/^/    /'
     fi
 fi
 
