@@ -159,8 +159,24 @@ else
     start=$(date +%s)
     # Skipped: it reads its own CPU time from /proc/self/stat, which qemu-user fakes (zeros) and
     # finds itself by /proc/self/comm, which is qemu's name; an emulation artifact, not ARMv5's.
-    if cross/lib-tests "$TARGET" -- --skip metrics::tests::own_process_by_name_and_pidfile \
-        > "$WORK/unit.log" 2>&1; then
+    # The build of a cold run takes ~2 min, the tests ~15 s.
+    unit_tests() {
+        timeout -k 5 "$1" cross/lib-tests "$TARGET" -- --skip metrics::tests::own_process_by_name_and_pidfile \
+            > "$WORK/unit.log" 2>&1
+    }
+    unit_tests 600
+    rc=$?
+    if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
+        # qemu-user can deadlock when a multi-threaded program forks: the child hangs in qemu's
+        # own locks before exec and the parent waits for it forever (seen once in ~30 runs of the
+        # custom-command tests). An emulator bug, not the agent's: a real hang would come again.
+        echo "    unit tests timed out: a fork under qemu-user deadlocked? once more"
+        grep -E '^test ' "$WORK/unit.log" | tail -2 | sed 's/^/    /'
+        pkill -KILL -f "$TARGET/debug/deps/tether-" 2>/dev/null
+        unit_tests 300
+        rc=$?
+    fi
+    if [ "$rc" = 0 ]; then
         ok "unit tests under arm926: $(sed -n 's/^test result: ok\. \([0-9]*\) passed.*/\1 passed/p' "$WORK/unit.log" | tail -1), one skipped ($(($(date +%s) - start))s)"
     else
         bad "unit tests under arm926 ($(($(date +%s) - start))s)"
