@@ -216,7 +216,7 @@ impl BrokerConfig {
         ] {
             if let Some(path) = path {
                 if let Err(e) = std::fs::metadata(path) {
-                    return fail(format!("{key}: {}: {e}", path.display()));
+                    return fail(format!("{key}: {}: {}", path.display(), crate::fsutil::error_text(&e)));
                 }
             }
         }
@@ -236,8 +236,9 @@ impl BrokerConfig {
 impl Config {
     /// Reads, parses and validates the file: the one way the agent gets a config.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError(format!("config {}: {}", path.display(), e)))?;
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError(format!("config {}: {}", path.display(), crate::fsutil::error_text(&e)))
+        })?;
         Config::parse(&text).map_err(|e| ConfigError(format!("config {}: {}", path.display(), e)))
     }
 

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::{json, Value};
 
 use crate::config::{CustomSpec, HeartbeatConfig, ProcessSpec};
+use crate::fsutil::error_text;
 use crate::protocol::{Disk, Heartbeat, Memory, NetIface, ProcessInfo, Temperature};
 
 /// Command and file threads only poll a pipe or read a file and copy bytes; JSON parsing
@@ -190,15 +191,6 @@ fn read_capped(path: impl AsRef<Path>, max: u64) -> io::Result<String> {
 
 fn read_small(path: impl AsRef<Path>) -> io::Result<String> {
     read_capped(path, SMALL_FILE)
-}
-
-/// An io::Error as people read it: "No such file or directory", without " (os error 2)".
-fn error_text(e: &io::Error) -> String {
-    let text = e.to_string();
-    match e.raw_os_error() {
-        Some(code) => text.strip_suffix(&format!(" (os error {code})")).unwrap_or(&text).to_string(),
-        None => text,
-    }
 }
 
 fn error_value(message: impl Into<String>) -> Value {

@@ -293,6 +293,15 @@ fn connection_problems_are_reported_with_their_exit_status() {
     let out = ctl(&["--broker", &broker.url(Listener::Mqtts), "--ca", "/nonexistent/ca.pem", "devices"]);
     assert_exit(&out, 78, "a CA file that does not exist");
     assert!(stderr(&out).contains("--ca: /nonexistent/ca.pem: "), "names the flag: {}", stderr(&out));
+    let not_pem = broker.dir().join("not-a-certificate.txt");
+    write_file(&not_pem, "hello\n");
+    let out = ctl(&["--broker", &broker.url(Listener::Mqtts), "--ca", not_pem.to_str().unwrap(), "devices"]);
+    assert_exit(&out, 78, "a CA file without a certificate");
+    assert!(
+        stderr(&out).contains("--ca: ") && stderr(&out).contains("no PEM certificate"),
+        "{}",
+        stderr(&out)
+    );
 
     let out = ctl(&["--broker", "mqtt://127.0.0.1", "devices", "--bogus"]);
     assert_exit(&out, 64, "an unknown option");

@@ -54,7 +54,8 @@ impl ClientOptions {
 
 /// The password file's content without its trailing newline. The content is never logged.
 fn read_password(path: &Path) -> Result<String, String> {
-    let text =
-        std::fs::read_to_string(path).map_err(|e| format!("broker.password_file {}: {e}", path.display()))?;
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        format!("broker.password_file: {}: {}", path.display(), crate::fsutil::error_text(&e))
+    })?;
     Ok(text.trim_end_matches(['\r', '\n']).to_string())
 }

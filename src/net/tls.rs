@@ -15,7 +15,7 @@ pub struct TlsFiles<'a> {
 
 pub fn client_config(files: &TlsFiles) -> Result<Arc<ClientConfig>, String> {
     let roots = match files.ca_file {
-        Some(path) => roots_from_file(path)?,
+        Some(path) => roots_from_file("broker.ca_file", path)?,
         None => system_roots()?,
     };
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -25,31 +25,35 @@ pub fn client_config(files: &TlsFiles) -> Result<Arc<ClientConfig>, String> {
         .with_root_certificates(roots);
     let config = match (files.cert_file, files.key_file) {
         (Some(cert), Some(key)) => {
-            let chain = read_certs(cert)?;
+            let chain = read_certs("broker.cert_file", cert)?;
             let key = PrivateKeyDer::from_pem_file(key)
-                .map_err(|e| format!("{}: no usable private key: {e}", key.display()))?;
-            builder.with_client_auth_cert(chain, key).map_err(|e| format!("client certificate: {e}"))?
+                .map_err(|e| format!("broker.key_file: {}: no usable private key: {e}", key.display()))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| format!("broker.cert_file and broker.key_file: {e}"))?
         }
         _ => builder.with_no_client_auth(),
     };
     Ok(Arc::new(config))
 }
 
-fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+/// The certificates in the PEM file `path`, the value of config key `key` (named in errors).
+fn read_certs(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let fail = |why: String| format!("{key}: {}: {why}", path.display());
     let certs: Vec<_> = CertificateDer::pem_file_iter(path)
-        .map_err(|e| format!("{}: {e}", path.display()))?
+        .map_err(|e| fail(e.to_string()))?
         .collect::<Result<_, _>>()
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+        .map_err(|e| fail(e.to_string()))?;
     if certs.is_empty() {
-        return Err(format!("{}: no PEM certificate in it", path.display()));
+        return Err(fail("no PEM certificate in it".into()));
     }
     Ok(certs)
 }
 
-fn roots_from_file(path: &Path) -> Result<RootCertStore, String> {
+fn roots_from_file(key: &str, path: &Path) -> Result<RootCertStore, String> {
     let mut roots = RootCertStore::empty();
-    for cert in read_certs(path)? {
-        roots.add(cert).map_err(|e| format!("{}: {e}", path.display()))?;
+    for cert in read_certs(key, path)? {
+        roots.add(cert).map_err(|e| format!("{key}: {}: {e}", path.display()))?;
     }
     Ok(roots)
 }
