@@ -52,7 +52,7 @@ pub struct Collector {
     /// Custom file reads that overran their time limit and are still blocked in the kernel, by
     /// name: not started again until they return, so a hung file costs one thread, not one
     /// per heartbeat.
-    blocked_reads: HashMap<String, Receiver<io::Result<Vec<u8>>>>,
+    blocked_reads: BlockedReads,
 }
 
 impl Collector {
@@ -496,62 +496,30 @@ fn process_names(pid: u32) -> Vec<String> {
 enum Pending {
     Ready(Value),
     Running(JoinHandle<CommandResult>),
-    Reading { rx: Receiver<io::Result<Vec<u8>>>, deadline: Instant, timeout_s: u64 },
+    Reading { rx: FileRead, deadline: Instant, timeout_s: u64 },
 }
+
+/// A file read's outcome, sent by its thread.
+type FileRead = Receiver<io::Result<Vec<u8>>>;
+type BlockedReads = HashMap<String, FileRead>;
 
 impl Collector {
     fn start_custom(&mut self) -> Vec<(String, Pending)> {
-        let specs = self.config.custom.clone();
-        specs.iter().map(|(name, spec)| (name.clone(), self.start_one(name, spec))).collect()
-    }
-
-    fn start_one(&mut self, name: &str, spec: &CustomSpec) -> Pending {
-        match (&spec.file, &spec.command) {
-            (Some(path), _) => self.start_read(name, path, spec),
-            (None, Some(argv)) => {
-                let (argv, timeout_s, max_bytes) = (argv.clone(), spec.timeout_s, spec.max_bytes);
-                match spawn_small("custom-command", move || run_command(&argv, timeout_s, max_bytes)) {
-                    Ok(handle) => Pending::Running(handle),
-                    Err(e) => {
-                        Pending::Ready(error_value(format!("cannot start a thread: {}", error_text(&e))))
-                    }
-                }
-            }
-            (None, None) => Pending::Ready(error_value("neither file nor command is configured")),
-        }
-    }
-
-    /// Reads a custom file on a thread: a file on a hung NFS mount, a sensor driver stuck on
-    /// its bus or a FIFO nobody writes to would otherwise block the heartbeat for good.
-    fn start_read(&mut self, name: &str, path: &Path, spec: &CustomSpec) -> Pending {
-        if let Some(rx) = self.blocked_reads.remove(name) {
-            if let Err(TryRecvError::Empty) = rx.try_recv() {
-                self.blocked_reads.insert(name.to_string(), rx);
-                return Pending::Ready(error_value("still blocked reading it since an earlier heartbeat"));
-            }
-        }
-        let (tx, rx) = mpsc::channel();
-        let (path, max_bytes) = (path.to_path_buf(), spec.max_bytes as u64);
-        let spawned = spawn_small("custom-file", move || {
-            let mut bytes = Vec::new();
-            let read = File::open(&path).and_then(|file| file.take(max_bytes).read_to_end(&mut bytes));
-            let _ = tx.send(read.map(|_| bytes));
-        });
-        match spawned {
-            Ok(_) => Pending::Reading {
-                rx,
-                deadline: Instant::now() + Duration::from_secs(spec.timeout_s),
-                timeout_s: spec.timeout_s,
-            },
-            Err(e) => Pending::Ready(error_value(format!("cannot start a thread: {}", error_text(&e)))),
-        }
+        let blocked = &mut self.blocked_reads;
+        self.config.custom.iter().map(|(name, spec)| (name.clone(), start_one(name, spec, blocked))).collect()
     }
 
     fn finish_custom(&mut self, pending: Vec<(String, Pending)>) -> BTreeMap<String, Value> {
-        pending.into_iter().map(|(name, pending)| (name.clone(), self.finish_one(name, pending))).collect()
+        pending
+            .into_iter()
+            .map(|(name, pending)| {
+                let value = self.finish_one(&name, pending);
+                (name, value)
+            })
+            .collect()
     }
 
-    fn finish_one(&mut self, name: String, pending: Pending) -> Value {
+    fn finish_one(&mut self, name: &str, pending: Pending) -> Value {
         match pending {
             Pending::Ready(value) => value,
             Pending::Running(handle) => match handle.join() {
@@ -564,7 +532,7 @@ impl Collector {
                     Ok(Err(e)) => error_value(error_text(&e)),
                     Err(RecvTimeoutError::Timeout) => {
                         log::warn!("custom value {name}: reading its file timed out after {timeout_s} s");
-                        self.blocked_reads.insert(name, rx);
+                        self.blocked_reads.insert(name.to_string(), rx);
                         error_value(format!("timed out after {timeout_s} s"))
                     }
                     Err(RecvTimeoutError::Disconnected) => {
@@ -573,6 +541,46 @@ impl Collector {
                 }
             }
         }
+    }
+}
+
+fn start_one(name: &str, spec: &CustomSpec, blocked: &mut BlockedReads) -> Pending {
+    match (&spec.file, &spec.command) {
+        (Some(path), _) => start_read(name, path, spec, blocked),
+        (None, Some(argv)) => {
+            let (argv, timeout_s, max_bytes) = (argv.clone(), spec.timeout_s, spec.max_bytes);
+            match spawn_small("custom-command", move || run_command(&argv, timeout_s, max_bytes)) {
+                Ok(handle) => Pending::Running(handle),
+                Err(e) => Pending::Ready(error_value(format!("cannot start a thread: {}", error_text(&e)))),
+            }
+        }
+        (None, None) => Pending::Ready(error_value("neither file nor command is configured")),
+    }
+}
+
+/// Reads a custom file on a thread: a file on a hung NFS mount, a sensor driver stuck on
+/// its bus or a FIFO nobody writes to would otherwise block the heartbeat for good.
+fn start_read(name: &str, path: &Path, spec: &CustomSpec, blocked: &mut BlockedReads) -> Pending {
+    if let Some(rx) = blocked.remove(name) {
+        if let Err(TryRecvError::Empty) = rx.try_recv() {
+            blocked.insert(name.to_string(), rx);
+            return Pending::Ready(error_value("still blocked reading it since an earlier heartbeat"));
+        }
+    }
+    let (tx, rx) = mpsc::channel();
+    let (path, max_bytes) = (path.to_path_buf(), spec.max_bytes as u64);
+    let spawned = spawn_small("custom-file", move || {
+        let mut bytes = Vec::new();
+        let read = File::open(&path).and_then(|file| file.take(max_bytes).read_to_end(&mut bytes));
+        let _ = tx.send(read.map(|_| bytes));
+    });
+    match spawned {
+        Ok(_) => Pending::Reading {
+            rx,
+            deadline: Instant::now() + Duration::from_secs(spec.timeout_s),
+            timeout_s: spec.timeout_s,
+        },
+        Err(e) => Pending::Ready(error_value(format!("cannot start a thread: {}", error_text(&e)))),
     }
 }
 
