@@ -9,6 +9,7 @@ pub mod metrics;
 pub mod net;
 pub mod protocol;
 pub mod signals;
+pub mod text;
 pub mod worker;
 
 /// The agent's version, as in Cargo.toml.

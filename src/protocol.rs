@@ -8,6 +8,134 @@ use std::collections::BTreeMap;
 
 /// Largest command payload the agent accepts; bigger ones are answered `failed`.
 pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
+/// Longest command id the agent accepts; longer ones are answered `failed` and never stored.
+pub const MAX_COMMAND_ID_BYTES: usize = 128;
+/// Commands the agent remembers at once (each until its final state is acknowledged by the
+/// broker and the operator has cleared the topic). Past it, new requests are refused.
+pub const MAX_OPEN_COMMANDS: usize = 10_000;
+
+/// The ops an agent runs. Each is declared once, in `OPS`, with its parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Op {
+    Ping,
+    Heartbeat,
+    Config,
+    Reboot,
+}
+
+/// The type a parameter's JSON value must have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParamType {
+    String,
+    /// A whole number from 0 up.
+    Count,
+    Bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct ParamSpec {
+    pub name: &'static str,
+    pub kind: ParamType,
+    pub required: bool,
+}
+
+/// An op as operators see it: its name on the wire, its parameters, and whether it changes the
+/// device (ops that do are recorded durably before they start, and never run twice).
+#[derive(Debug, Clone, Copy)]
+pub struct OpSpec {
+    pub op: Op,
+    pub name: &'static str,
+    pub params: &'static [ParamSpec],
+    pub changes_device: bool,
+    pub summary: &'static str,
+}
+
+pub const OPS: &[OpSpec] = &[
+    OpSpec {
+        op: Op::Ping,
+        name: "ping",
+        params: &[],
+        changes_device: false,
+        summary: "versions and uptimes",
+    },
+    OpSpec {
+        op: Op::Heartbeat,
+        name: "heartbeat",
+        params: &[],
+        changes_device: false,
+        summary: "send a heartbeat now",
+    },
+    OpSpec {
+        op: Op::Config,
+        name: "config",
+        params: &[],
+        changes_device: false,
+        summary: "the effective configuration, without secrets",
+    },
+    OpSpec {
+        op: Op::Reboot,
+        name: "reboot",
+        params: &[],
+        changes_device: true,
+        summary: "reboot the device; confirmed after it",
+    },
+];
+
+impl Op {
+    pub fn from_name(name: &str) -> Option<Op> {
+        OPS.iter().find(|s| s.name == name).map(|s| s.op)
+    }
+
+    pub fn spec(self) -> &'static OpSpec {
+        OPS.iter().find(|s| s.op == self).expect("every Op is declared in OPS")
+    }
+
+    pub fn name(self) -> &'static str {
+        self.spec().name
+    }
+}
+
+impl OpSpec {
+    /// Checks a request's parameters against the declaration: unknown, missing or ill-typed
+    /// ones are refused with a reason.
+    pub fn check_params(&self, params: &Map<String, Value>) -> Result<(), String> {
+        if let Some(unknown) = params.keys().find(|k| !self.params.iter().any(|p| p.name == k.as_str())) {
+            let known: Vec<&str> = self.params.iter().map(|p| p.name).collect();
+            let takes = if known.is_empty() { "none".to_string() } else { known.join(", ") };
+            return Err(format!("unknown parameter \"{unknown}\" ({} takes: {takes})", self.name));
+        }
+        for p in self.params {
+            match params.get(p.name) {
+                None if p.required => return Err(format!("missing parameter \"{}\"", p.name)),
+                None => {}
+                Some(value) if !p.kind.accepts(value) => {
+                    return Err(format!("parameter \"{}\" must be {}", p.name, p.kind.describe()))
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ParamType {
+    fn accepts(self, value: &Value) -> bool {
+        match self {
+            ParamType::String => value.is_string(),
+            ParamType::Count => value.is_u64(),
+            ParamType::Bool => value.is_boolean(),
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            ParamType::String => "a string",
+            ParamType::Count => "a whole number from 0 up",
+            ParamType::Bool => "true or false",
+        }
+    }
+}
 
 /// Topic names for one device: `ROOT/DEVICE/...`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -103,6 +231,11 @@ impl Status {
     pub fn offline() -> Status {
         Status { online: false, version: None, arch: None, since: None }
     }
+
+    /// The JSON payload; never empty (an empty retained message would delete the status).
+    pub fn to_payload(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_else(|_| format!("{{\"online\":{}}}", self.online).into_bytes())
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
@@ -191,7 +324,56 @@ impl CommandState {
         matches!(self, CommandState::Successful { .. } | CommandState::Failed { .. })
     }
 
+    /// The JSON payload. Encoding a state cannot fail (its keys are strings); if it ever did,
+    /// an explicit failure goes out rather than an empty retained message, which would delete
+    /// the topic's state.
     pub fn to_payload(&self) -> Vec<u8> {
-        serde_json::to_vec(self).unwrap_or_default()
+        serde_json::to_vec(self)
+            .unwrap_or_else(|_| br#"{"status":"failed","reason":"cannot encode the result"}"#.to_vec())
+    }
+
+    /// A short word for logs.
+    pub fn word(&self) -> &'static str {
+        match self {
+            CommandState::Init { .. } => "init",
+            CommandState::Executing => "executing",
+            CommandState::Successful { .. } => "successful",
+            CommandState::Failed { .. } => "failed",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn every_op_is_declared_once() {
+        for spec in OPS {
+            assert_eq!(Op::from_name(spec.name), Some(spec.op));
+            assert_eq!(spec.op.name(), spec.name);
+            assert_eq!(OPS.iter().filter(|s| s.op == spec.op).count(), 1);
+        }
+        assert_eq!(Op::from_name("shell"), None);
+    }
+
+    #[test]
+    fn params_are_checked_against_the_declaration() {
+        let ping = Op::Ping.spec();
+        assert!(ping.check_params(&Map::new()).is_ok());
+        let extra = json!({"force": true}).as_object().unwrap().clone();
+        assert_eq!(ping.check_params(&extra).unwrap_err(), "unknown parameter \"force\" (ping takes: none)");
+        let spec = OpSpec {
+            op: Op::Ping,
+            name: "t",
+            params: &[ParamSpec { name: "n", kind: ParamType::Count, required: true }],
+            changes_device: false,
+            summary: "",
+        };
+        assert_eq!(spec.check_params(&Map::new()).unwrap_err(), "missing parameter \"n\"");
+        let bad = json!({"n": "3"}).as_object().unwrap().clone();
+        assert_eq!(spec.check_params(&bad).unwrap_err(), "parameter \"n\" must be a whole number from 0 up");
+        assert!(spec.check_params(json!({"n": 3}).as_object().unwrap()).is_ok());
     }
 }

@@ -21,8 +21,9 @@ impl<T: Send + 'static> Workers<T> {
         Workers { tx, rx, waker, running: 0 }
     }
 
-    /// Runs `job` on a new thread; its result comes back through `try_recv` after the loop wakes.
-    pub fn spawn(&mut self, name: &str, job: impl FnOnce() -> T + Send + 'static) {
+    /// Runs `job` on a new thread; its result comes back through `try_recv` after the loop
+    /// wakes. Fails when no thread can be started (the job is dropped, not run).
+    pub fn spawn(&mut self, name: &str, job: impl FnOnce() -> T + Send + 'static) -> Result<(), String> {
         let tx = self.tx.clone();
         let waker = Arc::clone(&self.waker);
         let spawned = std::thread::Builder::new()
@@ -34,8 +35,11 @@ impl<T: Send + 'static> Workers<T> {
                 let _ = waker.wake();
             });
         match spawned {
-            Ok(_) => self.running += 1,
-            Err(e) => log::error!("cannot start worker thread {name}: {e}"),
+            Ok(_) => {
+                self.running += 1;
+                Ok(())
+            }
+            Err(e) => Err(format!("cannot start a {name} thread: {}", crate::fsutil::error_text(&e))),
         }
     }
 

@@ -1,38 +1,29 @@
 //! Remote commands: the operator publishes a retained `{"status":"init",...}` on
 //! `ROOT/DEVICE/cmd/OP/ID`; the agent answers on the same topic with `executing`, then
-//! `successful` or `failed`. A ledger in the state directory remembers every id handled, so a
-//! retained request is never run twice, across restarts too, and a reboot is confirmed by the
-//! agent that starts after it.
+//! `successful` or `failed`. The ledger remembers every command started, so a retained request
+//! is never run twice, across restarts too, and a reboot is confirmed by the agent that starts
+//! after it.
+//!
+//! Requests that will not run (unknown op, bad parameters, malformed, too big, an id too long,
+//! the ledger full) are answered `failed` without being recorded: nothing ran, and the request
+//! stays answered on the broker. Whatever arrives on the topic of a command the ledger knows,
+//! other than the operator clearing it, changes nothing.
 
-use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
-use std::collections::VecDeque;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
 use super::heartbeat::Heartbeat;
 use super::identity;
-use super::outbox::Outbox;
+use super::ledger::{Key, Ledger, Phase};
+use super::outbox::{Kind, Outbox};
 use crate::config::Config;
-use crate::fsutil;
-use crate::protocol::{CommandState, Topics, MAX_COMMAND_BYTES};
+use crate::fsutil::error_text;
+use crate::protocol::{
+    CommandState, Op, Topics, MAX_COMMAND_BYTES, MAX_COMMAND_ID_BYTES, MAX_OPEN_COMMANDS, OPS,
+};
+use crate::text::Printable;
 use crate::worker::Workers;
-
-pub const OPS: [&str; 4] = ["ping", "heartbeat", "config", "reboot"];
-const LEDGER_FILE: &str = "commands.json";
-/// Ids remembered; older ones are forgotten (their retained message is final by then).
-const LEDGER_CAPACITY: usize = 500;
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Record {
-    op: String,
-    id: String,
-    state: CommandState,
-    /// The boot a reboot was started in; a different boot at start-up means it happened.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    boot_id: Option<String>,
-}
 
 /// What the commands need from the rest of the agent.
 pub struct Context<'a> {
@@ -43,35 +34,25 @@ pub struct Context<'a> {
 
 pub struct Commands {
     topics: Topics,
-    ledger: VecDeque<Record>,
-    ledger_path: PathBuf,
+    ledger: Ledger,
     started: Instant,
-    workers: Workers<(String, String, CommandState)>,
+    workers: Workers<(Key, CommandState)>,
     /// `heartbeat` commands waiting for their heartbeat to be queued: (id, seq).
-    awaiting_heartbeat: Vec<(String, u64)>,
+    awaiting_heartbeat: Vec<(Key, u64)>,
+    /// Commands that change the device, recorded `executing` and started once that record is
+    /// on disk (`commit`): a crash between the two must not let one run again.
+    to_start: Vec<(Key, Vec<String>)>,
 }
 
 impl Commands {
     pub fn new(topics: Topics, state_dir: &std::path::Path, waker: Arc<mio::Waker>) -> Commands {
-        let ledger_path = state_dir.join(LEDGER_FILE);
-        let ledger = match fsutil::read_optional(&ledger_path) {
-            Ok(Some(bytes)) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
-                log::warn!("{}: unreadable ({e}); starting with an empty ledger", ledger_path.display());
-                VecDeque::new()
-            }),
-            Ok(None) => VecDeque::new(),
-            Err(e) => {
-                log::warn!("{}: {e}", ledger_path.display());
-                VecDeque::new()
-            }
-        };
         Commands {
             topics,
-            ledger,
-            ledger_path,
+            ledger: Ledger::open(state_dir),
             started: Instant::now(),
             workers: Workers::new(waker),
             awaiting_heartbeat: Vec::new(),
+            to_start: Vec::new(),
         }
     }
 
@@ -80,80 +61,98 @@ impl Commands {
         self.topics.command_filter()
     }
 
-    /// Settles commands a previous run left executing: a reboot is successful if the boot id
-    /// changed; anything else was cut short.
+    /// At start: settles commands a previous run left executing (a reboot is successful if the
+    /// boot id changed; anything else was cut short), and queues every state the broker may
+    /// not have, so a final state lost in a crash is published again.
     pub fn recover(&mut self, outbox: &mut Outbox) {
         let boot = identity::boot_id();
-        let mut settled = Vec::new();
-        for record in self.ledger.iter_mut().filter(|r| r.state == CommandState::Executing) {
-            record.state = match (record.op.as_str(), &record.boot_id) {
-                ("reboot", Some(then)) if *then != boot => {
-                    CommandState::Successful { result: json!({"boot_id": boot}) }
-                }
-                ("reboot", _) => CommandState::Failed {
-                    reason: "the agent restarted but the system did not reboot".into(),
-                },
-                _ => CommandState::Failed { reason: "interrupted: the agent restarted while it ran".into() },
-            };
-            log::info!("command {}/{} from before the restart: {:?}", record.op, record.id, record.state);
-            settled.push((record.op.clone(), record.id.clone(), record.state.clone()));
+        for (key, phase) in self.ledger.unacknowledged() {
+            if phase == Phase::Executing {
+                let then = self.ledger.get(&key).and_then(|r| r.boot_id.clone());
+                let state = match (key.op, then) {
+                    (Op::Reboot, Some(then)) if *then != boot => {
+                        CommandState::Successful { result: json!({ "boot_id": boot }) }
+                    }
+                    (Op::Reboot, _) => CommandState::Failed {
+                        reason: "the agent restarted but the system did not reboot".into(),
+                    },
+                    _ => CommandState::Failed {
+                        reason: "interrupted: the agent restarted while it ran".into(),
+                    },
+                };
+                log_state(&key, &state, "from before the restart");
+                self.ledger.set_state(&key, state, None);
+            }
+            if let Some(state) = self.ledger.state(&key) {
+                outbox.push(Kind::CommandState, self.topic(&key), state.to_payload(), true);
+            }
         }
-        if !settled.is_empty() {
-            self.save();
-        }
-        for (op, id, state) in settled {
-            outbox.push(self.topics.command(&op, &id), state.to_payload(), true);
-        }
+        // A failure is logged; the states are written at the next successful flush.
+        let _ = self.commit_ledger();
     }
 
     /// Retained `{}` on `ROOT/DEVICE/cmd/OP` for each op this agent runs.
     pub fn adverts(&self) -> Vec<String> {
-        OPS.iter().map(|op| self.topics.command_op(op)).collect()
+        OPS.iter().map(|spec| self.topics.command_op(spec.name)).collect()
     }
 
     pub fn on_message(&mut self, topic: &str, payload: &[u8], ctx: &mut Context) {
-        let Some((op, id)) = self.topics.parse_command(topic) else { return };
-        let (op, id) = (op.to_string(), id.to_string());
+        let Some((op_name, id)) = self.topics.parse_command(topic) else { return };
+        let key =
+            Op::from_name(op_name).filter(|_| id.len() <= MAX_COMMAND_ID_BYTES).map(|op| Key::new(op, id));
+        if let Some(key) = key.as_ref().filter(|k| self.ledger.get(k).is_some()) {
+            return self.on_known(key, payload, ctx.outbox);
+        }
         if payload.is_empty() {
-            log::debug!("command {op}/{id} cleared by the operator");
-            return;
+            return; // an unknown command cleared: nothing to do
         }
-        if payload.len() > MAX_COMMAND_BYTES {
-            return self.refuse(&op, &id, too_large(payload.len()), ctx);
-        }
-        let state: CommandState = match serde_json::from_slice(payload) {
-            Ok(state) => state,
-            Err(e) => return self.refuse(&op, &id, format!("malformed JSON: {e}"), ctx),
+        let request = match self.read_request(topic, id, payload) {
+            Ok(Some(params)) => params,
+            Ok(None) => return,
+            Err(reason) => return self.refuse(topic, op_name, id, reason, ctx.outbox),
         };
-        let CommandState::Init { params } = state else {
-            return; // our own status coming back
+        let Some(key) = key else {
+            let names: Vec<&str> = OPS.iter().map(|s| s.name).collect();
+            let reason = format!("unknown op \"{op_name}\" (this agent runs: {})", names.join(", "));
+            return self.refuse(topic, op_name, id, reason, ctx.outbox);
         };
-        if let Some(record) = self.find(&op, &id) {
-            // Handled before (maybe before a restart): say again how it ended, do nothing else.
-            log::debug!("command {op}/{id} already handled");
-            let state = record.state.clone();
-            ctx.outbox.push(topic.to_string(), state.to_payload(), true);
-            return;
+        if let Err(reason) = key.op.spec().check_params(&request) {
+            return self.refuse(topic, op_name, id, reason, ctx.outbox);
         }
-        self.execute(op, id, params, ctx);
+        if self.ledger.is_full() {
+            let reason = format!(
+                "too many commands not cleared ({MAX_OPEN_COMMANDS}): clear finished ones (empty retained \
+                 message on their topic) and send this again under a new id"
+            );
+            return self.refuse(topic, op_name, id, reason, ctx.outbox);
+        }
+        self.execute(key, ctx);
     }
 
     /// A command too big to read at all.
-    pub fn on_oversized(&mut self, topic: &str, size: usize, ctx: &mut Context) {
-        if let Some((op, id)) = self.topics.parse_command(topic) {
-            let (op, id) = (op.to_string(), id.to_string());
-            self.refuse(&op, &id, too_large(size), ctx);
+    pub fn on_oversized(&mut self, topic: &str, size: usize, outbox: &mut Outbox) {
+        let Some((op_name, id)) = self.topics.parse_command(topic) else { return };
+        let known = Op::from_name(op_name).is_some_and(|op| self.ledger.get(&Key::new(op, id)).is_some());
+        if !known {
+            self.refuse(topic, op_name, id, too_large(size), outbox);
         }
     }
 
-    /// A long-running command (reboot) finished on its worker.
+    /// The broker acknowledged a command state the outbox sent.
+    pub fn on_acked(&mut self, topic: &str) {
+        if let Some(key) = self.key_of(topic) {
+            self.ledger.mark_acked(&key);
+        }
+    }
+
+    /// Results of work that ran on a worker (the reboot command).
     pub fn on_wake(&mut self, outbox: &mut Outbox) {
-        while let Some((op, id, state)) = self.workers.try_recv() {
+        while let Some((key, state)) = self.workers.try_recv() {
             if state == CommandState::Executing {
-                log::info!("command {op}/{id}: waiting for the reboot");
+                log::info!("command {}/{}: waiting for the reboot", key.op.name(), Printable(&key.id));
                 continue;
             }
-            self.finish(&op, &id, state, outbox);
+            self.finish(&key, state, outbox);
         }
     }
 
@@ -162,32 +161,126 @@ impl Commands {
         let (done, waiting) =
             std::mem::take(&mut self.awaiting_heartbeat).into_iter().partition(|(_, seq)| seqs.contains(seq));
         self.awaiting_heartbeat = waiting;
-        for (id, seq) in done {
-            self.finish("heartbeat", &id, CommandState::Successful { result: json!({ "seq": seq }) }, outbox);
+        for (key, seq) in done {
+            self.finish(&key, CommandState::Successful { result: json!({ "seq": seq }) }, outbox);
         }
     }
 
-    fn execute(&mut self, op: String, id: String, params: Map<String, Value>, ctx: &mut Context) {
-        if !OPS.contains(&op.as_str()) {
-            let reason = format!("unknown op {op:?} (this agent runs: {})", OPS.join(", "));
-            return self.refuse(&op, &id, reason, ctx);
-        }
-        log::info!("command {op}/{id}: executing");
-        let boot_id = (op == "reboot").then(identity::boot_id);
-        self.record(Record { op: op.clone(), id: id.clone(), state: CommandState::Executing, boot_id });
-        ctx.outbox.push(self.topics.command(&op, &id), CommandState::Executing.to_payload(), true);
-        let _ = params; // none of this issue's ops take parameters
-        let outcome = match op.as_str() {
-            "ping" => self.ping(),
-            "heartbeat" => {
-                // Answered once the heartbeat is queued, so it reaches the broker first.
-                let seq = ctx.heartbeat.trigger(ctx.outbox);
-                return self.awaiting_heartbeat.push((id, seq));
+    /// End of a loop turn: makes this turn's ledger changes durable, then starts the commands
+    /// that change the device. Called before the outbox sends anything, so the broker never
+    /// hears of a state the ledger could forget in a crash.
+    pub fn commit(&mut self, outbox: &mut Outbox) {
+        let durable = self.commit_ledger();
+        for (key, argv) in std::mem::take(&mut self.to_start) {
+            let started = match &durable {
+                Ok(()) => self.start_reboot(key.clone(), argv),
+                Err(e) => Err(format!("not run: cannot record the command on disk ({e})")),
+            };
+            if let Err(reason) = started {
+                self.finish(&key, CommandState::Failed { reason }, outbox);
             }
-            "config" => CommandState::Successful { result: ctx.config.redacted_json() },
-            _ => return self.start_reboot(op, id, ctx.config.reboot_command.clone()),
+        }
+    }
+
+    fn commit_ledger(&mut self) -> Result<(), String> {
+        self.ledger.flush().map_err(|e| {
+            let text = error_text(&e);
+            log::error!("cannot write the command ledger: {text}");
+            text
+        })
+    }
+
+    /// Something arrived on the topic of a command the ledger knows.
+    fn on_known(&mut self, key: &Key, payload: &[u8], outbox: &mut Outbox) {
+        if payload.is_empty() {
+            log::debug!("command {}/{} cleared by the operator", key.op.name(), Printable(&key.id));
+            return self.ledger.mark_cleared(key);
+        }
+        let is_request = payload.len() <= MAX_COMMAND_BYTES
+            && serde_json::from_slice::<CommandState>(payload)
+                .is_ok_and(|s| matches!(s, CommandState::Init { .. }));
+        if !is_request {
+            return; // our own state coming back, or garbage: it changes nothing
+        }
+        // The request again (the broker lost our answer): say again where it stands.
+        log::info!("command {}/{} already handled: not run again", key.op.name(), Printable(&key.id));
+        if let Some(state) = self.ledger.state(key) {
+            outbox.push(Kind::CommandState, self.topic(key), state.to_payload(), true);
+        }
+    }
+
+    /// The parameters of a new request; `None` for a payload that is not a request (one of our
+    /// own answers coming back).
+    fn read_request(
+        &self,
+        topic: &str,
+        id: &str,
+        payload: &[u8],
+    ) -> Result<Option<Map<String, Value>>, String> {
+        if payload.len() > MAX_COMMAND_BYTES {
+            return Err(too_large(payload.len()));
+        }
+        if id.len() > MAX_COMMAND_ID_BYTES {
+            return Err(format!("command id too long: {} bytes (limit {MAX_COMMAND_ID_BYTES})", id.len()));
+        }
+        let state: CommandState = match serde_json::from_slice(payload) {
+            Ok(state) => state,
+            Err(e) => return Err(format!("malformed JSON: {e}")),
         };
-        self.finish(&op, &id, outcome, ctx.outbox);
+        match state {
+            CommandState::Init { params } => Ok(Some(params)),
+            CommandState::Executing => {
+                // Ours, from a run whose ledger did not keep it (deleted, or lost in a crash
+                // before it was written): it will never finish.
+                Err(format!("interrupted: the agent lost track of it ({topic} was executing)"))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    fn execute(&mut self, key: Key, ctx: &mut Context) {
+        log::info!("command {}/{}: executing", key.op.name(), Printable(&key.id));
+        let outcome = match key.op {
+            Op::Ping => self.ping(),
+            Op::Config => CommandState::Successful { result: ctx.config.redacted_json() },
+            Op::Heartbeat => {
+                // Answered once the heartbeat is queued, so it reaches the broker first.
+                self.mark_executing(&key, None, ctx.outbox);
+                match ctx.heartbeat.trigger(ctx.outbox) {
+                    Ok(seq) => return self.awaiting_heartbeat.push((key, seq)),
+                    Err(reason) => CommandState::Failed { reason },
+                }
+            }
+            Op::Reboot => {
+                if let Some(running) = self.reboot_under_way() {
+                    let reason = format!("a reboot is already under way (command {running})");
+                    CommandState::Failed { reason }
+                } else {
+                    self.mark_executing(&key, Some(identity::boot_id()), ctx.outbox);
+                    return self.to_start.push((key, ctx.config.reboot_command.clone()));
+                }
+            }
+        };
+        self.finish(&key, outcome, ctx.outbox);
+    }
+
+    fn mark_executing(&mut self, key: &Key, boot_id: Option<String>, outbox: &mut Outbox) {
+        self.ledger.set_state(key, CommandState::Executing, boot_id);
+        outbox.push(Kind::CommandState, self.topic(key), CommandState::Executing.to_payload(), true);
+    }
+
+    fn reboot_under_way(&self) -> Option<String> {
+        let boot = identity::boot_id();
+        self.ledger
+            .unacknowledged()
+            .into_iter()
+            .chain(self.to_start.iter().map(|(k, _)| (k.clone(), Phase::Executing)))
+            .find(|(key, phase)| {
+                key.op == Op::Reboot
+                    && *phase == Phase::Executing
+                    && self.ledger.get(key).and_then(|r| r.boot_id.as_deref()) == Some(boot.as_str())
+            })
+            .map(|(key, _)| Printable(&key.id).to_string())
     }
 
     fn ping(&self) -> CommandState {
@@ -206,59 +299,54 @@ impl Commands {
     }
 
     /// Runs the reboot command on a worker: it may block until the system goes down.
-    fn start_reboot(&mut self, op: String, id: String, argv: Vec<String>) {
+    fn start_reboot(&mut self, key: Key, argv: Vec<String>) -> Result<(), String> {
+        let id = key.id.to_string();
+        let job_key = key.clone();
         self.workers.spawn("reboot", move || {
-            let state = match std::process::Command::new(&argv[0]).args(&argv[1..]).status() {
+            let status =
+                std::process::Command::new(&argv[0]).args(&argv[1..]).env("TETHER_COMMAND_ID", &id).status();
+            let state = match status {
                 Ok(status) if status.success() => CommandState::Executing,
                 Ok(status) => {
-                    CommandState::Failed { reason: format!("reboot command {:?} failed: {status}", argv[0]) }
+                    CommandState::Failed { reason: format!("reboot command {} failed: {status}", argv[0]) }
                 }
-                Err(e) => {
-                    CommandState::Failed { reason: format!("cannot run reboot command {:?}: {e}", argv[0]) }
-                }
+                Err(e) => CommandState::Failed {
+                    reason: format!("cannot run reboot command {}: {}", argv[0], error_text(&e)),
+                },
             };
-            (op, id, state)
-        });
+            (job_key, state)
+        })
     }
 
-    /// Answers `failed` to a request that will not run, and remembers it.
-    fn refuse(&mut self, op: &str, id: &str, reason: String, ctx: &mut Context) {
-        if self.find(op, id).is_some_and(|r| r.state.is_final()) {
-            return;
-        }
-        log::warn!("command {op}/{id} refused: {reason}");
-        self.finish(op, id, CommandState::Failed { reason }, ctx.outbox);
+    /// Answers `failed` to a request that will not run, without recording it.
+    fn refuse(&mut self, topic: &str, op: &str, id: &str, reason: String, outbox: &mut Outbox) {
+        log::warn!("command {}/{} refused: {}", Printable(op), Printable(id), Printable(&reason));
+        outbox.push(Kind::Refusal, topic.to_string(), CommandState::Failed { reason }.to_payload(), true);
     }
 
-    fn finish(&mut self, op: &str, id: &str, state: CommandState, outbox: &mut Outbox) {
-        log::info!(
-            "command {op}/{id}: {}",
-            if matches!(state, CommandState::Successful { .. }) { "successful" } else { "failed" }
-        );
-        outbox.push(self.topics.command(op, id), state.to_payload(), true);
-        let boot_id = self.find(op, id).and_then(|r| r.boot_id.clone());
-        self.record(Record { op: op.to_string(), id: id.to_string(), state, boot_id });
+    fn finish(&mut self, key: &Key, state: CommandState, outbox: &mut Outbox) {
+        log_state(key, &state, "");
+        outbox.push(Kind::CommandState, self.topic(key), state.to_payload(), true);
+        self.ledger.set_state(key, state, None);
     }
 
-    fn find(&self, op: &str, id: &str) -> Option<&Record> {
-        self.ledger.iter().find(|r| r.op == op && r.id == id)
+    fn topic(&self, key: &Key) -> String {
+        self.topics.command(key.op.name(), &key.id)
     }
 
-    fn record(&mut self, record: Record) {
-        self.ledger.retain(|r| !(r.op == record.op && r.id == record.id));
-        self.ledger.push_back(record);
-        while self.ledger.len() > LEDGER_CAPACITY {
-            self.ledger.pop_front();
-        }
-        self.save();
+    fn key_of(&self, topic: &str) -> Option<Key> {
+        let (op, id) = self.topics.parse_command(topic)?;
+        Some(Key::new(Op::from_name(op)?, id))
     }
+}
 
-    fn save(&self) {
-        let bytes = serde_json::to_vec(&self.ledger).unwrap_or_default();
-        if let Err(e) = fsutil::write_atomic(&self.ledger_path, &bytes) {
-            log::error!("cannot save the command ledger {}: {e}", self.ledger_path.display());
-        }
-    }
+fn log_state(key: &Key, state: &CommandState, note: &str) {
+    let detail = match state {
+        CommandState::Failed { reason } => format!(": {}", Printable(reason)),
+        _ => String::new(),
+    };
+    let note = if note.is_empty() { String::new() } else { format!(" ({note})") };
+    log::info!("command {}/{}: {}{detail}{note}", key.op.name(), Printable(&key.id), state.word());
 }
 
 fn too_large(size: usize) -> String {

@@ -5,12 +5,14 @@
 //! The sequence is not written for every heartbeat (flash wears): the file holds a bound that
 //! no seq made so far exceeds, raised `SEQ_BLOCK` at a time, and the exact last seq on a clean
 //! stop. After a crash or power cut the seq jumps ahead to the bound, so it never repeats.
+//! The file is overwritten in place at a fixed size, so a full disk cannot stop it being saved;
+//! a seq is never used past what the file says unless the file said so first.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::outbox::Outbox;
+use super::outbox::{Kind, Outbox};
 use crate::config::HeartbeatConfig;
 use crate::fsutil;
 use crate::metrics::Collector;
@@ -23,6 +25,8 @@ const SEQ_BLOCK: u64 = 100;
 
 pub struct Heartbeat {
     topic: String,
+    /// The settings the collector was made from, to make a new one if a collection is lost.
+    config: HeartbeatConfig,
     interval: Duration,
     next_due: Instant,
     /// None while a collection runs on a worker (it owns the collector then).
@@ -54,6 +58,7 @@ impl Heartbeat {
             .unwrap_or(0);
         Heartbeat {
             topic,
+            config: config.clone(),
             interval: Duration::from_secs(config.interval_s),
             next_due: Instant::now(),
             collector: Some(Collector::new(config)),
@@ -77,41 +82,55 @@ impl Heartbeat {
             Some(collector) => *collector = Collector::new(config),
             None => self.pending_config = Some(config.clone()),
         }
+        self.config = config.clone();
     }
 
     pub fn next_deadline(&self) -> Option<Instant> {
         self.collector.as_ref().map(|_| self.next_due)
     }
 
-    pub fn on_timer(&mut self, now: Instant, outbox: &Outbox) {
+    /// Starts a heartbeat when one is due. An error (no seq can be reserved, no thread can be
+    /// started) is logged and tried again at the next interval.
+    pub fn on_timer(&mut self, now: Instant, outbox: &Outbox) -> Result<(), String> {
         if now >= self.next_due && self.collector.is_some() {
-            self.start(outbox.dropped());
+            return self.start(outbox.dropped()).map(|_| ());
         }
+        Ok(())
     }
 
     /// Starts a heartbeat now (the `heartbeat` command); returns the seq it will carry, or
     /// the running collection's when one is under way.
-    pub fn trigger(&mut self, outbox: &Outbox) -> u64 {
-        if self.collector.is_some() {
-            self.start(outbox.dropped());
+    pub fn trigger(&mut self, outbox: &Outbox) -> Result<u64, String> {
+        match self.collector {
+            Some(_) => self.start(outbox.dropped()),
+            None => Ok(self.last_seq),
         }
-        self.last_seq
     }
 
-    fn start(&mut self, dropped: u64) {
-        let Some(mut collector) = self.collector.take() else { return };
-        self.last_seq += 1;
-        let seq = self.last_seq;
-        if seq > self.reserved_seq {
-            self.save_seq(seq + SEQ_BLOCK - 1);
-        }
-        self.workers.spawn("heartbeat", move || {
-            let heartbeat = collector.collect(seq, dropped);
-            (collector, heartbeat)
-        });
+    fn start(&mut self, dropped: u64) -> Result<u64, String> {
         // Keep the cadence, but never try to catch up on missed beats in a burst.
         let now = Instant::now();
         self.next_due = (self.next_due + self.interval).max(now + self.interval / 2);
+        let seq = self.last_seq + 1;
+        if seq > self.reserved_seq {
+            self.save_seq(seq + SEQ_BLOCK - 1).map_err(|e| {
+                let reason = format!("no heartbeat: cannot save its seq ({e}), and a seq must never repeat");
+                log::error!("{reason}");
+                reason
+            })?;
+        }
+        let Some(mut collector) = self.collector.take() else { return Ok(self.last_seq) };
+        self.last_seq = seq;
+        let started = self.workers.spawn("heartbeat", move || {
+            let heartbeat = collector.collect(seq, dropped);
+            (collector, heartbeat)
+        });
+        if let Err(e) = started {
+            // The collector went with the thread that never started: make a new one.
+            self.collector = Some(Collector::new(&self.config));
+            return Err(format!("no heartbeat: {e}"));
+        }
+        Ok(seq)
     }
 
     /// Queues finished heartbeats for delivery; returns their seqs.
@@ -125,7 +144,7 @@ impl Heartbeat {
             match serde_json::to_vec(&heartbeat) {
                 Ok(payload) => {
                     log::debug!("heartbeat {} collected ({} bytes)", heartbeat.seq, payload.len());
-                    outbox.push(self.topic.clone(), payload, true);
+                    outbox.push(Kind::Heartbeat, self.topic.clone(), payload, true);
                     self.queued_seq = heartbeat.seq;
                 }
                 Err(e) => log::error!("cannot encode heartbeat: {e}"),
@@ -138,13 +157,15 @@ impl Heartbeat {
     /// A clean stop: the next run goes on from the last heartbeat queued, so neither a stop
     /// nor a collection it cut short leaves a gap.
     pub fn on_stop(&mut self) {
-        self.save_seq(self.queued_seq);
+        if let Err(e) = self.save_seq(self.queued_seq) {
+            log::warn!("cannot save the heartbeat seq: {e}");
+        }
     }
 
-    fn save_seq(&mut self, seq: u64) {
-        match fsutil::write_atomic(&self.seq_path, seq.to_string().as_bytes()) {
-            Ok(()) => self.reserved_seq = seq,
-            Err(e) => log::warn!("cannot save heartbeat seq: {e}"),
-        }
+    fn save_seq(&mut self, seq: u64) -> Result<(), String> {
+        let text = format!("{seq:020}\n");
+        fsutil::overwrite_small(&self.seq_path, text.as_bytes()).map_err(|e| fsutil::error_text(&e))?;
+        self.reserved_seq = seq;
+        Ok(())
     }
 }

@@ -4,6 +4,7 @@
 mod commands;
 mod heartbeat;
 pub mod identity;
+mod ledger;
 mod outbox;
 
 use mio::{Events, Poll, Token, Waker};
@@ -17,7 +18,7 @@ use crate::protocol::{Status, Topics};
 use crate::signals::{Signal, Signals};
 use commands::{Commands, Context};
 use heartbeat::Heartbeat;
-use outbox::Outbox;
+use outbox::{Kind, Outbox};
 
 const BROKER: Token = Token(0);
 const WAKER: Token = Token(1);
@@ -49,7 +50,7 @@ impl Agent {
     pub fn new(config_path: PathBuf, config: Config) -> Result<Agent, String> {
         let device = identity::device_id(&config)?;
         let topics = Topics::new(&config.topic_root, &device);
-        crate::fsutil::create_private_dir(&config.state_dir)
+        crate::fsutil::secure_private_dir(&config.state_dir)
             .map_err(|e| format!("state_dir {}: {e}", config.state_dir.display()))?;
         let poll = Poll::new().map_err(|e| format!("poll: {e}"))?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(|e| format!("waker: {e}"))?);
@@ -95,6 +96,14 @@ impl Agent {
             }
             self.on_timers(Instant::now());
             self.dispatch_client_events();
+            self.commands.commit(&mut self.outbox);
+            if self.stop_deadline.is_none() {
+                self.outbox.pump(&mut self.client);
+                if self.outbox.take_refusals_to_redo() {
+                    log::info!("reading the refused requests again, to answer those dropped for room");
+                    self.client.resubscribe();
+                }
+            }
             if self.stopped() {
                 return Ok(());
             }
@@ -117,7 +126,8 @@ impl Agent {
         self.client.on_timer(self.poll.registry(), now);
         self.outbox.on_timer(now);
         if self.stop_deadline.is_none() {
-            self.heartbeat.on_timer(now, &self.outbox);
+            // A failure is logged where it happens; the next interval tries again.
+            let _ = self.heartbeat.on_timer(now, &self.outbox);
         }
     }
 
@@ -154,20 +164,16 @@ impl Agent {
                     self.commands.on_message(&publish.topic, &publish.payload, &mut ctx);
                 }
                 Event::Oversized { topic, size } => {
-                    let mut ctx = Context {
-                        outbox: &mut self.outbox,
-                        heartbeat: &mut self.heartbeat,
-                        config: &self.config,
-                    };
-                    self.commands.on_oversized(&topic, size, &mut ctx);
+                    self.commands.on_oversized(&topic, size, &mut self.outbox)
                 }
                 Event::Acked(OFFLINE_TAG) => self.stop_deadline = Some(Instant::now()),
                 Event::Acked(ONLINE_TAG) => log::debug!("online status acknowledged"),
-                Event::Acked(id) => self.outbox.on_ack(id),
+                Event::Acked(id) => {
+                    if let Some((Kind::CommandState, topic)) = self.outbox.on_ack(id) {
+                        self.commands.on_acked(&topic);
+                    }
+                }
             }
-        }
-        if self.stop_deadline.is_none() {
-            self.outbox.pump(&mut self.client);
         }
     }
 
@@ -179,8 +185,7 @@ impl Agent {
             arch: Some(crate::TARGET.into()),
             since: Some(unix_seconds()),
         };
-        let payload = serde_json::to_vec(&status).unwrap_or_default();
-        self.client.publish(&self.topics.status(), &payload, true, Some(ONLINE_TAG));
+        self.client.publish(&self.topics.status(), &status.to_payload(), true, Some(ONLINE_TAG));
         for topic in self.commands.adverts() {
             self.client.publish(&topic, b"{}", true, None);
         }
@@ -228,7 +233,7 @@ impl Agent {
             return;
         }
         log::info!("stopping");
-        let payload = serde_json::to_vec(&Status::offline()).unwrap_or_default();
+        let payload = Status::offline().to_payload();
         let sent = self.client.publish(&self.topics.status(), &payload, true, Some(OFFLINE_TAG));
         let grace = if sent { STOP_GRACE } else { Duration::ZERO };
         self.stop_deadline = Some(Instant::now() + grace);
@@ -251,12 +256,11 @@ impl Agent {
 /// Everything the MQTT client needs from the config; fails on unreadable TLS or password files.
 fn client_options(config: &Config, topics: &Topics, commands: &Commands) -> Result<ClientOptions, String> {
     Ok(ClientOptions {
-        will: Some(Will {
-            topic: topics.status(),
-            payload: serde_json::to_vec(&Status::offline()).unwrap_or_default(),
-            retain: true,
-        }),
+        will: Some(Will { topic: topics.status(), payload: Status::offline().to_payload(), retain: true }),
+        // Commands are retained: one lost on a dropped link comes again with the next
+        // subscription, so QoS 0 loses nothing, and a burst of any size gets through.
         subscriptions: vec![commands.filter()],
+        subscription_qos: mqttbytes::QoS::AtMostOnce,
         reconnect_min: Duration::from_secs(config.reconnect.min_s),
         reconnect_max: Duration::from_secs(config.reconnect.max_s),
         max_packet: MAX_PACKET,

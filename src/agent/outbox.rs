@@ -4,8 +4,15 @@
 //! `STATE/outbox/`, so a power cut or restart loses nothing; a clean stop stores the rest. A
 //! connected device whose broker answers does not write to flash at all: at one heartbeat
 //! every 25 s, writing each one would cost thousands of fsyncs a day on cheap SD cards and eMMC.
-//! No write ever rewrites the whole queue. The queue is bounded: past the bound the oldest
-//! messages are dropped and counted.
+//! No write ever rewrites the whole queue.
+//!
+//! Messages are of three kinds (`Kind`). Heartbeats are the ones stored on disk. Command states
+//! are never dropped and never stored here: the command ledger keeps them and queues them
+//! again after a restart, and bounds how many there can be. Answers to refused requests are
+//! regenerable: the request stays retained on the broker and is answered again on the next
+//! connection; they have a bound of their own. When the queue is past its bound, the oldest
+//! heartbeats are dropped and counted. Heartbeats go out before command states, so a burst of
+//! commands never holds a heartbeat back.
 
 use std::collections::VecDeque;
 use std::fs;
@@ -22,15 +29,43 @@ const WINDOW: usize = 16;
 const DROPPED_FILE: &str = "dropped";
 /// A message not acknowledged this long after it was queued is stored on disk.
 const STORE_AFTER: Duration = Duration::from_secs(5);
+const MAX_REFUSALS: usize = 64;
 
 struct Entry {
     id: u64,
+    kind: Kind,
     topic: String,
     payload: Vec<u8>,
     retain: bool,
     sent: bool,
     kept: Kept,
     queued_at: Instant,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Stored on disk while unacknowledged; dropped, oldest first, past the bound.
+    Heartbeat,
+    /// A recorded command's state: never dropped, never stored here (the ledger has it). A
+    /// newer state replaces an unsent older one on the same topic.
+    CommandState,
+    /// The answer to a request refused without recording it: at most `MAX_REFUSALS` wait at
+    /// once (their topics can be 64 KiB each); past that a new one is not queued, and the
+    /// requests are read again once the queue has drained.
+    Refusal,
+}
+
+impl Kind {
+    fn stored(self) -> bool {
+        self == Kind::Heartbeat
+    }
+    fn replaces_unsent(self) -> bool {
+        self != Kind::Heartbeat
+    }
+    /// Given up, oldest first, past the queue's bounds. Refusals have their own bound.
+    fn droppable(self) -> bool {
+        self == Kind::Heartbeat
+    }
 }
 
 /// Where a message is kept.
@@ -40,7 +75,8 @@ enum Kept {
     Memory,
     /// In a file in the outbox directory too.
     Disk,
-    /// Only in memory: storing it failed (full or read-only disk), and is not tried again.
+    /// Only in memory, for good: a kind that is not stored, or storing it failed (full or
+    /// read-only disk) and is not tried again.
     MemoryOnly,
 }
 
@@ -60,6 +96,8 @@ pub struct Outbox {
     /// The broker connection is up: new messages go out at once and are stored only if the
     /// broker does not acknowledge them in time.
     online: bool,
+    /// Refusals were dropped for room: their requests must be read again once there is room.
+    refusals_dropped: bool,
 }
 
 impl Outbox {
@@ -74,6 +112,7 @@ impl Outbox {
             next_id: 1,
             dropped: 0,
             online: false,
+            refusals_dropped: false,
         };
         outbox.dropped = fsutil::read_optional(&dir.join(DROPPED_FILE))?
             .and_then(|b| String::from_utf8_lossy(&b).trim().parse().ok())
@@ -125,11 +164,21 @@ impl Outbox {
         self.dropped
     }
 
-    /// Queues a message; it is sent by `pump` in order, and stored on disk unless the broker
-    /// takes it at once.
-    pub fn push(&mut self, topic: String, payload: Vec<u8>, retain: bool) {
+    /// Queues a message; it is sent by `pump` in order (heartbeats first), and a heartbeat is
+    /// stored on disk unless the broker takes it at once.
+    pub fn push(&mut self, kind: Kind, topic: String, payload: Vec<u8>, retain: bool) {
+        if kind.replaces_unsent() {
+            self.remove_unsent(&topic);
+        }
+        if kind == Kind::Refusal
+            && self.entries.iter().filter(|e| e.kind == Kind::Refusal).count() >= MAX_REFUSALS
+        {
+            self.refusals_dropped = true;
+            return;
+        }
         let mut entry = Entry {
             id: self.next_id,
+            kind,
             topic,
             payload,
             retain,
@@ -138,7 +187,9 @@ impl Outbox {
             queued_at: Instant::now(),
         };
         self.next_id += 1;
-        if !self.online {
+        if !kind.stored() {
+            entry.kept = Kept::MemoryOnly;
+        } else if !self.online {
             store(&self.dir, &mut entry);
         }
         self.bytes += entry.size();
@@ -167,19 +218,47 @@ impl Outbox {
         self.entries.iter_mut().filter(|e| e.kept == Kept::Memory).for_each(|e| store(&self.dir, e));
     }
 
-    /// Sends what is not in flight yet, oldest first, keeping a bounded window in flight.
+    /// Sends what is not in flight yet, heartbeats first, then the rest oldest first, keeping
+    /// a bounded window in flight.
     pub fn pump(&mut self, client: &mut Client) {
-        for entry in self.entries.iter_mut().filter(|e| !e.sent) {
-            if !client.is_up() || client.inflight() >= WINDOW {
-                return;
+        let heartbeats_first = [true, false];
+        for heartbeats in heartbeats_first {
+            for entry in
+                self.entries.iter_mut().filter(|e| !e.sent && (e.kind == Kind::Heartbeat) == heartbeats)
+            {
+                if !client.is_up() || client.inflight() >= WINDOW {
+                    return;
+                }
+                entry.sent = client.publish(&entry.topic, &entry.payload, entry.retain, Some(entry.id));
+                if !entry.sent {
+                    return;
+                }
             }
-            entry.sent = client.publish(&entry.topic, &entry.payload, entry.retain, Some(entry.id));
         }
     }
 
-    /// The broker has it: forget it.
-    pub fn on_ack(&mut self, id: u64) {
-        if let Some(pos) = self.entries.iter().position(|e| e.id == id) {
+    /// The broker has it: forget it. Returns its kind and topic.
+    pub fn on_ack(&mut self, id: u64) -> Option<(Kind, String)> {
+        let pos = self.entries.iter().position(|e| e.id == id)?;
+        let entry = self.entries.remove(pos)?;
+        self.bytes -= entry.size();
+        self.forget(&entry);
+        Some((entry.kind, entry.topic))
+    }
+
+    /// True once after refusals were dropped for room and the queue has drained: time to have
+    /// the broker send the requests again (they are retained), to answer them now.
+    pub fn take_refusals_to_redo(&mut self) -> bool {
+        let drained = self.online && self.entries.iter().all(|e| e.kind != Kind::Refusal);
+        if self.refusals_dropped && drained {
+            self.refusals_dropped = false;
+            return true;
+        }
+        false
+    }
+
+    fn remove_unsent(&mut self, topic: &str) {
+        if let Some(pos) = self.entries.iter().position(|e| !e.sent && e.topic == topic) {
             if let Some(entry) = self.entries.remove(pos) {
                 self.bytes -= entry.size();
                 self.forget(&entry);
@@ -203,7 +282,8 @@ impl Outbox {
         while self.entries.len() > self.limits.max_messages
             || (self.bytes > self.limits.max_bytes && self.entries.len() > 1)
         {
-            let Some(entry) = self.entries.pop_front() else { break };
+            let Some(pos) = self.first_to_drop() else { break };
+            let Some(entry) = self.entries.remove(pos) else { break };
             self.bytes -= entry.size();
             self.forget(&entry);
             self.dropped += 1;
@@ -216,6 +296,11 @@ impl Outbox {
             );
             let _ = fsutil::write_atomic(&self.dir.join(DROPPED_FILE), self.dropped.to_string().as_bytes());
         }
+    }
+
+    /// The oldest heartbeat; none when only command states and refusals are left.
+    fn first_to_drop(&self) -> Option<usize> {
+        self.entries.iter().position(|e| e.kind.droppable())
     }
 
     fn path(&self, id: u64) -> PathBuf {
@@ -266,7 +351,18 @@ fn decode(id: u64, bytes: Vec<u8>) -> Option<Entry> {
         _ => return None,
     };
     let payload = bytes[topic_end + 3..].to_vec();
-    Some(Entry { id, topic, payload, retain, sent: false, kept: Kept::Disk, queued_at: Instant::now() })
+    // Only heartbeats are stored (older versions stored command states too: those are sent
+    // like heartbeats, and the ledger sends them again anyway).
+    Some(Entry {
+        id,
+        kind: Kind::Heartbeat,
+        topic,
+        payload,
+        retain,
+        sent: false,
+        kept: Kept::Disk,
+        queued_at: Instant::now(),
+    })
 }
 
 #[cfg(test)]
@@ -288,7 +384,7 @@ mod tests {
         let dir = temp_dir("reopen");
         let mut outbox = Outbox::open(&dir, limits(10, 1 << 20)).unwrap();
         for i in 0..3 {
-            outbox.push("t/x".into(), format!("{{\"seq\":{i}}}").into_bytes(), i == 1);
+            outbox.push(Kind::Heartbeat, "t/x".into(), format!("{{\"seq\":{i}}}").into_bytes(), i == 1);
         }
         outbox.on_ack(1);
         let reopened = Outbox::open(&dir, limits(10, 1 << 20)).unwrap();
@@ -303,7 +399,7 @@ mod tests {
         let dir = temp_dir("bounds");
         let mut outbox = Outbox::open(&dir, limits(3, 1 << 20)).unwrap();
         for i in 0..5 {
-            outbox.push("t".into(), vec![b'0' + i], false);
+            outbox.push(Kind::Heartbeat, "t".into(), vec![b'0' + i], false);
         }
         assert_eq!(outbox.len(), 3);
         assert_eq!(outbox.dropped(), 2);
@@ -327,8 +423,8 @@ mod tests {
         let dir = temp_dir("online");
         let mut outbox = Outbox::open(&dir, limits(10, 1 << 20)).unwrap();
         outbox.on_connected();
-        outbox.push("t".into(), b"a".to_vec(), true);
-        outbox.push("t".into(), b"b".to_vec(), true);
+        outbox.push(Kind::Heartbeat, "t".into(), b"a".to_vec(), true);
+        outbox.push(Kind::Heartbeat, "t".into(), b"b".to_vec(), true);
         assert_eq!(files(&dir), 0);
         let due = outbox.next_deadline().expect("a store deadline");
         outbox.on_timer(due - Duration::from_millis(1));
@@ -346,22 +442,42 @@ mod tests {
         let dir = temp_dir("late");
         let mut outbox = Outbox::open(&dir, limits(10, 1 << 20)).unwrap();
         outbox.on_connected();
-        outbox.push("t".into(), b"late".to_vec(), true);
+        outbox.push(Kind::Heartbeat, "t".into(), b"late".to_vec(), true);
         outbox.on_timer(outbox.next_deadline().unwrap());
         assert_eq!(files(&dir), 1, "not acknowledged in time: stored");
         assert_eq!(outbox.next_deadline(), None, "nothing left to store");
-        outbox.push("t".into(), b"cut".to_vec(), false);
+        outbox.push(Kind::Heartbeat, "t".into(), b"cut".to_vec(), false);
         outbox.on_disconnected();
         assert_eq!(files(&dir), 2, "the link went down: stored");
-        outbox.push("t".into(), b"offline".to_vec(), false);
+        outbox.push(Kind::Heartbeat, "t".into(), b"offline".to_vec(), false);
         assert_eq!(files(&dir), 3, "queued while offline: stored at once");
         outbox.on_connected();
-        outbox.push("t".into(), b"stop".to_vec(), false);
+        outbox.push(Kind::Heartbeat, "t".into(), b"stop".to_vec(), false);
         outbox.store_all();
         outbox.on_ack(1);
         let reopened = Outbox::open(&dir, limits(10, 1 << 20)).unwrap();
         let got: Vec<_> = reopened.entries.iter().map(|e| e.payload.clone()).collect();
         assert_eq!(got, [b"cut".to_vec(), b"offline".to_vec(), b"stop".to_vec()]);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn command_states_are_never_dropped_nor_stored_and_replace_their_unsent_state() {
+        let dir = temp_dir("kinds");
+        let mut outbox = Outbox::open(&dir, limits(3, 1 << 20)).unwrap();
+        outbox.push(Kind::CommandState, "c/1".into(), b"executing".to_vec(), true);
+        outbox.push(Kind::Heartbeat, "hb".into(), b"1".to_vec(), true);
+        outbox.push(Kind::Refusal, "c/bad".into(), b"failed".to_vec(), true);
+        outbox.push(Kind::CommandState, "c/1".into(), b"successful".to_vec(), true);
+        assert_eq!(outbox.len(), 3, "the final state replaced the unsent executing one");
+        for i in 2..6 {
+            outbox.push(Kind::CommandState, format!("c/{i}"), b"successful".to_vec(), true);
+        }
+        let kept: Vec<_> = outbox.entries.iter().map(|e| (e.kind, e.topic.as_str())).collect();
+        assert_eq!(kept.len(), 6, "over the bound with command states and a refusal: {kept:?}");
+        assert!(kept.iter().all(|(k, _)| *k != Kind::Heartbeat), "{kept:?}");
+        assert_eq!(outbox.dropped(), 1, "the heartbeat");
+        assert_eq!(files(&dir), 1, "only the dropped-count file: command states are not stored");
         fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -33,8 +33,11 @@ pub struct ClientOptions {
     pub keepalive: Duration,
     pub connect_timeout: Duration,
     pub will: Option<Will>,
-    /// Subscribed (QoS 1) on every connect.
+    /// Subscribed on every connect.
     pub subscriptions: Vec<String>,
+    /// At QoS 1 a stock Mosquitto delivers at most ~1,000 queued messages to a client and
+    /// drops the rest (`max_queued_messages`), a retained burst included; at QoS 0 it sends all.
+    pub subscription_qos: QoS,
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
     /// Bigger incoming packets are skipped and reported as `Event::Oversized`.
@@ -237,7 +240,7 @@ impl Client {
     fn resolve(&mut self) {
         let (host, port) = self.opts.route.first_hop();
         log::debug!("resolving {host}:{port}");
-        self.resolver.spawn("resolve", move || match (host.as_str(), port).to_socket_addrs() {
+        let started = self.resolver.spawn("resolve", move || match (host.as_str(), port).to_socket_addrs() {
             Ok(addrs) => {
                 let addrs: Vec<_> = addrs.collect();
                 if addrs.is_empty() {
@@ -249,6 +252,9 @@ impl Client {
             Err(e) => Err(format!("DNS: cannot resolve {host}: {e}")),
         });
         self.state = State::Resolving { deadline: Instant::now() + self.opts.connect_timeout };
+        if let Err(e) = started {
+            self.fail(e);
+        }
     }
 
     fn start_mqtt(&mut self, link: Link, deadline: Instant) {
@@ -436,15 +442,28 @@ impl Client {
         self.state =
             State::Up(Box::new(Session { link, since: now, last_rx: now, last_tx: now, ping_sent: None }));
         log::info!("connected to {}", self.opts.route.broker);
-        if !self.opts.subscriptions.is_empty() {
-            let filters =
-                self.opts.subscriptions.iter().map(|f| v4::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
-            let mut subscribe = v4::Subscribe::new_many(filters);
-            subscribe.pkid = self.allocate_pkid();
-            self.send(&Packet::Subscribe(subscribe));
-        }
+        self.subscribe();
         self.events.push_back(Event::Connected);
         Ok(())
+    }
+
+    /// Subscribes again, so the broker sends the retained messages once more (for answers
+    /// given up for room: the requests they answer are still retained).
+    pub fn resubscribe(&mut self) {
+        if self.is_up() {
+            self.subscribe();
+        }
+    }
+
+    fn subscribe(&mut self) {
+        if self.opts.subscriptions.is_empty() {
+            return;
+        }
+        let qos = self.opts.subscription_qos;
+        let filters = self.opts.subscriptions.iter().map(|f| v4::SubscribeFilter::new(f.clone(), qos));
+        let mut subscribe = v4::Subscribe::new_many(filters);
+        subscribe.pkid = self.allocate_pkid();
+        self.send(&Packet::Subscribe(subscribe));
     }
 
     fn allocate_pkid(&mut self) -> u16 {

@@ -609,6 +609,8 @@ impl Msg {
     }
 }
 
+pub mod raw;
+
 const PROBE_MARK: &str = "/_harness/probe/";
 
 /// A `mosquitto_sub` (QoS 1) whose messages the test reads. `new` returns once the

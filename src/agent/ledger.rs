@@ -1,0 +1,547 @@
+//! The command ledger: every command this device has started, so that none ever runs twice.
+//!
+//! It lives in `STATE/commands.log`, a journal of one JSON line per change (a new state, "the
+//! broker has the final state", "forget it"). Changes made in one turn of the event loop are
+//! appended with one write and one fsync (`flush`), so a burst of thousands of commands costs a
+//! few syncs, not a rewrite of the whole ledger per command. The journal is replayed at start
+//! (a torn last line from a power cut is cut off) and rewritten whole only when most of its
+//! lines are dead.
+//!
+//! A command is forgotten only when it can never come back: its final state was acknowledged
+//! by the broker and the operator has cleared the topic since. The ledger holds at most
+//! `MAX_OPEN_COMMANDS`; past that new requests are refused, nothing old is forgotten.
+//! Acknowledged final states are not kept in memory: their line's place in the journal is.
+
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::fsutil;
+use crate::protocol::{CommandState, Op, MAX_OPEN_COMMANDS};
+
+const JOURNAL_FILE: &str = "commands.log";
+/// The ledger of versions before the journal: read once, then replaced.
+const OLD_LEDGER_FILE: &str = "commands.json";
+/// Changes waiting for a disk that refuses them are kept up to this size; past it the next
+/// successful flush rewrites the journal from memory instead.
+const MAX_PENDING_BYTES: usize = 1 << 20;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Key {
+    pub op: Op,
+    pub id: Box<str>,
+}
+
+impl Key {
+    pub fn new(op: Op, id: &str) -> Key {
+        Key { op, id: id.into() }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Executing,
+    Successful,
+    Failed,
+}
+
+impl Phase {
+    pub fn is_final(self) -> bool {
+        self != Phase::Executing
+    }
+}
+
+#[derive(Debug)]
+pub struct Record {
+    pub phase: Phase,
+    /// The broker acknowledged the final state.
+    pub acked: bool,
+    /// The operator cleared the topic after the final state went out.
+    pub cleared: bool,
+    /// The boot a reboot was started in.
+    pub boot_id: Option<Box<str>>,
+    /// The state while it may have to be sent again; dropped once the broker has it.
+    state: Option<CommandState>,
+    /// Where the record's latest state line starts in the journal, once written.
+    offset: Option<u64>,
+}
+
+/// One journal line.
+#[derive(Serialize, Deserialize)]
+struct Line {
+    op: Op,
+    id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    state: Option<CommandState>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    boot_id: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    acked: bool,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    forget: bool,
+}
+
+pub struct Ledger {
+    path: PathBuf,
+    records: HashMap<Key, Record>,
+    /// Open for appending once written to.
+    file: Option<File>,
+    file_len: u64,
+    /// Lines in the journal file, live or dead.
+    lines: usize,
+    /// Lines not written yet, and where each state line starts in them.
+    pending: Vec<u8>,
+    pending_states: Vec<(Key, usize)>,
+    /// The next flush rewrites the journal from memory (pending changes were given up).
+    rewrite: bool,
+}
+
+impl Ledger {
+    /// Opens the ledger in `state_dir`, replaying the journal (or importing an old ledger).
+    pub fn open(state_dir: &Path) -> Ledger {
+        let mut ledger = Ledger {
+            path: state_dir.join(JOURNAL_FILE),
+            records: HashMap::new(),
+            file: None,
+            file_len: 0,
+            lines: 0,
+            pending: Vec::new(),
+            pending_states: Vec::new(),
+            rewrite: false,
+        };
+        match fsutil::read_optional(&ledger.path) {
+            Ok(Some(bytes)) => ledger.replay(&bytes),
+            Ok(None) => ledger.import_old(&state_dir.join(OLD_LEDGER_FILE)),
+            Err(e) => log::error!("command ledger {}: {e}", ledger.path.display()),
+        }
+        ledger
+    }
+
+    fn replay(&mut self, bytes: &[u8]) {
+        let complete = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        if complete < bytes.len() {
+            log::warn!("command ledger: ignoring a torn last line ({} bytes)", bytes.len() - complete);
+            self.rewrite = true;
+        }
+        let mut offset = 0usize;
+        for line in bytes[..complete].split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+            match serde_json::from_slice::<Line>(line) {
+                Ok(line) => self.apply(line, Some(offset as u64)),
+                Err(e) => log::warn!("command ledger: skipping an unreadable line: {e}"),
+            }
+            offset += line.len() + 1;
+            self.lines += 1;
+        }
+        self.file_len = complete as u64;
+        log::debug!("command ledger: {} command(s) remembered", self.records.len());
+    }
+
+    fn import_old(&mut self, old: &Path) {
+        #[derive(Deserialize)]
+        struct OldRecord {
+            op: String,
+            id: String,
+            state: CommandState,
+            #[serde(default)]
+            boot_id: Option<String>,
+        }
+        let Ok(Some(bytes)) = fsutil::read_optional(old) else { return };
+        let records: Vec<OldRecord> = serde_json::from_slice(&bytes).unwrap_or_default();
+        for r in records {
+            if let Some(op) = Op::from_name(&r.op) {
+                self.set_state(&Key::new(op, &r.id), r.state, r.boot_id);
+            }
+        }
+        self.rewrite = true;
+        if self.flush().is_ok() {
+            let _ = std::fs::remove_file(old);
+        }
+    }
+
+    fn apply(&mut self, line: Line, offset: Option<u64>) {
+        let key = Key::new(line.op, &line.id);
+        if line.forget {
+            self.records.remove(&key);
+            return;
+        }
+        if let Some(state) = line.state {
+            let Some(phase) = phase_of(&state) else { return };
+            let record = self.records.entry(key).or_insert(Record {
+                phase,
+                acked: false,
+                cleared: false,
+                boot_id: None,
+                state: None,
+                offset: None,
+            });
+            record.phase = phase;
+            record.acked = line.acked;
+            record.boot_id = line.boot_id.map(Into::into).or(record.boot_id.take());
+            record.offset = offset;
+            record.state = (!line.acked).then_some(state);
+        } else if line.acked {
+            if let Some(record) = self.records.get_mut(&key) {
+                record.acked = true;
+                record.state = None;
+            }
+        }
+    }
+
+    pub fn get(&self, key: &Key) -> Option<&Record> {
+        self.records.get(key)
+    }
+
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.records.len() >= MAX_OPEN_COMMANDS
+    }
+
+    /// Records a command's new state (written at the next `flush`).
+    pub fn set_state(&mut self, key: &Key, state: CommandState, boot_id: Option<String>) {
+        let Some(phase) = phase_of(&state) else { return };
+        let line = Line {
+            op: key.op,
+            id: key.id.to_string(),
+            state: Some(state),
+            boot_id,
+            acked: false,
+            forget: false,
+        };
+        let start = self.pending.len();
+        self.queue(&line);
+        self.pending_states.push((key.clone(), start));
+        let record = self.records.entry(key.clone()).or_insert(Record {
+            phase,
+            acked: false,
+            cleared: false,
+            boot_id: None,
+            state: None,
+            offset: None,
+        });
+        record.phase = phase;
+        record.acked = false;
+        record.cleared = false;
+        record.boot_id = line.boot_id.map(Into::into).or(record.boot_id.take());
+        record.state = line.state;
+    }
+
+    /// The broker has the command's final state: it need not be sent again.
+    pub fn mark_acked(&mut self, key: &Key) {
+        let Some(record) = self.records.get_mut(key) else { return };
+        if !record.phase.is_final() || record.acked {
+            return;
+        }
+        record.acked = true;
+        // Its line on disk stands in for it, unless that line is still waiting to be written.
+        if record.offset.is_some() && !self.pending_states.iter().any(|(k, _)| k == key) {
+            record.state = None;
+        }
+        let line = Line {
+            op: key.op,
+            id: key.id.to_string(),
+            state: None,
+            boot_id: None,
+            acked: true,
+            forget: false,
+        };
+        self.queue(&line);
+        if record_done(self.records.get(key)) {
+            self.forget(key);
+        }
+    }
+
+    /// The operator cleared the command's topic.
+    pub fn mark_cleared(&mut self, key: &Key) {
+        let Some(record) = self.records.get_mut(key) else { return };
+        if !record.phase.is_final() {
+            return; // still running: its final state will be retained again
+        }
+        record.cleared = true;
+        if record_done(Some(record)) {
+            self.forget(key);
+        }
+    }
+
+    fn forget(&mut self, key: &Key) {
+        self.records.remove(key);
+        let line = Line {
+            op: key.op,
+            id: key.id.to_string(),
+            state: None,
+            boot_id: None,
+            acked: false,
+            forget: true,
+        };
+        self.queue(&line);
+        if self.records.capacity() > 64 && self.records.len() < self.records.capacity() / 4 {
+            self.records.shrink_to_fit();
+        }
+    }
+
+    /// The full state of a record, from memory or from its journal line.
+    pub fn state(&self, key: &Key) -> Option<CommandState> {
+        let record = self.records.get(key)?;
+        if let Some(state) = &record.state {
+            return Some(state.clone());
+        }
+        let line = self.read_line(record.offset?).ok()?;
+        serde_json::from_slice::<Line>(&line).ok()?.state
+    }
+
+    /// Commands whose state the broker may not have: executing ones, and final states not
+    /// acknowledged, oldest first.
+    pub fn unacknowledged(&self) -> Vec<(Key, Phase)> {
+        let mut out: Vec<(&Key, &Record)> = self.records.iter().filter(|(_, r)| !r.acked).collect();
+        out.sort_by_key(|(_, r)| r.offset.unwrap_or(u64::MAX));
+        out.into_iter().map(|(k, r)| (k.clone(), r.phase)).collect()
+    }
+
+    /// Writes the changes since the last flush durably: one append and one fsync.
+    pub fn flush(&mut self) -> io::Result<()> {
+        if self.rewrite || self.lines > 2 * self.records.len() + 1000 {
+            return self.rewrite_from_memory();
+        }
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let result = self.append();
+        if result.is_err() && self.pending.len() > MAX_PENDING_BYTES {
+            self.pending.clear();
+            self.pending_states.clear();
+            self.rewrite = true;
+        }
+        result
+    }
+
+    fn append(&mut self) -> io::Result<()> {
+        if self.file.is_some() && std::fs::symlink_metadata(&self.path).is_err() {
+            // The journal was deleted under us: appending would go to a file nobody can open.
+            log::warn!("command ledger {} is gone: writing it again", self.path.display());
+            return self.rewrite_from_memory();
+        }
+        if self.file.is_none() {
+            self.file = Some(open_journal(&self.path)?);
+        }
+        let file = self.file.as_mut().expect("opened above");
+        if let Err(e) = file.write_all(&self.pending).and_then(|_| file.sync_data()) {
+            // Cut off whatever part got written, so the next append starts on a line boundary.
+            let _ = file.set_len(self.file_len);
+            return Err(e);
+        }
+        for (key, start) in self.pending_states.drain(..) {
+            if let Some(record) = self.records.get_mut(&key) {
+                record.offset = Some(self.file_len + start as u64);
+                if record.acked {
+                    record.state = None;
+                }
+            }
+        }
+        self.file_len += self.pending.len() as u64;
+        self.lines += self.pending.iter().filter(|&&b| b == b'\n').count();
+        self.pending.clear();
+        Ok(())
+    }
+
+    /// Replaces the journal with one line per live record, oldest first.
+    fn rewrite_from_memory(&mut self) -> io::Result<()> {
+        let mut keys: Vec<&Key> = self.records.keys().collect();
+        keys.sort_by_key(|k| self.records[*k].offset.unwrap_or(u64::MAX));
+        let mut bytes = Vec::new();
+        let mut placed = Vec::with_capacity(keys.len());
+        for key in keys {
+            let record = &self.records[key];
+            // Refuse to write a journal that would forget a command.
+            let state =
+                self.state(key).ok_or_else(|| io::Error::other("cannot read back a recorded state"))?;
+            let line = Line {
+                op: key.op,
+                id: key.id.to_string(),
+                state: Some(state),
+                boot_id: record.boot_id.as_deref().map(str::to_string),
+                acked: record.acked,
+                forget: false,
+            };
+            placed.push((key.clone(), bytes.len() as u64));
+            write_line(&mut bytes, &line);
+        }
+        fsutil::write_atomic(&self.path, &bytes)?;
+        self.file = None;
+        self.file_len = bytes.len() as u64;
+        self.lines = placed.len();
+        for (key, offset) in placed {
+            if let Some(record) = self.records.get_mut(&key) {
+                record.offset = Some(offset);
+                if record.acked {
+                    record.state = None;
+                }
+            }
+        }
+        self.pending.clear();
+        self.pending_states.clear();
+        self.rewrite = false;
+        log::debug!("command ledger rewritten: {} command(s)", self.lines);
+        Ok(())
+    }
+
+    fn queue(&mut self, line: &Line) {
+        write_line(&mut self.pending, line);
+    }
+
+    fn read_line(&self, offset: u64) -> io::Result<Vec<u8>> {
+        let file = match &self.file {
+            Some(file) => file.try_clone()?,
+            None => File::open(&self.path)?,
+        };
+        let mut line = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = file.read_at(&mut chunk, offset + line.len() as u64)?;
+            if n == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            if let Some(end) = chunk[..n].iter().position(|&b| b == b'\n') {
+                line.extend_from_slice(&chunk[..end]);
+                return Ok(line);
+            }
+            line.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
+
+fn record_done(record: Option<&Record>) -> bool {
+    record.is_some_and(|r| r.phase.is_final() && r.acked && r.cleared)
+}
+
+fn phase_of(state: &CommandState) -> Option<Phase> {
+    match state {
+        CommandState::Init { .. } => None,
+        CommandState::Executing => Some(Phase::Executing),
+        CommandState::Successful { .. } => Some(Phase::Successful),
+        CommandState::Failed { .. } => Some(Phase::Failed),
+    }
+}
+
+fn write_line(out: &mut Vec<u8>, line: &Line) {
+    // A Line always encodes: its keys are strings and its values plain JSON.
+    if serde_json::to_writer(&mut *out, line).is_ok() {
+        out.push(b'\n');
+    }
+}
+
+fn open_journal(path: &Path) -> io::Result<File> {
+    let open = || {
+        OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(path)
+    };
+    match open() {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            fsutil::create_private_dir(path.parent().unwrap_or(Path::new(".")))?;
+            open()
+        }
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn ok(result: serde_json::Value) -> CommandState {
+        CommandState::Successful { result }
+    }
+
+    #[test]
+    fn survives_reopen_and_forgets_only_acked_and_cleared_commands() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b, c) = (Key::new(Op::Ping, "a"), Key::new(Op::Reboot, "b"), Key::new(Op::Ping, "c"));
+        let mut ledger = Ledger::open(dir.path());
+        ledger.set_state(&a, CommandState::Executing, None);
+        ledger.set_state(&a, ok(json!({"n": 1})), None);
+        ledger.set_state(&b, CommandState::Executing, Some("boot-1".into()));
+        ledger.set_state(&c, ok(json!(2)), None);
+        ledger.flush().unwrap();
+        ledger.mark_cleared(&a); // cleared before the broker acknowledged: kept
+        ledger.mark_acked(&a);
+        ledger.mark_acked(&c);
+        ledger.mark_cleared(&b); // still executing: kept
+        ledger.flush().unwrap();
+        assert!(ledger.get(&a).is_none(), "acked and cleared: forgotten");
+
+        let reopened = Ledger::open(dir.path());
+        assert!(reopened.get(&a).is_none());
+        let b_rec = reopened.get(&b).unwrap();
+        assert_eq!((b_rec.phase, b_rec.boot_id.as_deref()), (Phase::Executing, Some("boot-1")));
+        let c_rec = reopened.get(&c).unwrap();
+        assert!(c_rec.acked && c_rec.state.is_none(), "an acked state is read from the journal");
+        assert_eq!(reopened.state(&c), Some(ok(json!(2))));
+        assert_eq!(reopened.unacknowledged(), vec![(b, Phase::Executing)]);
+    }
+
+    #[test]
+    fn a_torn_last_line_is_cut_off_and_later_appends_stay_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Key::new(Op::Ping, "a");
+        let mut ledger = Ledger::open(dir.path());
+        ledger.set_state(&a, ok(json!(1)), None);
+        ledger.flush().unwrap();
+        let path = dir.path().join(JOURNAL_FILE);
+        let mut torn = std::fs::read(&path).unwrap();
+        torn.extend_from_slice(b"{\"op\":\"ping\",\"id\":\"b\",\"sta");
+        std::fs::write(&path, torn).unwrap();
+
+        let mut ledger = Ledger::open(dir.path());
+        assert_eq!(ledger.len(), 1);
+        ledger.set_state(&Key::new(Op::Ping, "c"), ok(json!(3)), None);
+        ledger.flush().unwrap();
+        let reopened = Ledger::open(dir.path());
+        assert_eq!(reopened.len(), 2);
+        assert_eq!(reopened.state(&Key::new(Op::Ping, "c")), Some(ok(json!(3))));
+    }
+
+    #[test]
+    fn the_journal_is_compacted_when_mostly_dead() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ledger = Ledger::open(dir.path());
+        let keep = Key::new(Op::Config, "keep");
+        ledger.set_state(&keep, ok(json!({"kept": true})), None);
+        ledger.mark_acked(&keep);
+        for i in 0..2000 {
+            let k = Key::new(Op::Ping, &format!("id-{i}"));
+            ledger.set_state(&k, ok(json!(i)), None);
+            ledger.mark_acked(&k);
+            ledger.mark_cleared(&k);
+            ledger.flush().unwrap();
+        }
+        assert!(ledger.lines < 1100, "{} lines", ledger.lines);
+        assert_eq!(ledger.len(), 1);
+        assert_eq!(ledger.state(&keep), Some(ok(json!({"kept": true}))));
+        let reopened = Ledger::open(dir.path());
+        assert_eq!(reopened.state(&keep), Some(ok(json!({"kept": true}))));
+    }
+
+    #[test]
+    fn imports_the_old_ledger() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = json!([{"op": "reboot", "id": "r1", "state": {"status": "executing"}, "boot_id": "b0"},
+                         {"op": "ping", "id": "p1", "state": {"status": "successful", "result": 1}}]);
+        std::fs::write(dir.path().join(OLD_LEDGER_FILE), old.to_string()).unwrap();
+        let ledger = Ledger::open(dir.path());
+        assert_eq!(ledger.len(), 2);
+        assert_eq!(ledger.get(&Key::new(Op::Reboot, "r1")).unwrap().boot_id.as_deref(), Some("b0"));
+        assert!(!dir.path().join(OLD_LEDGER_FILE).exists());
+        assert_eq!(Ledger::open(dir.path()).len(), 2);
+    }
+}
