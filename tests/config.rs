@@ -176,3 +176,28 @@ fn log_level_flag_is_accepted() {
     let out = run_agent(&["--config", path.to_str().unwrap(), "--log-level", "warn", "--check-config"]);
     assert!(out.status.success(), "{}", output_text(&out));
 }
+
+/// The broker settings of docs/protocol.md include `set_tcp_nodelay true` (the test brokers use
+/// them): without it about a third of the commands wait ~40 ms in the broker for the TCP
+/// acknowledgement of the packet before (Nagle's algorithm meeting delayed ACKs).
+#[test]
+fn commands_are_not_held_back_by_nagle_in_the_broker() {
+    let broker = Broker::start_default();
+    let d = "dev-nodelay";
+    let mut sub = Sub::new(&broker, &format!("tether/{d}/#"));
+    let _agent = Agent::start(broker.agent_config(d));
+    sub.expect_online(d, secs(15));
+    let mut round_trips = Vec::new();
+    for i in 0..30 {
+        let topic = cmd_topic(d, "ping", &format!("p{i}"));
+        publish_json(&broker, &topic, &json!({"status": "init"}), true);
+        // mosquitto_pub has its PUBACK: the broker holds the request from here on.
+        let published = std::time::Instant::now();
+        let done = sub.expect(&format!("successful on {topic}"), secs(10), |m| {
+            m.topic == topic && m.json().is_some_and(|v| v["status"] == "successful")
+        });
+        round_trips.push(done.at.saturating_duration_since(published));
+    }
+    let slow = round_trips.iter().filter(|t| t.as_millis() >= 30).count();
+    assert!(slow <= 3, "{slow} of 30 commands took 30 ms or more: {round_trips:?}");
+}
