@@ -201,3 +201,18 @@ fn commands_are_not_held_back_by_nagle_in_the_broker() {
     let slow = round_trips.iter().filter(|t| t.as_millis() >= 30).count();
     assert!(slow <= 3, "{slow} of 30 commands took 30 ms or more: {round_trips:?}");
 }
+
+#[test]
+fn a_bad_command_line_exits_64_and_says_what_is_wrong() {
+    for (args, needle) in [
+        (&["--colour"][..], "unknown argument --colour"),
+        (&["--config"][..], "--config needs a value"),
+        (&["--check-config", "--log-level"][..], "--log-level needs a value"),
+    ] {
+        let out = run_agent(args);
+        let text = output_text(&out);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: not EX_USAGE: {text}");
+        assert!(text.contains(needle), "{args:?}: no {needle:?} in: {text}");
+        assert!(text.contains("usage: tether-agent"), "{args:?}: no usage in: {text}");
+    }
+}

@@ -17,6 +17,9 @@ const USAGE: &str = "usage: tether-agent [--config PATH] [--log-level LEVEL]
   --version            print the version and exit
   --arch               print the target this binary was built for and exit";
 
+/// A bad command line (sysexits.h), as tetherctl.
+const EX_USAGE: u8 = 64;
+
 #[derive(PartialEq)]
 enum Action {
     Run,
@@ -54,7 +57,7 @@ fn parse_args() -> Result<Option<Args>, String> {
                 println!("{USAGE}");
                 return Ok(None);
             }
-            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
+            other => return Err(format!("unknown argument {other}")),
         }
     }
     Ok(Some(args))
@@ -65,8 +68,8 @@ fn main() -> ExitCode {
         Ok(Some(args)) => args,
         Ok(None) => return ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("tether-agent: {e}");
-            return ExitCode::from(2);
+            eprintln!("tether-agent: {e}\n{USAGE}");
+            return ExitCode::from(EX_USAGE);
         }
     };
     match run(args) {
