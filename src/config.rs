@@ -276,6 +276,9 @@ impl Config {
         if self.reboot_command.is_empty() {
             return fail("reboot_command is empty".into());
         }
+        if let Some(level) = &self.log_level {
+            crate::logging::check_level(level).map_err(|e| ConfigError(format!("log_level: {e}")))?;
+        }
         Ok(())
     }
 

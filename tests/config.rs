@@ -22,7 +22,7 @@ fn offline_config(dir: &Path) -> Value {
     })
 }
 
-/// `--check-config` and a normal start both fail, saying `needle`.
+/// `--check-config` and a normal start both exit 1, saying `needle`.
 fn assert_rejected(config: &Value, needle: &str) {
     let dir = tempfile::tempdir().unwrap();
     let path = config_file(dir.path(), config);
@@ -30,9 +30,14 @@ fn assert_rejected(config: &Value, needle: &str) {
     for args in [&["--config", path, "--check-config"][..], &["--config", path][..]] {
         let out = run_agent(args);
         let text = output_text(&out);
-        assert!(!out.status.success(), "{args:?} accepted a bad config ({needle}): {text}");
-        assert!(text.contains(needle), "{args:?}: the message does not name {needle:?}: {text}");
+        assert_eq!(out.status.code(), Some(1), "{args:?} did not refuse a bad config ({needle}): {text}");
+        assert!(text.contains(needle), "{args:?}: the message does not say {needle:?}: {text}");
     }
+}
+
+/// The agent with `args` and RUST_LOG set to `rust_log`.
+fn run_agent_with_rust_log(args: &[&str], rust_log: &str) -> std::process::Output {
+    std::process::Command::new(AGENT_BIN).args(args).env("RUST_LOG", rust_log).output().unwrap()
 }
 
 #[test]
@@ -175,6 +180,37 @@ fn log_level_flag_is_accepted() {
     let path = config_file(dir.path(), &offline_config(dir.path()));
     let out = run_agent(&["--config", path.to_str().unwrap(), "--log-level", "warn", "--check-config"]);
     assert!(out.status.success(), "{}", output_text(&out));
+    let out =
+        run_agent_with_rust_log(&["--config", path.to_str().unwrap(), "--check-config"], "warn,tether=debug");
+    assert!(out.status.success(), "RUST_LOG directives refused: {}", output_text(&out));
+}
+
+/// env_logger takes a word that is no level for a module name: the agent would log nothing.
+#[test]
+fn a_log_level_that_would_silence_the_agent_is_refused_wherever_it_comes_from() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = offline_config(dir.path());
+    config["log_level"] = json!("loud");
+    assert_rejected(
+        &config,
+        "log_level: \"loud\" is not a log level: use error, warn, info, debug, trace or off",
+    );
+
+    let path = config_file(dir.path(), &offline_config(dir.path()));
+    let path = path.to_str().unwrap();
+    for args in [
+        &["--config", path, "--log-level", "bogus", "--check-config"][..],
+        &["--config", path, "--log-level", "bogus"][..],
+    ] {
+        let out = run_agent(args);
+        let text = output_text(&out);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {text}");
+        assert!(text.contains("--log-level: \"bogus\" is not a log level"), "{args:?}: {text}");
+    }
+    let out = run_agent_with_rust_log(&["--config", path, "--check-config"], "bogus");
+    let text = output_text(&out);
+    assert_eq!(out.status.code(), Some(1), "RUST_LOG=bogus: {text}");
+    assert!(text.contains("RUST_LOG: \"bogus\" is not a log level"), "RUST_LOG=bogus: {text}");
 }
 
 /// The broker settings of docs/protocol.md include `set_tcp_nodelay true` (the test brokers use

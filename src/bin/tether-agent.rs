@@ -87,7 +87,7 @@ fn run(args: Args) -> Result<(), String> {
         return print_heartbeat(&args);
     }
     let config = Config::load(&args.config).map_err(|e| e.to_string())?;
-    tether::logging::init(args.log_level.as_deref(), config.log_level.as_deref());
+    tether::logging::start(args.log_level.as_deref(), config.log_level.as_deref())?;
     match args.action {
         Action::CheckConfig => {
             println!("{}: ok", args.config.display());
@@ -108,7 +108,7 @@ fn print_heartbeat(args: &Args) -> Result<(), String> {
         Err(_) if !args.config.exists() => Default::default(),
         Err(e) => return Err(e.to_string()),
     };
-    tether::logging::init(args.log_level.as_deref(), None);
+    tether::logging::start(args.log_level.as_deref(), None)?;
     let heartbeat = tether::metrics::Collector::new(&heartbeat_config).collect(0, 0);
     let json = serde_json::to_string_pretty(&heartbeat).map_err(|e| e.to_string())?;
     println!("{json}");
