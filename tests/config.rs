@@ -252,3 +252,56 @@ fn a_bad_command_line_exits_64_and_says_what_is_wrong() {
         assert!(text.contains("usage: tether-agent"), "{args:?}: no usage in: {text}");
     }
 }
+
+#[test]
+fn wrong_types_name_the_key_and_say_what_it_wants() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = offline_config(dir.path());
+    config["broker"]["keepalive_s"] = json!("x");
+    assert_rejected(
+        &config,
+        "broker.keepalive_s: must be a whole number of seconds from 5 to 65535, got \"x\"",
+    );
+    let mut config = offline_config(dir.path());
+    config["heartbeat"] = json!({"custom": {"modem": {"command": "/usr/bin/modem-status --json"}}});
+    assert_rejected(&config, "heartbeat.custom.modem.command: must be a list of strings");
+}
+
+#[test]
+fn durations_and_sizes_that_make_no_sense_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    for (patch, needle) in [
+        (
+            json!({"broker": {"connect_timeout_s": 0}}),
+            "broker.connect_timeout_s: must be a whole number of seconds from 1 to 3600, got 0",
+        ),
+        (
+            json!({"heartbeat": {"interval_s": 0}}),
+            "heartbeat.interval_s: must be a whole number of seconds from 1",
+        ),
+        (
+            json!({"heartbeat": {"custom": {"fw": {"file": "/etc/hostname", "timeout_s": 0}}}}),
+            "heartbeat.custom.fw.timeout_s: must be a whole number of seconds from 1",
+        ),
+        (
+            json!({"heartbeat": {"custom": {"fw": {"file": "/etc/hostname", "max_bytes": 0}}}}),
+            "heartbeat.custom.fw.max_bytes: must be a whole number of bytes from 1",
+        ),
+        (
+            json!({"reconnect": {"min_s": 30, "max_s": 10}}),
+            "reconnect.min_s (30) must not be more than reconnect.max_s (10)",
+        ),
+        (
+            json!({"reconnect": {"max_s": 1e12}}),
+            "reconnect.max_s: must be a whole number of seconds from 1 to 86400",
+        ),
+        (
+            json!({"offline_buffer": {"max_bytes": 0}}),
+            "offline_buffer.max_bytes: must be a whole number of bytes from 1",
+        ),
+    ] {
+        let mut config = offline_config(dir.path());
+        merge(&mut config, patch);
+        assert_rejected(&config, needle);
+    }
+}
