@@ -61,13 +61,16 @@ pub struct ProcessSpec {
 
 /// A custom heartbeat value: the content of `file`, or the output of `command` (an argv, run
 /// without a shell) killed after `timeout_s`. Output is trimmed and capped at `max_bytes`; output
-/// that parses as JSON is kept as JSON.
+/// that parses as JSON is kept as JSON. The `config` op shows a command's arguments only when
+/// the entry is `public` (people put tokens in them).
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct CustomSpec {
     pub file: Option<PathBuf>,
     pub command: Option<Vec<String>>,
     pub timeout_s: u64,
     pub max_bytes: usize,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub public: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -238,6 +241,7 @@ impl CustomSpec {
             command: s.words("command")?,
             timeout_s: s.number("timeout_s", SECONDS, 1..=HOUR_S, 5)?,
             max_bytes: s.number("max_bytes", BYTES, 1..=MIB, 4096)? as usize,
+            public: s.flag("public")?,
         };
         s.finish()?;
         match (&spec.file, &spec.command) {
@@ -246,7 +250,21 @@ impl CustomSpec {
             _ => Err(ConfigError(format!("{entry_key}: needs exactly one of \"file\" and \"command\""))),
         }
     }
+
+    /// Only the program of a command stays, then "…": people put tokens in the arguments.
+    fn hide_arguments(&mut self) {
+        if self.public {
+            return;
+        }
+        if let Some(argv) = self.command.as_mut().filter(|argv| argv.len() > 1) {
+            argv.truncate(1);
+            argv.push(HIDDEN_ARGUMENTS.into());
+        }
+    }
 }
+
+/// What the `config` op shows in place of the arguments of a command that is not `public`.
+const HIDDEN_ARGUMENTS: &str = "…";
 
 impl ReconnectConfig {
     fn read(mut s: Section) -> Result<ReconnectConfig, ConfigError> {
@@ -349,20 +367,15 @@ impl Config {
     }
 
     /// The config as JSON, with nothing secret in it: the password file's path is kept (it is
-    /// where the secret lives, not the secret), its content is never read into this value.
+    /// where the secret lives, not the secret), its content is never read into this value;
+    /// user and password are cut from the URLs; custom commands show their program only,
+    /// unless `public`.
     pub fn redacted_json(&self) -> Value {
-        let mut value = serde_json::to_value(self).unwrap_or(Value::Null);
-        if let Some(url) = value.pointer_mut("/broker/url") {
-            if let Some(s) = url.as_str() {
-                *url = Value::String(crate::net::url::strip_userinfo(s));
-            }
-        }
-        if let Some(proxy) = value.pointer_mut("/broker/proxy") {
-            if let Some(s) = proxy.as_str() {
-                *proxy = Value::String(crate::net::url::strip_userinfo(s));
-            }
-        }
-        value
+        let mut shown = self.clone();
+        shown.broker.url = crate::net::url::strip_userinfo(&shown.broker.url);
+        shown.broker.proxy = shown.broker.proxy.as_deref().map(crate::net::url::strip_userinfo);
+        shown.heartbeat.custom.values_mut().for_each(CustomSpec::hide_arguments);
+        serde_json::to_value(&shown).unwrap_or(Value::Null)
     }
 }
 
@@ -409,6 +422,14 @@ impl<'a> Section<'a> {
             Some((_, Value::String(path))) if !path.is_empty() => Ok(Some(path.into())),
             Some((key, v)) => Err(wanted(&key, "a path, e.g. \"/etc/tether/ca.pem\"", v)),
             None => Ok(None),
+        }
+    }
+
+    fn flag(&mut self, name: &'static str) -> Result<bool, ConfigError> {
+        match self.get(name) {
+            Some((_, Value::Bool(flag))) => Ok(*flag),
+            Some((key, v)) => Err(wanted(&key, "true or false", v)),
+            None => Ok(false),
         }
     }
 
@@ -538,6 +559,10 @@ mod tests {
             error_of(json!({"heartbeat": {"processes": [{"name": "a"}, {"pidfile": "/run/b.pid"}]}})),
             "heartbeat.processes[1].name: missing: the process's name (or its label, with a pidfile)"
         );
+        assert_eq!(
+            error_of(json!({"heartbeat": {"custom": {"fw": {"file": "/etc/v", "public": "yes"}}}})),
+            "heartbeat.custom.fw.public: must be true or false, got \"yes\""
+        );
         assert_eq!(error_of(json!({"reconnect": []})), "reconnect: must be an object, {...}, got []");
         assert!(error_of(json!({"device_id": 42})).starts_with("device_id: must be a string"));
         assert!(error_of(json!({"state_dir": ""})).starts_with("state_dir: must be a path"));
@@ -659,5 +684,35 @@ mod tests {
         let e = serde_json::from_str::<BrokerConfig>(r#"{"url": "wss://b/mqtt", "keepalive_s": "x"}"#)
             .unwrap_err();
         assert!(e.to_string().starts_with("broker.keepalive_s: must be a whole number of seconds"), "{e}");
+    }
+
+    #[test]
+    fn redacted_json_hides_secrets_and_command_arguments_unless_public() {
+        let config = Config::parse(
+            &json!({
+                "broker": {"url": "wss://b.example/mqtt", "proxy": "http://u:proxypw@proxy:3128"},
+                "heartbeat": {"custom": {
+                    "modem": {"command": ["/usr/bin/modem-status", "--token", "s3cret"]},
+                    "uptime": {"command": ["/usr/bin/uptime", "-p"], "public": true},
+                    "date": {"command": ["/bin/date"]},
+                    "fw": {"file": "/etc/version"},
+                }},
+            })
+            .to_string(),
+        )
+        .unwrap();
+        let shown = config.redacted_json();
+        let text = shown.to_string();
+        for secret in ["s3cret", "--token", "proxypw"] {
+            assert!(!text.contains(secret), "{secret} is in {text}");
+        }
+        let custom = &shown["heartbeat"]["custom"];
+        assert_eq!(custom["modem"]["command"], json!(["/usr/bin/modem-status", "…"]));
+        assert_eq!(custom["uptime"]["command"], json!(["/usr/bin/uptime", "-p"]));
+        assert_eq!(custom["uptime"]["public"], true);
+        assert_eq!(custom["date"]["command"], json!(["/bin/date"]));
+        assert_eq!(custom["fw"]["file"], "/etc/version");
+        // The running config itself keeps every argument.
+        assert_eq!(config.heartbeat.custom["modem"].command.as_ref().unwrap().len(), 3);
     }
 }

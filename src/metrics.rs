@@ -928,11 +928,12 @@ mod tests {
             command: Some(argv.iter().map(|s| s.to_string()).collect()),
             timeout_s,
             max_bytes: 4096,
+            public: false,
         }
     }
 
     fn file(path: &Path, max_bytes: usize) -> CustomSpec {
-        CustomSpec { file: Some(path.to_path_buf()), command: None, timeout_s: 5, max_bytes }
+        CustomSpec { file: Some(path.to_path_buf()), command: None, timeout_s: 5, max_bytes, public: false }
     }
 
     fn by_name(name: &str) -> ProcessSpec {
@@ -1019,7 +1020,7 @@ mod tests {
             ("file", file(&json_file, 4096)),
             ("file_capped", file(&json_file, 5)),
             ("file_missing", file(&temp_path("missing"), 4096)),
-            ("neither", CustomSpec { file: None, command: None, timeout_s: 5, max_bytes: 10 }),
+            ("neither", CustomSpec { file: None, command: None, timeout_s: 5, max_bytes: 10, public: false }),
         ];
         let mut collector = Collector::new(&config_with(Vec::new(), custom, Vec::new()));
         let values = collector.collect(1, 0).custom;

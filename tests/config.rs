@@ -305,3 +305,36 @@ fn durations_and_sizes_that_make_no_sense_are_refused() {
         assert_rejected(&config, needle);
     }
 }
+
+/// People put tokens in custom commands' arguments: the `config` command shows the program
+/// only, unless the entry is marked public.
+#[test]
+fn config_command_shows_custom_command_arguments_only_when_public() {
+    const TOKEN: &str = "tok-5e1f-SECRET-0b7a";
+    let broker = Broker::start_default();
+    let d = "dev-cfg-argv";
+    let mut config = broker.agent_config(d);
+    merge(
+        &mut config,
+        json!({"heartbeat": {"custom": {
+            // The token is $0 of the script: it reaches the command, never its output.
+            "modem": {"command": ["/bin/sh", "-c", "echo 3", format!("--token={TOKEN}")]},
+            "uptime": {"command": ["/bin/echo", "up"], "public": true},
+        }}}),
+    );
+    let mut sub = Sub::new(&broker, &format!("tether/{d}/#"));
+    let _agent = Agent::start(config);
+    sub.expect_online(d, secs(15));
+    let hb = sub.expect_live_heartbeat(d, secs(10));
+    assert_eq!(hb["custom"]["modem"], 3, "the command did not run with its arguments: {hb}");
+
+    let topic = cmd_topic(d, "config", "c1");
+    publish_json(&broker, &topic, &json!({"status": "init"}), true);
+    let state = sub.expect_json(&topic, "successful", secs(15), |v| v["status"] == "successful");
+    let custom = &state["result"]["heartbeat"]["custom"];
+    assert_eq!(custom["modem"]["command"], json!(["/bin/sh", "…"]), "result: {state}");
+    assert_eq!(custom["uptime"]["command"], json!(["/bin/echo", "up"]), "result: {state}");
+    assert_eq!(custom["uptime"]["public"], true, "result: {state}");
+    let leaked: Vec<&Msg> = sub.seen().iter().filter(|m| m.payload.contains(TOKEN)).collect();
+    assert!(leaked.is_empty(), "the token was published: {leaked:?}");
+}
