@@ -366,6 +366,20 @@ impl Config {
         Ok(())
     }
 
+    /// What `--check-config` adds to `load`, so that an init script's check catches it: the agent
+    /// can create `state_dir` (it is created, as the agent would) and write in it (a file made
+    /// there and removed).
+    pub fn check_state_dir(&self) -> Result<(), ConfigError> {
+        let dir = &self.state_dir;
+        let fail = |what: &str, e: std::io::Error| {
+            ConfigError(format!("state_dir: {}: {what}: {}", dir.display(), crate::fsutil::error_text(&e)))
+        };
+        crate::fsutil::create_private_dir(dir).map_err(|e| fail("cannot create it", e))?;
+        let probe = dir.join(format!(".check-config.{}", std::process::id()));
+        std::fs::write(&probe, b"").map_err(|e| fail("cannot write in it", e))?;
+        std::fs::remove_file(&probe).map_err(|e| fail("cannot remove a file from it", e))
+    }
+
     /// The config as JSON, with nothing secret in it: the password file's path is kept (it is
     /// where the secret lives, not the secret), its content is never read into this value;
     /// user and password are cut from the URLs; custom commands show their program only,

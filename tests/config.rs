@@ -338,3 +338,36 @@ fn config_command_shows_custom_command_arguments_only_when_public() {
     let leaked: Vec<&Msg> = sub.seen().iter().filter(|m| m.payload.contains(TOKEN)).collect();
     assert!(leaked.is_empty(), "the token was published: {leaked:?}");
 }
+
+/// The init script runs `--check-config` before it starts the agent: a state_dir the agent
+/// cannot create or write must fail there, not in the agent after start.
+#[test]
+fn check_config_creates_the_state_dir_and_proves_it_writable() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = offline_config(dir.path());
+    let state = dir.path().join("var").join("tether");
+    config["state_dir"] = json!(state);
+    let path = config_file(dir.path(), &config);
+    let out = run_agent(&["--config", path.to_str().unwrap(), "--check-config"]);
+    assert!(out.status.success(), "{}", output_text(&out));
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&state).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o700, "state_dir made with mode {mode:o}");
+    let left: Vec<_> = std::fs::read_dir(&state).unwrap().collect();
+    assert!(left.is_empty(), "--check-config left files in state_dir: {left:?}");
+
+    // Under a file: it cannot be created, whoever runs the agent.
+    let file = dir.path().join("a-file");
+    write_file(&file, "");
+    config["state_dir"] = json!(file.join("state"));
+    assert_rejected(
+        &config,
+        &format!("state_dir: {}: cannot create it: Not a directory", file.join("state").display()),
+    );
+    // sysfs takes no new files, not even from root.
+    config["state_dir"] = json!("/sys");
+    let path = config_file(dir.path(), &config);
+    let out = run_agent(&["--config", path.to_str().unwrap(), "--check-config"]);
+    let text = output_text(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("state_dir: /sys: cannot write in it: Permission denied"), "{text}");
+}

@@ -88,17 +88,17 @@ fn run(args: Args) -> Result<(), String> {
     }
     let config = Config::load(&args.config).map_err(|e| e.to_string())?;
     tether::logging::start(args.log_level.as_deref(), config.log_level.as_deref())?;
-    match args.action {
-        Action::CheckConfig => {
-            println!("{}: ok", args.config.display());
-            Ok(())
-        }
-        Action::PrintId => {
-            println!("{}", identity::device_id(&config)?);
-            Ok(())
-        }
-        _ => Agent::new(args.config, config)?.run(),
+    if args.action == Action::PrintId {
+        println!("{}", identity::device_id(&config)?);
+        return Ok(());
     }
+    // The same check, in the same words, before a start as in the init script's pre-start check.
+    config.check_state_dir().map_err(|e| e.to_string())?;
+    if args.action == Action::CheckConfig {
+        println!("{}: ok", args.config.display());
+        return Ok(());
+    }
+    Agent::new(args.config, config)?.run()
 }
 
 /// Works without a config file too: then the default heartbeat settings apply.

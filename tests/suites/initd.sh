@@ -122,9 +122,10 @@ initd() {
     return 0
 }
 
+# write_config [STATE_DIR]: a valid config (the state_dir of this root by default).
 write_config() {
     printf '{"broker":{"url":"mqtt://127.0.0.1:1"},"device_id":"t1","state_dir":"%s","log_level":"info"}\n' \
-        "$ROOT/var/lib/tether" >"$CONFIG"
+        "${1:-$ROOT/var/lib/tether}" >"$CONFIG"
 }
 break_config() { printf '{"broker": {"url": ' >"$CONFIG"; }
 # write_defaults yes|no: the shipped example, with ENABLED and the config path of this root.
@@ -305,6 +306,11 @@ run_mode() {
     check "start, broken config: fails, says the config check failed" \
         '[ "$rc" != 0 ] && says "configuration check failed"'
     check "start, broken config: no agent, no pidfile" '[ "$(agent_count)" = 0 ] && [ ! -e "$PIDFILE" ]'
+    # a state_dir the agent cannot write in (sysfs takes no files, not even root's)
+    write_config /sys
+    initd start
+    check "start, state_dir not writable: exit 6, the check names state_dir, no agent" \
+        '[ "$rc" = 6 ] && says "state_dir: /sys: cannot write in it" && [ "$(agent_count)" = 0 ]'
     write_config
 
     # ENABLED=no
