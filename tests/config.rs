@@ -32,6 +32,7 @@ fn assert_rejected(config: &Value, needle: &str) {
         let text = output_text(&out);
         assert_eq!(out.status.code(), Some(1), "{args:?} did not refuse a bad config ({needle}): {text}");
         assert!(text.contains(needle), "{args:?}: the message does not say {needle:?}: {text}");
+        assert_eq!(text.matches(needle).count(), 1, "{args:?}: said more than once: {text}");
     }
 }
 

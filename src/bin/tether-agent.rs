@@ -75,8 +75,12 @@ fn main() -> ExitCode {
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            log::error!("{e}");
-            eprintln!("tether-agent: {e}");
+            // Once: as a log line once logging runs; a bad config or log level comes before it.
+            if log::log_enabled!(log::Level::Error) {
+                log::error!("{e}");
+            } else {
+                eprintln!("tether-agent: {e}");
+            }
             ExitCode::FAILURE
         }
     }
