@@ -1,161 +1,95 @@
 //! The agent's configuration file (JSON). Every key is optional except `broker.url`; an unknown
 //! key is an error that names it, so a typo never silently falls back to a default.
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 use std::fmt;
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 
 use crate::net::url::BrokerUrl;
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/tether/agent.json";
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+/// Longer than any of these is a typo (and `Instant + Duration` must not overflow).
+const DAY_S: u64 = 86_400;
+const HOUR_S: u64 = 3_600;
+const MIB: u64 = 1024 * 1024;
+
+#[derive(Debug, Clone, Serialize)]
 pub struct Config {
     pub broker: BrokerConfig,
-    #[serde(default)]
     pub device_id: Option<String>,
-    #[serde(default = "default_topic_root")]
     pub topic_root: String,
-    #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
-    #[serde(default)]
     pub heartbeat: HeartbeatConfig,
-    #[serde(default)]
     pub reconnect: ReconnectConfig,
-    #[serde(default)]
     pub offline_buffer: OfflineBufferConfig,
-    #[serde(default = "default_reboot_command")]
     pub reboot_command: Vec<String>,
-    #[serde(default)]
     pub log_level: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, Serialize)]
 pub struct BrokerConfig {
     pub url: String,
-    #[serde(default)]
     pub ca_file: Option<PathBuf>,
-    #[serde(default)]
     pub cert_file: Option<PathBuf>,
-    #[serde(default)]
     pub key_file: Option<PathBuf>,
-    #[serde(default)]
     pub username: Option<String>,
-    #[serde(default)]
     pub password_file: Option<PathBuf>,
-    #[serde(default)]
     pub proxy: Option<String>,
-    #[serde(default = "default_keepalive_s")]
     pub keepalive_s: u16,
-    #[serde(default = "default_connect_timeout_s")]
     pub connect_timeout_s: u64,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, Serialize)]
 pub struct HeartbeatConfig {
-    #[serde(default = "default_heartbeat_interval_s")]
     pub interval_s: u64,
-    #[serde(default = "default_disks")]
     pub disks: Vec<String>,
-    #[serde(default)]
     pub processes: Vec<ProcessSpec>,
-    #[serde(default)]
     pub custom: BTreeMap<String, CustomSpec>,
 }
 
 /// A process to report on: found by its name (`/proc/PID/comm` or the executable's file name),
 /// or, when `pidfile` is given, by the pid in that file; `name` is then only the label.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct ProcessSpec {
     pub name: String,
-    #[serde(default)]
     pub pidfile: Option<PathBuf>,
 }
 
 /// A custom heartbeat value: the content of `file`, or the output of `command` (an argv, run
 /// without a shell) killed after `timeout_s`. Output is trimmed and capped at `max_bytes`; output
-/// that parses as JSON is kept as JSON.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+/// that parses as JSON is kept as JSON. The `config` op shows a command's arguments only when
+/// the entry is `public` (people put tokens in them).
+#[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct CustomSpec {
-    #[serde(default)]
     pub file: Option<PathBuf>,
-    #[serde(default)]
     pub command: Option<Vec<String>>,
-    #[serde(default = "default_custom_timeout_s")]
     pub timeout_s: u64,
-    #[serde(default = "default_custom_max_bytes")]
     pub max_bytes: usize,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub public: bool,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, Serialize)]
 pub struct ReconnectConfig {
-    #[serde(default = "default_reconnect_min_s")]
     pub min_s: u64,
-    #[serde(default = "default_reconnect_max_s")]
     pub max_s: u64,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, Serialize)]
 pub struct OfflineBufferConfig {
-    #[serde(default = "default_buffer_messages")]
     pub max_messages: usize,
-    #[serde(default = "default_buffer_bytes")]
     pub max_bytes: usize,
-}
-
-fn default_topic_root() -> String {
-    "tether".into()
-}
-fn default_state_dir() -> PathBuf {
-    "/var/lib/tether".into()
-}
-fn default_reboot_command() -> Vec<String> {
-    vec!["/sbin/reboot".into()]
-}
-fn default_keepalive_s() -> u16 {
-    60
-}
-fn default_connect_timeout_s() -> u64 {
-    30
-}
-fn default_heartbeat_interval_s() -> u64 {
-    25
-}
-fn default_disks() -> Vec<String> {
-    vec!["/".into()]
-}
-fn default_custom_timeout_s() -> u64 {
-    5
-}
-fn default_custom_max_bytes() -> usize {
-    4096
-}
-fn default_reconnect_min_s() -> u64 {
-    1
-}
-fn default_reconnect_max_s() -> u64 {
-    300
-}
-fn default_buffer_messages() -> usize {
-    1000
-}
-fn default_buffer_bytes() -> usize {
-    1024 * 1024
 }
 
 impl Default for HeartbeatConfig {
     fn default() -> Self {
         HeartbeatConfig {
-            interval_s: default_heartbeat_interval_s(),
-            disks: default_disks(),
+            interval_s: 25,
+            disks: vec!["/".into()],
             processes: Vec::new(),
             custom: BTreeMap::new(),
         }
@@ -164,13 +98,13 @@ impl Default for HeartbeatConfig {
 
 impl Default for ReconnectConfig {
     fn default() -> Self {
-        ReconnectConfig { min_s: default_reconnect_min_s(), max_s: default_reconnect_max_s() }
+        ReconnectConfig { min_s: 1, max_s: 300 }
     }
 }
 
 impl Default for OfflineBufferConfig {
     fn default() -> Self {
-        OfflineBufferConfig { max_messages: default_buffer_messages(), max_bytes: default_buffer_bytes() }
+        OfflineBufferConfig { max_messages: 1000, max_bytes: 1024 * 1024 }
     }
 }
 
@@ -197,9 +131,39 @@ impl BrokerConfig {
             username: None,
             password_file: None,
             proxy: None,
-            keepalive_s: default_keepalive_s(),
-            connect_timeout_s: default_connect_timeout_s(),
+            keepalive_s: 60,
+            connect_timeout_s: 30,
         }
+    }
+
+    fn read(mut s: Section) -> Result<BrokerConfig, ConfigError> {
+        let url_key = s.key("url");
+        let url = s.text("url")?;
+        let defaults = BrokerConfig::new(String::new());
+        let broker = BrokerConfig {
+            ca_file: s.path("ca_file")?,
+            cert_file: s.path("cert_file")?,
+            key_file: s.path("key_file")?,
+            username: s.text("username")?,
+            password_file: s.path("password_file")?,
+            proxy: s.text("proxy")?,
+            keepalive_s: s.number("keepalive_s", SECONDS, 5..=u16::MAX.into(), defaults.keepalive_s.into())?
+                as u16,
+            connect_timeout_s: s.number(
+                "connect_timeout_s",
+                SECONDS,
+                1..=HOUR_S,
+                defaults.connect_timeout_s,
+            )?,
+            ..defaults
+        };
+        s.finish()?;
+        let url = url.ok_or_else(|| {
+            ConfigError(format!(
+                "{url_key}: missing: the broker's address, e.g. \"wss://mqtt.example.com/mqtt\""
+            ))
+        })?;
+        Ok(BrokerConfig { url, ..broker })
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -226,10 +190,120 @@ impl BrokerConfig {
         if self.password_file.is_some() && self.username.is_none() {
             return fail("broker.password_file needs broker.username".into());
         }
-        if self.keepalive_s < 5 {
-            return fail("broker.keepalive_s must be at least 5".into());
-        }
         Ok(())
+    }
+}
+
+/// tetherctl reads the agent's `broker` object from its `--config` file with serde: it gets
+/// the agent's errors, which name the key.
+impl<'de> Deserialize<'de> for BrokerConfig {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<BrokerConfig, D::Error> {
+        let value = Value::deserialize(deserializer)?;
+        Section::of("broker".into(), &value).and_then(BrokerConfig::read).map_err(serde::de::Error::custom)
+    }
+}
+
+impl HeartbeatConfig {
+    fn read(mut s: Section) -> Result<HeartbeatConfig, ConfigError> {
+        let defaults = HeartbeatConfig::default();
+        let heartbeat = HeartbeatConfig {
+            interval_s: s.number("interval_s", SECONDS, 1..=DAY_S, defaults.interval_s)?,
+            disks: s.words("disks")?.unwrap_or(defaults.disks),
+            processes: s.list("processes")?.into_iter().map(ProcessSpec::read).collect::<Result<_, _>>()?,
+            custom: s
+                .named("custom")?
+                .into_iter()
+                .map(|(name, spec)| Ok((name, CustomSpec::read(spec)?)))
+                .collect::<Result<_, ConfigError>>()?,
+        };
+        s.finish()?;
+        Ok(heartbeat)
+    }
+}
+
+impl ProcessSpec {
+    fn read(mut s: Section) -> Result<ProcessSpec, ConfigError> {
+        let name_key = s.key("name");
+        let (name, pidfile) = (s.text("name")?, s.path("pidfile")?);
+        s.finish()?;
+        let name = name.filter(|n| !n.is_empty()).ok_or_else(|| {
+            ConfigError(format!("{name_key}: missing: the process's name (or its label, with a pidfile)"))
+        })?;
+        Ok(ProcessSpec { name, pidfile })
+    }
+}
+
+impl CustomSpec {
+    fn read(mut s: Section) -> Result<CustomSpec, ConfigError> {
+        let (entry_key, command_key) = (s.path.clone(), s.key("command"));
+        let spec = CustomSpec {
+            file: s.path("file")?,
+            command: s.words("command")?,
+            timeout_s: s.number("timeout_s", SECONDS, 1..=HOUR_S, 5)?,
+            max_bytes: s.number("max_bytes", BYTES, 1..=MIB, 4096)? as usize,
+            public: s.flag("public")?,
+        };
+        s.finish()?;
+        match (&spec.file, &spec.command) {
+            (Some(_), None) => Ok(spec),
+            (None, Some(argv)) => check_argv(&command_key, argv).map(|()| spec),
+            _ => Err(ConfigError(format!("{entry_key}: needs exactly one of \"file\" and \"command\""))),
+        }
+    }
+
+    /// Only the program of a command stays, then "…": people put tokens in the arguments.
+    fn hide_arguments(&mut self) {
+        if self.public {
+            return;
+        }
+        if let Some(argv) = self.command.as_mut().filter(|argv| argv.len() > 1) {
+            argv.truncate(1);
+            argv.push(HIDDEN_ARGUMENTS.into());
+        }
+    }
+}
+
+/// What the `config` op shows in place of the arguments of a command that is not `public`.
+const HIDDEN_ARGUMENTS: &str = "…";
+
+impl ReconnectConfig {
+    fn read(mut s: Section) -> Result<ReconnectConfig, ConfigError> {
+        let defaults = ReconnectConfig::default();
+        let (min_key, max_key) = (s.key("min_s"), s.key("max_s"));
+        let reconnect = ReconnectConfig {
+            min_s: s.number("min_s", SECONDS, 1..=DAY_S, defaults.min_s)?,
+            max_s: s.number("max_s", SECONDS, 1..=DAY_S, defaults.max_s)?,
+        };
+        s.finish()?;
+        if reconnect.min_s > reconnect.max_s {
+            return Err(ConfigError(format!(
+                "{min_key} ({}) must not be more than {max_key} ({})",
+                reconnect.min_s, reconnect.max_s
+            )));
+        }
+        Ok(reconnect)
+    }
+}
+
+impl OfflineBufferConfig {
+    fn read(mut s: Section) -> Result<OfflineBufferConfig, ConfigError> {
+        let defaults = OfflineBufferConfig::default();
+        let buffer = OfflineBufferConfig {
+            max_messages: s.number("max_messages", "", 1..=1_000_000, defaults.max_messages as u64)? as usize,
+            max_bytes: s.number("max_bytes", BYTES, 1..=256 * MIB, defaults.max_bytes as u64)? as usize,
+        };
+        s.finish()?;
+        Ok(buffer)
+    }
+}
+
+/// An argv must start with the program: "[]" or "[\"\"]" would run nothing.
+fn check_argv(key: &str, argv: &[String]) -> Result<(), ConfigError> {
+    match argv.first() {
+        Some(program) if !program.is_empty() => Ok(()),
+        _ => Err(ConfigError(format!(
+            "{key}: must start with the program to run, e.g. [\"/usr/bin/modem-status\", \"--json\"]"
+        ))),
     }
 }
 
@@ -243,56 +317,416 @@ impl Config {
     }
 
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let config: Config = serde_json::from_str(text).map_err(|e| ConfigError(e.to_string()))?;
+        let value: Value =
+            serde_json::from_str(text).map_err(|e| ConfigError(format!("not valid JSON: {e}")))?;
+        if !value.is_object() {
+            return Err(wanted("the configuration", "a JSON object, {\"broker\": {\"url\": ...}}", &value));
+        }
+        let config = Config::read(Section::of(String::new(), &value)?)?;
         config.validate()?;
         Ok(config)
     }
 
+    fn read(mut s: Section) -> Result<Config, ConfigError> {
+        let broker = s.section("broker")?.map(BrokerConfig::read).transpose()?;
+        let config = Config {
+            broker: BrokerConfig::new(String::new()),
+            device_id: s.text("device_id")?,
+            topic_root: s.text("topic_root")?.unwrap_or_else(|| "tether".into()),
+            state_dir: s.path("state_dir")?.unwrap_or_else(|| "/var/lib/tether".into()),
+            heartbeat: s.section("heartbeat")?.map(HeartbeatConfig::read).transpose()?.unwrap_or_default(),
+            reconnect: s.section("reconnect")?.map(ReconnectConfig::read).transpose()?.unwrap_or_default(),
+            offline_buffer: s
+                .section("offline_buffer")?
+                .map(OfflineBufferConfig::read)
+                .transpose()?
+                .unwrap_or_default(),
+            reboot_command: s.words("reboot_command")?.unwrap_or_else(|| vec!["/sbin/reboot".into()]),
+            log_level: s.text("log_level")?,
+        };
+        s.finish()?;
+        let broker = broker.ok_or_else(|| {
+            ConfigError("broker: missing: at least {\"url\": \"wss://mqtt.example.com/mqtt\"}".into())
+        })?;
+        Ok(Config { broker, ..config })
+    }
+
+    /// What the types and ranges do not say: files that must exist, names the topics accept.
     fn validate(&self) -> Result<(), ConfigError> {
-        let fail = |msg: String| Err(ConfigError(msg));
         self.broker.validate()?;
         if let Some(id) = &self.device_id {
             crate::protocol::check_device_id(id).map_err(|e| ConfigError(format!("device_id: {e}")))?;
         }
         crate::protocol::check_topic_root(&self.topic_root)
             .map_err(|e| ConfigError(format!("topic_root: {e}")))?;
-        if self.heartbeat.interval_s == 0 {
-            return fail("heartbeat.interval_s must be at least 1".into());
-        }
-        for (name, spec) in &self.heartbeat.custom {
-            match (&spec.file, &spec.command) {
-                (Some(_), None) => {}
-                (None, Some(argv)) if !argv.is_empty() => {}
-                (None, Some(_)) => return fail(format!("heartbeat.custom.{name}.command is empty")),
-                _ => return fail(format!("heartbeat.custom.{name}: give exactly one of file, command")),
-            }
-        }
-        if self.reconnect.min_s == 0 || self.reconnect.max_s < self.reconnect.min_s {
-            return fail("reconnect: need 1 <= min_s <= max_s".into());
-        }
-        if self.offline_buffer.max_messages == 0 || self.offline_buffer.max_bytes == 0 {
-            return fail("offline_buffer: max_messages and max_bytes must be positive".into());
-        }
-        if self.reboot_command.is_empty() {
-            return fail("reboot_command is empty".into());
+        check_argv("reboot_command", &self.reboot_command)?;
+        if let Some(level) = &self.log_level {
+            crate::logging::check_level(level).map_err(|e| ConfigError(format!("log_level: {e}")))?;
         }
         Ok(())
     }
 
+    /// What `--check-config` adds to `load`, so that an init script's check catches it: the agent
+    /// can create `state_dir` (it is created, as the agent would) and write in it (a file made
+    /// there and removed).
+    pub fn check_state_dir(&self) -> Result<(), ConfigError> {
+        let dir = &self.state_dir;
+        let fail = |what: &str, e: std::io::Error| {
+            ConfigError(format!("state_dir: {}: {what}: {}", dir.display(), crate::fsutil::error_text(&e)))
+        };
+        crate::fsutil::create_private_dir(dir).map_err(|e| fail("cannot create it", e))?;
+        let probe = dir.join(format!(".check-config.{}", std::process::id()));
+        std::fs::write(&probe, b"").map_err(|e| fail("cannot write in it", e))?;
+        std::fs::remove_file(&probe).map_err(|e| fail("cannot remove a file from it", e))
+    }
+
     /// The config as JSON, with nothing secret in it: the password file's path is kept (it is
-    /// where the secret lives, not the secret), its content is never read into this value.
-    pub fn redacted_json(&self) -> serde_json::Value {
-        let mut value = serde_json::to_value(self).unwrap_or(serde_json::Value::Null);
-        if let Some(url) = value.pointer_mut("/broker/url") {
-            if let Some(s) = url.as_str() {
-                *url = serde_json::Value::String(crate::net::url::strip_userinfo(s));
-            }
+    /// where the secret lives, not the secret), its content is never read into this value;
+    /// user and password are cut from the URLs; custom commands show their program only,
+    /// unless `public`.
+    pub fn redacted_json(&self) -> Value {
+        let mut shown = self.clone();
+        shown.broker.url = crate::net::url::strip_userinfo(&shown.broker.url);
+        shown.broker.proxy = shown.broker.proxy.as_deref().map(crate::net::url::strip_userinfo);
+        shown.heartbeat.custom.values_mut().for_each(CustomSpec::hide_arguments);
+        serde_json::to_value(&shown).unwrap_or(Value::Null)
+    }
+}
+
+const SECONDS: &str = " of seconds";
+const BYTES: &str = " of bytes";
+
+/// One JSON object of the file, read key by key: an error names the key by its full path
+/// (`heartbeat.custom.modem.timeout_s`) and says in words what it wants. Absent and `null` both
+/// mean the default. The keys not read by `finish` are unknown: a typo never falls back to a
+/// default in silence.
+struct Section<'a> {
+    path: String,
+    fields: &'a Map<String, Value>,
+    read: Vec<&'static str>,
+}
+
+impl<'a> Section<'a> {
+    fn of(path: String, value: &'a Value) -> Result<Section<'a>, ConfigError> {
+        match value {
+            Value::Object(fields) => Ok(Section { path, fields, read: Vec::new() }),
+            other => Err(wanted(&path, "an object, {...}", other)),
         }
-        if let Some(proxy) = value.pointer_mut("/broker/proxy") {
-            if let Some(s) = proxy.as_str() {
-                *proxy = serde_json::Value::String(crate::net::url::strip_userinfo(s));
-            }
+    }
+
+    fn key(&self, name: &str) -> String {
+        if self.path.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.path)
         }
-        value
+    }
+
+    fn get(&mut self, name: &'static str) -> Option<(String, &'a Value)> {
+        self.read.push(name);
+        self.fields.get(name).filter(|v| !v.is_null()).map(|v| (self.key(name), v))
+    }
+
+    fn text(&mut self, name: &'static str) -> Result<Option<String>, ConfigError> {
+        self.get(name).map(|(key, v)| text(&key, v)).transpose()
+    }
+
+    fn path(&mut self, name: &'static str) -> Result<Option<PathBuf>, ConfigError> {
+        match self.get(name) {
+            Some((_, Value::String(path))) if !path.is_empty() => Ok(Some(path.into())),
+            Some((key, v)) => Err(wanted(&key, "a path, e.g. \"/etc/tether/ca.pem\"", v)),
+            None => Ok(None),
+        }
+    }
+
+    fn flag(&mut self, name: &'static str) -> Result<bool, ConfigError> {
+        match self.get(name) {
+            Some((_, Value::Bool(flag))) => Ok(*flag),
+            Some((key, v)) => Err(wanted(&key, "true or false", v)),
+            None => Ok(false),
+        }
+    }
+
+    /// A whole number of `unit` within `range`; `5.0` counts as 5.
+    fn number(
+        &mut self,
+        name: &'static str,
+        unit: &str,
+        range: RangeInclusive<u64>,
+        default: u64,
+    ) -> Result<u64, ConfigError> {
+        let Some((key, v)) = self.get(name) else { return Ok(default) };
+        let whole = v.as_u64().or_else(|| {
+            v.as_f64().filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f <= u64::MAX as f64).map(|f| f as u64)
+        });
+        whole.filter(|n| range.contains(n)).ok_or_else(|| {
+            wanted(&key, &format!("a whole number{unit} from {} to {}", range.start(), range.end()), v)
+        })
+    }
+
+    /// A list of strings (an argv, mount points).
+    fn words(&mut self, name: &'static str) -> Result<Option<Vec<String>>, ConfigError> {
+        match self.get(name) {
+            Some((key, Value::Array(items))) => items
+                .iter()
+                .enumerate()
+                .map(|(i, item)| text(&format!("{key}[{i}]"), item))
+                .collect::<Result<_, _>>()
+                .map(Some),
+            Some((key, v)) => Err(wanted(&key, "a list of strings, e.g. [\"a\", \"b\"]", v)),
+            None => Ok(None),
+        }
+    }
+
+    fn section(&mut self, name: &'static str) -> Result<Option<Section<'a>>, ConfigError> {
+        self.get(name).map(|(key, v)| Section::of(key, v)).transpose()
+    }
+
+    /// A list of objects, e.g. `heartbeat.processes`.
+    fn list(&mut self, name: &'static str) -> Result<Vec<Section<'a>>, ConfigError> {
+        match self.get(name) {
+            Some((key, Value::Array(items))) => {
+                items.iter().enumerate().map(|(i, item)| Section::of(format!("{key}[{i}]"), item)).collect()
+            }
+            Some((key, v)) => Err(wanted(&key, "a list of objects, [{...}, ...]", v)),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// An object whose keys are names the user picks, each with an object, e.g.
+    /// `heartbeat.custom`.
+    fn named(&mut self, name: &'static str) -> Result<Vec<(String, Section<'a>)>, ConfigError> {
+        let Some(section) = self.section(name)? else { return Ok(Vec::new()) };
+        let entries = section.fields.iter();
+        entries.map(|(entry, v)| Ok((entry.clone(), Section::of(section.key(entry), v)?))).collect()
+    }
+
+    fn finish(self) -> Result<(), ConfigError> {
+        match self.fields.keys().find(|k| !self.read.contains(&k.as_str())) {
+            Some(unknown) => Err(ConfigError(format!(
+                "{}: unknown key (the keys here are {})",
+                self.key(unknown),
+                self.read.join(", ")
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
+fn text(key: &str, value: &Value) -> Result<String, ConfigError> {
+    match value {
+        Value::String(text) => Ok(text.clone()),
+        other => Err(wanted(key, "a string, in double quotes", other)),
+    }
+}
+
+/// `KEY: must be WHAT, got VALUE`, the value as it is written in JSON (shortened).
+fn wanted(key: &str, what: &str, got: &Value) -> ConfigError {
+    let mut shown = got.to_string();
+    if shown.chars().count() > 40 {
+        shown = shown.chars().take(37).chain("...".chars()).collect();
+    }
+    ConfigError(format!("{key}: must be {what}, got {shown}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// The error for a config made of a minimal valid one with `patch` merged in.
+    fn error_of(patch: Value) -> String {
+        let mut config = json!({"broker": {"url": "mqtt://127.0.0.1:1883"}, "state_dir": "/tmp/tether-unit"});
+        merge(&mut config, patch);
+        match Config::parse(&config.to_string()) {
+            Ok(_) => panic!("accepted {config}"),
+            Err(e) => e.0,
+        }
+    }
+
+    fn merge(base: &mut Value, patch: Value) {
+        match (base, patch) {
+            (Value::Object(b), Value::Object(p)) => {
+                for (k, v) in p {
+                    merge(b.entry(k).or_insert(Value::Null), v);
+                }
+            }
+            (b, p) => *b = p,
+        }
+    }
+
+    #[test]
+    fn wrong_types_name_the_key_and_what_it_wants() {
+        assert_eq!(
+            error_of(json!({"broker": {"keepalive_s": "x"}})),
+            "broker.keepalive_s: must be a whole number of seconds from 5 to 65535, got \"x\""
+        );
+        assert_eq!(
+            error_of(json!({"heartbeat": {"custom": {"modem": {"command": "/bin/modem"}}}})),
+            "heartbeat.custom.modem.command: must be a list of strings, e.g. [\"a\", \"b\"], got \"/bin/modem\""
+        );
+        assert_eq!(
+            error_of(json!({"heartbeat": {"disks": ["/", 7]}})),
+            "heartbeat.disks[1]: must be a string, in double quotes, got 7"
+        );
+        assert_eq!(
+            error_of(json!({"heartbeat": {"processes": [{"name": "a"}, {"pidfile": "/run/b.pid"}]}})),
+            "heartbeat.processes[1].name: missing: the process's name (or its label, with a pidfile)"
+        );
+        assert_eq!(
+            error_of(json!({"heartbeat": {"custom": {"fw": {"file": "/etc/v", "public": "yes"}}}})),
+            "heartbeat.custom.fw.public: must be true or false, got \"yes\""
+        );
+        assert_eq!(error_of(json!({"reconnect": []})), "reconnect: must be an object, {...}, got []");
+        assert!(error_of(json!({"device_id": 42})).starts_with("device_id: must be a string"));
+        assert!(error_of(json!({"state_dir": ""})).starts_with("state_dir: must be a path"));
+        let long = error_of(json!({"topic_root": ["a very long list", "that goes on", "and on and on"]}));
+        assert!(long.ends_with("got [\"a very long list\",\"that goes on\",\"a..."), "{long}");
+    }
+
+    #[test]
+    fn durations_and_sizes_out_of_range_are_refused() {
+        for (patch, message) in [
+            (
+                json!({"broker": {"connect_timeout_s": 0}}),
+                "broker.connect_timeout_s: must be a whole number of seconds from 1 to 3600, got 0",
+            ),
+            (
+                json!({"broker": {"keepalive_s": 70000}}),
+                "broker.keepalive_s: must be a whole number of seconds from 5 to 65535, got 70000",
+            ),
+            (
+                json!({"heartbeat": {"interval_s": 0}}),
+                "heartbeat.interval_s: must be a whole number of seconds from 1 to 86400, got 0",
+            ),
+            (
+                json!({"heartbeat": {"interval_s": 2.5}}),
+                "heartbeat.interval_s: must be a whole number of seconds from 1 to 86400, got 2.5",
+            ),
+            (
+                json!({"heartbeat": {"interval_s": -1}}),
+                "heartbeat.interval_s: must be a whole number of seconds from 1 to 86400, got -1",
+            ),
+            (
+                json!({"heartbeat": {"custom": {"x": {"file": "/f", "timeout_s": 0}}}}),
+                "heartbeat.custom.x.timeout_s: must be a whole number of seconds from 1 to 3600, got 0",
+            ),
+            (
+                json!({"heartbeat": {"custom": {"x": {"file": "/f", "max_bytes": 0}}}}),
+                "heartbeat.custom.x.max_bytes: must be a whole number of bytes from 1 to 1048576, got 0",
+            ),
+            (
+                json!({"reconnect": {"min_s": 0}}),
+                "reconnect.min_s: must be a whole number of seconds from 1 to 86400, got 0",
+            ),
+            (
+                json!({"reconnect": {"max_s": 1e30}}),
+                "reconnect.max_s: must be a whole number of seconds from 1 to 86400, got 1e+30",
+            ),
+            (
+                json!({"reconnect": {"min_s": 10, "max_s": 5}}),
+                "reconnect.min_s (10) must not be more than reconnect.max_s (5)",
+            ),
+            (
+                json!({"offline_buffer": {"max_messages": 0}}),
+                "offline_buffer.max_messages: must be a whole number from 1 to 1000000, got 0",
+            ),
+            (
+                json!({"offline_buffer": {"max_bytes": 0}}),
+                "offline_buffer.max_bytes: must be a whole number of bytes from 1 to 268435456, got 0",
+            ),
+        ] {
+            assert_eq!(error_of(patch.clone()), message, "{patch}");
+        }
+    }
+
+    #[test]
+    fn structure_errors_name_the_key() {
+        assert_eq!(
+            error_of(json!({"heartbeat": {"intervl_s": 5}})),
+            "heartbeat.intervl_s: unknown key (the keys here are interval_s, disks, processes, custom)"
+        );
+        assert!(
+            error_of(json!({"colour": "blue"})).starts_with("colour: unknown key (the keys here are broker,")
+        );
+        assert_eq!(
+            error_of(json!({"heartbeat": {"custom": {"x": {"file": "/f", "command": ["/bin/true"]}}}})),
+            "heartbeat.custom.x: needs exactly one of \"file\" and \"command\""
+        );
+        assert_eq!(
+            error_of(json!({"heartbeat": {"custom": {"x": {}}}})),
+            "heartbeat.custom.x: needs exactly one of \"file\" and \"command\""
+        );
+        assert!(error_of(json!({"heartbeat": {"custom": {"x": {"command": []}}}}))
+            .starts_with("heartbeat.custom.x.command: must start with the program to run"));
+        assert!(error_of(json!({"reboot_command": [""]}))
+            .starts_with("reboot_command: must start with the program"));
+        assert!(error_of(json!({"broker": {"url": null}})).starts_with("broker.url: missing"));
+        assert!(error_of(json!({"broker": null})).starts_with("broker: missing"));
+        assert!(Config::parse("[1]").unwrap_err().0.starts_with("the configuration: must be a JSON object"));
+        assert!(Config::parse("{\"broker\": ").unwrap_err().0.starts_with("not valid JSON: "));
+        assert_eq!(
+            error_of(json!({"log_level": "loud"})),
+            format!("log_level: {}", crate::logging::check_level("loud").unwrap_err())
+        );
+    }
+
+    #[test]
+    fn defaults_and_null() {
+        let config = Config::parse(
+            r#"{"broker": {"url": "mqtt://h", "keepalive_s": null}, "heartbeat": {"interval_s": 5.0}}"#,
+        )
+        .unwrap();
+        assert_eq!(config.broker.keepalive_s, 60);
+        assert_eq!(config.broker.connect_timeout_s, 30);
+        assert_eq!(config.heartbeat.interval_s, 5);
+        assert_eq!(config.heartbeat.disks, ["/"]);
+        assert_eq!((config.reconnect.min_s, config.reconnect.max_s), (1, 300));
+        assert_eq!(config.state_dir, Path::new("/var/lib/tether"));
+        assert_eq!(config.topic_root, "tether");
+        assert_eq!(config.reboot_command, ["/sbin/reboot"]);
+    }
+
+    #[test]
+    fn tetherctl_reads_the_broker_object_with_the_same_errors() {
+        let broker: BrokerConfig =
+            serde_json::from_str(r#"{"url": "wss://b/mqtt", "keepalive_s": 30}"#).unwrap();
+        assert_eq!(
+            (broker.url.as_str(), broker.keepalive_s, broker.connect_timeout_s),
+            ("wss://b/mqtt", 30, 30)
+        );
+        let e = serde_json::from_str::<BrokerConfig>(r#"{"url": "wss://b/mqtt", "keepalive_s": "x"}"#)
+            .unwrap_err();
+        assert!(e.to_string().starts_with("broker.keepalive_s: must be a whole number of seconds"), "{e}");
+    }
+
+    #[test]
+    fn redacted_json_hides_secrets_and_command_arguments_unless_public() {
+        let config = Config::parse(
+            &json!({
+                "broker": {"url": "wss://b.example/mqtt", "proxy": "http://u:proxypw@proxy:3128"},
+                "heartbeat": {"custom": {
+                    "modem": {"command": ["/usr/bin/modem-status", "--token", "s3cret"]},
+                    "uptime": {"command": ["/usr/bin/uptime", "-p"], "public": true},
+                    "date": {"command": ["/bin/date"]},
+                    "fw": {"file": "/etc/version"},
+                }},
+            })
+            .to_string(),
+        )
+        .unwrap();
+        let shown = config.redacted_json();
+        let text = shown.to_string();
+        for secret in ["s3cret", "--token", "proxypw"] {
+            assert!(!text.contains(secret), "{secret} is in {text}");
+        }
+        let custom = &shown["heartbeat"]["custom"];
+        assert_eq!(custom["modem"]["command"], json!(["/usr/bin/modem-status", "…"]));
+        assert_eq!(custom["uptime"]["command"], json!(["/usr/bin/uptime", "-p"]));
+        assert_eq!(custom["uptime"]["public"], true);
+        assert_eq!(custom["date"]["command"], json!(["/bin/date"]));
+        assert_eq!(custom["fw"]["file"], "/etc/version");
+        // The running config itself keeps every argument.
+        assert_eq!(config.heartbeat.custom["modem"].command.as_ref().unwrap().len(), 3);
     }
 }

@@ -321,12 +321,17 @@ fn exe_name(target: &str) -> &str {
     name.strip_suffix(" (deleted)").unwrap_or(name)
 }
 
-/// A custom value from command output or file content: trimmed, JSON when it parses as JSON,
-/// otherwise a string.
+/// A custom value from command output or file content, trimmed: an object, an array, `true`,
+/// `false` or `null` as JSON; a number only when JSON gives back the same text (a version
+/// "2.10" would turn into 2.1, a serial number's digits into a float); otherwise a string.
 fn output_value(bytes: &[u8]) -> Value {
     let text = utf8_prefix(bytes);
     let text = text.trim();
-    serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.to_string()))
+    match serde_json::from_str(text) {
+        Ok(value @ (Value::Object(_) | Value::Array(_) | Value::Bool(_) | Value::Null)) => value,
+        Ok(Value::Number(n)) if n.to_string() == text => Value::Number(n),
+        _ => Value::String(text.to_string()),
+    }
 }
 
 /// Text of possibly-capped output: a character cut in half by the cap is dropped rather than
@@ -869,7 +874,17 @@ mod tests {
         assert_eq!(output_value(b"  hello world\n"), json!("hello world"));
         assert_eq!(output_value(b"{\"a\": [1, true]}\n"), json!({"a": [1, true]}));
         assert_eq!(output_value(b"42\n"), json!(42));
+        assert_eq!(output_value(b"-3.5"), json!(-3.5));
+        assert_eq!(output_value(b"true"), json!(true));
+        assert_eq!(output_value(b"null"), json!(null));
         assert_eq!(output_value(b"007"), json!("007"));
+        // Numbers JSON would change stay as written.
+        assert_eq!(output_value(b"2.10\n"), json!("2.10"));
+        assert_eq!(output_value(b"1e3"), json!("1e3"));
+        assert_eq!(output_value(b"-0"), json!("-0"));
+        assert_eq!(output_value(b"123456789012345678901234567890"), json!("123456789012345678901234567890"));
+        // A JSON string keeps its quotes: it is text, not a value to unwrap.
+        assert_eq!(output_value(b"\"up\""), json!("\"up\""));
         assert_eq!(output_value(b""), json!(""));
         assert_eq!(output_value(b"{\"a\": 1"), json!("{\"a\": 1"));
         // "é" cut in half by max_bytes is dropped; other bad bytes are replaced.
@@ -913,11 +928,12 @@ mod tests {
             command: Some(argv.iter().map(|s| s.to_string()).collect()),
             timeout_s,
             max_bytes: 4096,
+            public: false,
         }
     }
 
     fn file(path: &Path, max_bytes: usize) -> CustomSpec {
-        CustomSpec { file: Some(path.to_path_buf()), command: None, timeout_s: 5, max_bytes }
+        CustomSpec { file: Some(path.to_path_buf()), command: None, timeout_s: 5, max_bytes, public: false }
     }
 
     fn by_name(name: &str) -> ProcessSpec {
@@ -1004,7 +1020,7 @@ mod tests {
             ("file", file(&json_file, 4096)),
             ("file_capped", file(&json_file, 5)),
             ("file_missing", file(&temp_path("missing"), 4096)),
-            ("neither", CustomSpec { file: None, command: None, timeout_s: 5, max_bytes: 10 }),
+            ("neither", CustomSpec { file: None, command: None, timeout_s: 5, max_bytes: 10, public: false }),
         ];
         let mut collector = Collector::new(&config_with(Vec::new(), custom, Vec::new()));
         let values = collector.collect(1, 0).custom;

@@ -22,7 +22,7 @@ fn offline_config(dir: &Path) -> Value {
     })
 }
 
-/// `--check-config` and a normal start both fail, saying `needle`.
+/// `--check-config` and a normal start both exit 1, saying `needle`.
 fn assert_rejected(config: &Value, needle: &str) {
     let dir = tempfile::tempdir().unwrap();
     let path = config_file(dir.path(), config);
@@ -30,9 +30,15 @@ fn assert_rejected(config: &Value, needle: &str) {
     for args in [&["--config", path, "--check-config"][..], &["--config", path][..]] {
         let out = run_agent(args);
         let text = output_text(&out);
-        assert!(!out.status.success(), "{args:?} accepted a bad config ({needle}): {text}");
-        assert!(text.contains(needle), "{args:?}: the message does not name {needle:?}: {text}");
+        assert_eq!(out.status.code(), Some(1), "{args:?} did not refuse a bad config ({needle}): {text}");
+        assert!(text.contains(needle), "{args:?}: the message does not say {needle:?}: {text}");
+        assert_eq!(text.matches(needle).count(), 1, "{args:?}: said more than once: {text}");
     }
+}
+
+/// The agent with `args` and RUST_LOG set to `rust_log`.
+fn run_agent_with_rust_log(args: &[&str], rust_log: &str) -> std::process::Output {
+    std::process::Command::new(AGENT_BIN).args(args).env("RUST_LOG", rust_log).output().unwrap()
 }
 
 #[test]
@@ -175,4 +181,194 @@ fn log_level_flag_is_accepted() {
     let path = config_file(dir.path(), &offline_config(dir.path()));
     let out = run_agent(&["--config", path.to_str().unwrap(), "--log-level", "warn", "--check-config"]);
     assert!(out.status.success(), "{}", output_text(&out));
+    let out =
+        run_agent_with_rust_log(&["--config", path.to_str().unwrap(), "--check-config"], "warn,tether=debug");
+    assert!(out.status.success(), "RUST_LOG directives refused: {}", output_text(&out));
+}
+
+/// env_logger takes a word that is no level for a module name: the agent would log nothing.
+#[test]
+fn a_log_level_that_would_silence_the_agent_is_refused_wherever_it_comes_from() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = offline_config(dir.path());
+    config["log_level"] = json!("loud");
+    assert_rejected(
+        &config,
+        "log_level: \"loud\" is not a log level: use error, warn, info, debug, trace or off",
+    );
+
+    let path = config_file(dir.path(), &offline_config(dir.path()));
+    let path = path.to_str().unwrap();
+    for args in [
+        &["--config", path, "--log-level", "bogus", "--check-config"][..],
+        &["--config", path, "--log-level", "bogus"][..],
+    ] {
+        let out = run_agent(args);
+        let text = output_text(&out);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {text}");
+        assert!(text.contains("--log-level: \"bogus\" is not a log level"), "{args:?}: {text}");
+    }
+    let out = run_agent_with_rust_log(&["--config", path, "--check-config"], "bogus");
+    let text = output_text(&out);
+    assert_eq!(out.status.code(), Some(1), "RUST_LOG=bogus: {text}");
+    assert!(text.contains("RUST_LOG: \"bogus\" is not a log level"), "RUST_LOG=bogus: {text}");
+}
+
+/// The broker settings of docs/protocol.md include `set_tcp_nodelay true` (the test brokers use
+/// them): without it about a third of the commands wait ~40 ms in the broker for the TCP
+/// acknowledgement of the packet before (Nagle's algorithm meeting delayed ACKs).
+#[test]
+fn commands_are_not_held_back_by_nagle_in_the_broker() {
+    let broker = Broker::start_default();
+    let d = "dev-nodelay";
+    let mut sub = Sub::new(&broker, &format!("tether/{d}/#"));
+    let _agent = Agent::start(broker.agent_config(d));
+    sub.expect_online(d, secs(15));
+    let mut round_trips = Vec::new();
+    for i in 0..30 {
+        let topic = cmd_topic(d, "ping", &format!("p{i}"));
+        publish_json(&broker, &topic, &json!({"status": "init"}), true);
+        // mosquitto_pub has its PUBACK: the broker holds the request from here on.
+        let published = std::time::Instant::now();
+        let done = sub.expect(&format!("successful on {topic}"), secs(10), |m| {
+            m.topic == topic && m.json().is_some_and(|v| v["status"] == "successful")
+        });
+        round_trips.push(done.at.saturating_duration_since(published));
+    }
+    let slow = round_trips.iter().filter(|t| t.as_millis() >= 30).count();
+    assert!(slow <= 3, "{slow} of 30 commands took 30 ms or more: {round_trips:?}");
+}
+
+#[test]
+fn a_bad_command_line_exits_64_and_says_what_is_wrong() {
+    for (args, needle) in [
+        (&["--colour"][..], "unknown argument --colour"),
+        (&["--config"][..], "--config needs a value"),
+        (&["--check-config", "--log-level"][..], "--log-level needs a value"),
+    ] {
+        let out = run_agent(args);
+        let text = output_text(&out);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: not EX_USAGE: {text}");
+        assert!(text.contains(needle), "{args:?}: no {needle:?} in: {text}");
+        assert!(text.contains("usage: tether-agent"), "{args:?}: no usage in: {text}");
+    }
+}
+
+#[test]
+fn wrong_types_name_the_key_and_say_what_it_wants() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = offline_config(dir.path());
+    config["broker"]["keepalive_s"] = json!("x");
+    assert_rejected(
+        &config,
+        "broker.keepalive_s: must be a whole number of seconds from 5 to 65535, got \"x\"",
+    );
+    let mut config = offline_config(dir.path());
+    config["heartbeat"] = json!({"custom": {"modem": {"command": "/usr/bin/modem-status --json"}}});
+    assert_rejected(&config, "heartbeat.custom.modem.command: must be a list of strings");
+}
+
+#[test]
+fn durations_and_sizes_that_make_no_sense_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    for (patch, needle) in [
+        (
+            json!({"broker": {"connect_timeout_s": 0}}),
+            "broker.connect_timeout_s: must be a whole number of seconds from 1 to 3600, got 0",
+        ),
+        (
+            json!({"heartbeat": {"interval_s": 0}}),
+            "heartbeat.interval_s: must be a whole number of seconds from 1",
+        ),
+        (
+            json!({"heartbeat": {"custom": {"fw": {"file": "/etc/hostname", "timeout_s": 0}}}}),
+            "heartbeat.custom.fw.timeout_s: must be a whole number of seconds from 1",
+        ),
+        (
+            json!({"heartbeat": {"custom": {"fw": {"file": "/etc/hostname", "max_bytes": 0}}}}),
+            "heartbeat.custom.fw.max_bytes: must be a whole number of bytes from 1",
+        ),
+        (
+            json!({"reconnect": {"min_s": 30, "max_s": 10}}),
+            "reconnect.min_s (30) must not be more than reconnect.max_s (10)",
+        ),
+        (
+            json!({"reconnect": {"max_s": 1e12}}),
+            "reconnect.max_s: must be a whole number of seconds from 1 to 86400",
+        ),
+        (
+            json!({"offline_buffer": {"max_bytes": 0}}),
+            "offline_buffer.max_bytes: must be a whole number of bytes from 1",
+        ),
+    ] {
+        let mut config = offline_config(dir.path());
+        merge(&mut config, patch);
+        assert_rejected(&config, needle);
+    }
+}
+
+/// People put tokens in custom commands' arguments: the `config` command shows the program
+/// only, unless the entry is marked public.
+#[test]
+fn config_command_shows_custom_command_arguments_only_when_public() {
+    const TOKEN: &str = "tok-5e1f-SECRET-0b7a";
+    let broker = Broker::start_default();
+    let d = "dev-cfg-argv";
+    let mut config = broker.agent_config(d);
+    merge(
+        &mut config,
+        json!({"heartbeat": {"custom": {
+            // The token is $0 of the script: it reaches the command, never its output.
+            "modem": {"command": ["/bin/sh", "-c", "echo 3", format!("--token={TOKEN}")]},
+            "uptime": {"command": ["/bin/echo", "up"], "public": true},
+        }}}),
+    );
+    let mut sub = Sub::new(&broker, &format!("tether/{d}/#"));
+    let _agent = Agent::start(config);
+    sub.expect_online(d, secs(15));
+    let hb = sub.expect_live_heartbeat(d, secs(10));
+    assert_eq!(hb["custom"]["modem"], 3, "the command did not run with its arguments: {hb}");
+
+    let topic = cmd_topic(d, "config", "c1");
+    publish_json(&broker, &topic, &json!({"status": "init"}), true);
+    let state = sub.expect_json(&topic, "successful", secs(15), |v| v["status"] == "successful");
+    let custom = &state["result"]["heartbeat"]["custom"];
+    assert_eq!(custom["modem"]["command"], json!(["/bin/sh", "…"]), "result: {state}");
+    assert_eq!(custom["uptime"]["command"], json!(["/bin/echo", "up"]), "result: {state}");
+    assert_eq!(custom["uptime"]["public"], true, "result: {state}");
+    let leaked: Vec<&Msg> = sub.seen().iter().filter(|m| m.payload.contains(TOKEN)).collect();
+    assert!(leaked.is_empty(), "the token was published: {leaked:?}");
+}
+
+/// The init script runs `--check-config` before it starts the agent: a state_dir the agent
+/// cannot create or write must fail there, not in the agent after start.
+#[test]
+fn check_config_creates_the_state_dir_and_proves_it_writable() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = offline_config(dir.path());
+    let state = dir.path().join("var").join("tether");
+    config["state_dir"] = json!(state);
+    let path = config_file(dir.path(), &config);
+    let out = run_agent(&["--config", path.to_str().unwrap(), "--check-config"]);
+    assert!(out.status.success(), "{}", output_text(&out));
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&state).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o700, "state_dir made with mode {mode:o}");
+    let left: Vec<_> = std::fs::read_dir(&state).unwrap().collect();
+    assert!(left.is_empty(), "--check-config left files in state_dir: {left:?}");
+
+    // Under a file: it cannot be created, whoever runs the agent.
+    let file = dir.path().join("a-file");
+    write_file(&file, "");
+    config["state_dir"] = json!(file.join("state"));
+    assert_rejected(
+        &config,
+        &format!("state_dir: {}: cannot create it: Not a directory", file.join("state").display()),
+    );
+    // sysfs takes no new files, not even from root.
+    config["state_dir"] = json!("/sys");
+    let path = config_file(dir.path(), &config);
+    let out = run_agent(&["--config", path.to_str().unwrap(), "--check-config"]);
+    let text = output_text(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("state_dir: /sys: cannot write in it: Permission denied"), "{text}");
 }

@@ -188,6 +188,9 @@ fn custom_values_from_files_and_commands() {
             "text": {"command": ["/bin/echo", "hello world"]},
             "obj": {"command": ["/bin/sh", "-c", "echo '{\"a\": 1, \"b\": [2, 3]}'"]},
             "num": {"command": ["/bin/sh", "-c", "echo 42"]},
+            "version": {"command": ["/bin/echo", "2.10"]},
+            "serial": {"command": ["/bin/echo", "12345678901234567890123"]},
+            "ratio": {"command": ["/bin/echo", "0.25"]},
         }}}),
     );
     let hb = sub.expect_live_heartbeat("dev-custom", secs(10));
@@ -197,6 +200,10 @@ fn custom_values_from_files_and_commands() {
     assert_eq!(custom["text"], "hello world", "custom: {custom}");
     assert_eq!(custom["obj"], json!({"a": 1, "b": [2, 3]}), "custom: {custom}");
     assert_eq!(custom["num"], 42, "custom: {custom}");
+    // Numbers that JSON would rewrite are reported as written.
+    assert_eq!(custom["version"], "2.10", "custom: {custom}");
+    assert_eq!(custom["serial"], "12345678901234567890123", "custom: {custom}");
+    assert_eq!(custom["ratio"], 0.25, "custom: {custom}");
 
     // A changed file shows in a later heartbeat.
     write_file(&fw, "1.2.4\n");

@@ -17,6 +17,9 @@ const USAGE: &str = "usage: tether-agent [--config PATH] [--log-level LEVEL]
   --version            print the version and exit
   --arch               print the target this binary was built for and exit";
 
+/// A bad command line (sysexits.h), as tetherctl.
+const EX_USAGE: u8 = 64;
+
 #[derive(PartialEq)]
 enum Action {
     Run,
@@ -54,7 +57,7 @@ fn parse_args() -> Result<Option<Args>, String> {
                 println!("{USAGE}");
                 return Ok(None);
             }
-            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
+            other => return Err(format!("unknown argument {other}")),
         }
     }
     Ok(Some(args))
@@ -65,15 +68,19 @@ fn main() -> ExitCode {
         Ok(Some(args)) => args,
         Ok(None) => return ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("tether-agent: {e}");
-            return ExitCode::from(2);
+            eprintln!("tether-agent: {e}\n{USAGE}");
+            return ExitCode::from(EX_USAGE);
         }
     };
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            log::error!("{e}");
-            eprintln!("tether-agent: {e}");
+            // Once: as a log line once logging runs; a bad config or log level comes before it.
+            if log::log_enabled!(log::Level::Error) {
+                log::error!("{e}");
+            } else {
+                eprintln!("tether-agent: {e}");
+            }
             ExitCode::FAILURE
         }
     }
@@ -84,18 +91,18 @@ fn run(args: Args) -> Result<(), String> {
         return print_heartbeat(&args);
     }
     let config = Config::load(&args.config).map_err(|e| e.to_string())?;
-    tether::logging::init(args.log_level.as_deref(), config.log_level.as_deref());
-    match args.action {
-        Action::CheckConfig => {
-            println!("{}: ok", args.config.display());
-            Ok(())
-        }
-        Action::PrintId => {
-            println!("{}", identity::device_id(&config)?);
-            Ok(())
-        }
-        _ => Agent::new(args.config, config)?.run(),
+    tether::logging::start(args.log_level.as_deref(), config.log_level.as_deref())?;
+    if args.action == Action::PrintId {
+        println!("{}", identity::device_id(&config)?);
+        return Ok(());
     }
+    // The same check, in the same words, before a start as in the init script's pre-start check.
+    config.check_state_dir().map_err(|e| e.to_string())?;
+    if args.action == Action::CheckConfig {
+        println!("{}: ok", args.config.display());
+        return Ok(());
+    }
+    Agent::new(args.config, config)?.run()
 }
 
 /// Works without a config file too: then the default heartbeat settings apply.
@@ -105,7 +112,7 @@ fn print_heartbeat(args: &Args) -> Result<(), String> {
         Err(_) if !args.config.exists() => Default::default(),
         Err(e) => return Err(e.to_string()),
     };
-    tether::logging::init(args.log_level.as_deref(), None);
+    tether::logging::start(args.log_level.as_deref(), None)?;
     let heartbeat = tether::metrics::Collector::new(&heartbeat_config).collect(0, 0);
     let json = serde_json::to_string_pretty(&heartbeat).map_err(|e| e.to_string())?;
     println!("{json}");

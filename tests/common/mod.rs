@@ -343,7 +343,7 @@ impl Broker {
         conf += &format!(
             "per_listener_settings false\nallow_anonymous {}\n\
              persistence true\npersistence_location {}/\nautosave_interval 1\n\
-             log_dest file {}\nlog_type all\nconnection_messages true\n",
+             log_dest file {}\nlog_type all\nconnection_messages true\nset_tcp_nodelay true\n",
             opts.allow_anonymous,
             d.display(),
             self.log_path().display()

@@ -41,6 +41,7 @@ per_listener_settings false
 allow_anonymous true
 persistence false
 log_dest file $dir/mosquitto.log
+set_tcp_nodelay true
 listener $BROKER_PLAIN_PORT 127.0.0.1
 listener $BROKER_WSS_PORT 127.0.0.1
 protocol websockets

@@ -51,14 +51,21 @@ grep -aqi reload "$BIN" || agent_logs_reload=0
 
 T=$(mktemp -d /tmp/tether-initd.XXXXXX)
 sleeper=""
+# started_from DIR [PROC]: the pids (other than this shell) whose command line mentions DIR/. A
+# process that exits between the listing of PROC (/proc) and the read of its cmdline is skipped
+# without a word: its redirection is silenced too (a `2>/dev/null` after `<` came too late).
+started_from() {
+    local d p
+    for d in "${2:-/proc}"/[0-9]*; do
+        p=${d##*/}
+        [ "$p" = "$$" ] && continue
+        if tr '\0' ' ' 2>/dev/null <"$d/cmdline" | grep -qF "$1/"; then echo "$p"; fi
+    done
+}
 cleanup() {
     # Whatever still runs from the temporary root: agents, stand-ins, fake loggers.
-    local d p
-    for d in /proc/[0-9]*; do
-        p=${d#/proc/}
-        [ "$p" = "$$" ] && continue
-        if tr '\0' ' ' <"$d/cmdline" 2>/dev/null | grep -qF "$T/"; then kill -9 "$p" 2>/dev/null; fi
-    done
+    local p
+    for p in $(started_from "$T"); do kill -9 "$p" 2>/dev/null; done
     [ -n "$sleeper" ] && kill -9 "$sleeper" 2>/dev/null
     rm -rf "$T"
 }
@@ -115,9 +122,10 @@ initd() {
     return 0
 }
 
+# write_config [STATE_DIR]: a valid config (the state_dir of this root by default).
 write_config() {
     printf '{"broker":{"url":"mqtt://127.0.0.1:1"},"device_id":"t1","state_dir":"%s","log_level":"info"}\n' \
-        "$ROOT/var/lib/tether" >"$CONFIG"
+        "${1:-$ROOT/var/lib/tether}" >"$CONFIG"
 }
 break_config() { printf '{"broker": {"url": ' >"$CONFIG"; }
 # write_defaults yes|no: the shipped example, with ENABLED and the config path of this root.
@@ -146,6 +154,12 @@ check "the example defaults file: ENABLED and DAEMON_ARGS set, plain KEY=\"value
     grep -q "^ENABLED=\"yes\"$" "$EXAMPLE_DEFAULTS" &&
     grep -q "^DAEMON_ARGS=\"--config /etc/tether/agent.json\"$" "$EXAMPLE_DEFAULTS" &&
     ! grep -Ev "^(#.*|[A-Z_]+=\"[^\"\$\`]*\"|)$" "$EXAMPLE_DEFAULTS"'
+
+# A pid listed, then gone before its cmdline is read; and one started from the temporary root.
+mkdir -p "$T/fakeproc/4242" "$T/fakeproc/4243"
+printf 'agent\0--config\0%s/etc/agent.json\0' "$T" >"$T/fakeproc/4243/cmdline"
+check "cleanup: a process that vanished while listed is skipped quietly, the test's own is found" \
+    '[ "$(started_from "$T" "$T/fakeproc" 2>&1)" = 4243 ]'
 
 # --- behaviour, once per mode --------------------------------------------------------------------
 run_mode() {
@@ -292,6 +306,11 @@ run_mode() {
     check "start, broken config: fails, says the config check failed" \
         '[ "$rc" != 0 ] && says "configuration check failed"'
     check "start, broken config: no agent, no pidfile" '[ "$(agent_count)" = 0 ] && [ ! -e "$PIDFILE" ]'
+    # a state_dir the agent cannot write in (sysfs takes no files, not even root's)
+    write_config /sys
+    initd start
+    check "start, state_dir not writable: exit 6, the check names state_dir, no agent" \
+        '[ "$rc" = 6 ] && says "state_dir: /sys: cannot write in it" && [ "$(agent_count)" = 0 ]'
     write_config
 
     # ENABLED=no

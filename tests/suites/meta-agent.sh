@@ -346,7 +346,11 @@ if [ ! -x "$BIN" ] && [ -z "${TETHER_AGENT_BIN:-}" ] && command -v cargo >/dev/n
     cargo build --quiet --bin tether-agent >"$T/build.log" 2>&1 || tail -n 20 "$T/build.log"
 fi
 if [ -x "$BIN" ]; then
-    if ! "$BIN" --config "$RECIPES/files/agent.json" --check-config >"$T/check.out" 2>&1; then
+    # With state_dir moved under $T: --check-config creates state_dir and writes in it, and this
+    # host's /var/lib is not the device's.
+    python3 -c 'import json, sys; c = json.load(open(sys.argv[1])); c["state_dir"] = sys.argv[2]
+json.dump(c, open(sys.argv[3], "w"))' "$RECIPES/files/agent.json" "$T/state" "$T/agent.json" 2>/dev/null
+    if ! "$BIN" --config "$T/agent.json" --check-config >"$T/check.out" 2>&1; then
         inst_problems+=" (tether-agent --check-config rejects files/agent.json: $(head -n 3 "$T/check.out" | tr '\n' ' '))"
     fi
 else
