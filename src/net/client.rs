@@ -497,15 +497,12 @@ fn describe_connack(code: ConnectReturnCode) -> String {
     }
 }
 
-/// Exponential backoff from `min` doubling to `max`, with jitter in [d/2, d] so a fleet that
-/// lost its broker at once does not come back at once.
+/// Exponential backoff from `min` doubling to `max`, every delay drawn uniformly in [d/2, d]:
+/// a fleet that lost its broker at once does not come back at once, from the first retry on,
+/// and no agent retries sooner than `min / 2`.
 pub fn backoff(min: Duration, max: Duration, failures: u32) -> Duration {
     let full = min.saturating_mul(1u32 << failures.min(16)).min(max);
-    let nanos =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
-    let seed = (nanos as u64 ^ (std::process::id() as u64) << 17).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    let fraction = 0.5 + (seed >> 11) as f64 / (1u64 << 53) as f64 / 2.0;
-    full.mul_f64(fraction).max(min.min(full))
+    crate::random::between(full / 2, full)
 }
 
 /// The start of a packet too big to read whole.
@@ -567,6 +564,21 @@ mod tests {
                 full / 2
             );
         }
+    }
+
+    /// The first retry after a broker restart is the one a whole fleet makes together: its
+    /// delays must cover [min/2, min], each tenth of it.
+    #[test]
+    fn the_first_retry_is_spread_over_half_min_to_min() {
+        let (min, max) = (Duration::from_secs(2), Duration::from_secs(300));
+        let mut tenths = [0usize; 10];
+        for _ in 0..2000 {
+            let d = backoff(min, max, 0);
+            assert!(d >= min / 2 && d <= min, "{d:?} outside [{:?}, {min:?}]", min / 2);
+            let tenth = ((d - min / 2).as_secs_f64() / (min / 2).as_secs_f64() * 10.0) as usize;
+            tenths[tenth.min(9)] += 1;
+        }
+        assert!(tenths.iter().all(|&n| n >= 100), "first delays per tenth of [min/2, min]: {tenths:?}");
     }
 
     #[test]

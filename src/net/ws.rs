@@ -152,9 +152,7 @@ fn encode(opcode: OpCode, payload: &[u8], out: &mut Vec<u8>) {
 
 fn random_mask() -> [u8; 4] {
     let mut mask = [0u8; 4];
-    // The mask only keeps intermediaries from reading the stream as something else; should
-    // the system's random source fail, a zero mask is still valid WebSocket.
-    let _ = rustls::crypto::ring::default_provider().secure_random.fill(&mut mask);
+    crate::random::fill(&mut mask);
     mask
 }
 
