@@ -18,6 +18,9 @@ use crate::worker::Workers;
 
 /// A connection that stayed up this long resets the reconnect backoff.
 const STABLE_CONNECTION: Duration = Duration::from_secs(30);
+/// QoS 1 publishes awaiting their PUBACK at most: room for the outbox's window and the
+/// status messages, and so far below the 65,535 packet ids that a free one is always near.
+pub const MAX_INFLIGHT: usize = 64;
 
 pub struct Will {
     pub topic: String,
@@ -84,8 +87,7 @@ pub struct Client {
     resolver: Workers<Result<Vec<SocketAddr>, String>>,
     inbuf: BytesMut,
     skip: Option<Skip>,
-    inflight: HashMap<u16, u64>,
-    next_pkid: u16,
+    ids: PacketIds,
     events: VecDeque<Event>,
     failures: u32,
 }
@@ -100,8 +102,7 @@ impl Client {
             resolver: Workers::new(waker),
             inbuf: BytesMut::new(),
             skip: None,
-            inflight: HashMap::new(),
-            next_pkid: 0,
+            ids: PacketIds::default(),
             events: VecDeque::new(),
             failures: 0,
         }
@@ -113,7 +114,14 @@ impl Client {
 
     /// QoS 1 publishes sent and not acknowledged yet.
     pub fn inflight(&self) -> usize {
-        self.inflight.len()
+        self.ids.publishes.len()
+    }
+
+    /// Whether `publish` takes a QoS 1 message now: connected, and fewer than `MAX_INFLIGHT`
+    /// awaiting their acknowledgement. When it does not, the caller keeps the message and tries
+    /// again after the next event.
+    pub fn can_publish(&self) -> bool {
+        self.is_up() && !self.ids.is_full()
     }
 
     pub fn next_event(&mut self) -> Option<Event> {
@@ -209,7 +217,8 @@ impl Client {
     }
 
     /// Sends a publish now if connected; with `tag`, it goes at QoS 1 and `Event::Acked(tag)`
-    /// follows its PUBACK. Returns false when not connected (nothing was sent).
+    /// follows its PUBACK. Returns false when nothing was sent: not connected, or a QoS 1
+    /// publish while `can_publish` is false.
     pub fn publish(&mut self, topic: &str, payload: &[u8], retain: bool, tag: Option<u64>) -> bool {
         if !self.is_up() {
             return false;
@@ -217,9 +226,9 @@ impl Client {
         let mut packet = v4::Publish::from_bytes(topic, QoS::AtMostOnce, Bytes::copy_from_slice(payload));
         packet.retain = retain;
         if let Some(tag) = tag {
+            let Some(pkid) = self.ids.publish(tag) else { return false };
             packet.qos = QoS::AtLeastOnce;
-            packet.pkid = self.allocate_pkid();
-            self.inflight.insert(packet.pkid, tag);
+            packet.pkid = pkid;
         }
         self.send(&Packet::Publish(packet));
         self.is_up()
@@ -407,12 +416,13 @@ impl Client {
                 self.events.push_back(Event::Message(p));
             }
             Packet::PubAck(ack) => {
-                if let Some(tag) = self.inflight.remove(&ack.pkid) {
+                if let Some(tag) = self.ids.puback(ack.pkid) {
                     self.events.push_back(Event::Acked(tag));
                 }
             }
             Packet::SubAck(ack) => {
-                if ack.return_codes.contains(&SubscribeReasonCode::Failure) {
+                let ours = self.ids.suback(ack.pkid);
+                if ours && ack.return_codes.contains(&SubscribeReasonCode::Failure) {
                     log::warn!("broker refused a subscription (not authorised by its ACL?)");
                 }
             }
@@ -440,20 +450,11 @@ impl Client {
             let filters =
                 self.opts.subscriptions.iter().map(|f| v4::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
             let mut subscribe = v4::Subscribe::new_many(filters);
-            subscribe.pkid = self.allocate_pkid();
+            subscribe.pkid = self.ids.subscribe();
             self.send(&Packet::Subscribe(subscribe));
         }
         self.events.push_back(Event::Connected);
         Ok(())
-    }
-
-    fn allocate_pkid(&mut self) -> u16 {
-        loop {
-            self.next_pkid = self.next_pkid.wrapping_add(1);
-            if self.next_pkid != 0 && !self.inflight.contains_key(&self.next_pkid) {
-                return self.next_pkid;
-            }
-        }
     }
 
     /// Gives up on the current connection or attempt and schedules the next one.
@@ -476,7 +477,7 @@ impl Client {
     fn drop_connection(&mut self) {
         let was_up = self.is_up();
         self.state = State::Idle { retry_at: Instant::now() };
-        self.inflight.clear();
+        self.ids = PacketIds::default();
         self.inbuf = BytesMut::new();
         self.skip = None;
         if was_up {
@@ -503,6 +504,63 @@ fn describe_connack(code: ConnectReturnCode) -> String {
 pub fn backoff(min: Duration, max: Duration, failures: u32) -> Duration {
     let full = min.saturating_mul(1u32 << failures.min(16)).min(max);
     crate::random::between(full / 2, full)
+}
+
+/// The packet ids awaiting the broker's acknowledgement. At most `MAX_INFLIGHT` + 1 are taken,
+/// so the search for a free one always ends within that many steps.
+#[derive(Default)]
+struct PacketIds {
+    /// QoS 1 publishes, with the owner's tag.
+    publishes: HashMap<u16, u64>,
+    /// The SUBSCRIBE sent on connect, until its SUBACK.
+    subscribe: Option<u16>,
+    last: u16,
+}
+
+impl PacketIds {
+    fn is_full(&self) -> bool {
+        self.publishes.len() >= MAX_INFLIGHT
+    }
+
+    /// An id for a QoS 1 publish tagged `tag`; none while `MAX_INFLIGHT` are in flight.
+    fn publish(&mut self, tag: u64) -> Option<u16> {
+        if self.is_full() {
+            return None;
+        }
+        let id = self.next_free();
+        self.publishes.insert(id, tag);
+        Some(id)
+    }
+
+    fn subscribe(&mut self) -> u16 {
+        let id = self.next_free();
+        self.subscribe = Some(id);
+        id
+    }
+
+    /// The tag of the publish `id` acknowledges, if it is ours.
+    fn puback(&mut self, id: u16) -> Option<u64> {
+        self.publishes.remove(&id)
+    }
+
+    /// Whether `id` acknowledges our SUBSCRIBE (the broker may repeat or invent SUBACKs).
+    fn suback(&mut self, id: u16) -> bool {
+        let ours = self.subscribe == Some(id);
+        if ours {
+            self.subscribe = None;
+        }
+        ours
+    }
+
+    fn next_free(&mut self) -> u16 {
+        loop {
+            self.last = self.last.wrapping_add(1);
+            let id = self.last;
+            if id != 0 && self.subscribe != Some(id) && !self.publishes.contains_key(&id) {
+                return id;
+            }
+        }
+    }
 }
 
 /// The start of a packet too big to read whole.
@@ -579,6 +637,43 @@ mod tests {
             tenths[tenth.min(9)] += 1;
         }
         assert!(tenths.iter().all(|&n| n >= 100), "first delays per tenth of [min/2, min]: {tenths:?}");
+    }
+
+    #[test]
+    fn at_most_max_inflight_publishes_take_packet_ids() {
+        let mut ids = PacketIds::default();
+        let sub = ids.subscribe();
+        let taken: Vec<u16> = (0..MAX_INFLIGHT as u64).map(|tag| ids.publish(tag).expect("room")).collect();
+        assert!(ids.is_full());
+        assert_eq!(ids.publish(999), None, "a publish beyond MAX_INFLIGHT got an id");
+        let mut all: Vec<u16> = taken.iter().copied().chain([sub]).collect();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), MAX_INFLIGHT + 1, "an id was given twice");
+        assert_eq!(ids.puback(taken[3]), Some(3));
+        assert_eq!(ids.puback(taken[3]), None, "a repeated PUBACK acknowledged twice");
+        assert!(ids.publish(1000).is_some(), "no room after a PUBACK");
+    }
+
+    /// Long-lived connections wrap around the 16-bit ids many times, with the oldest publish
+    /// unacknowledged all along: ids stay unique and non-zero, and never collide with it.
+    #[test]
+    fn packet_ids_wrap_around_what_stays_in_flight() {
+        let mut ids = PacketIds::default();
+        let stuck = ids.publish(u64::MAX).unwrap();
+        let sub = ids.subscribe();
+        let mut window = std::collections::VecDeque::new();
+        for tag in 0..200_000u64 {
+            if ids.is_full() {
+                let oldest = window.pop_front().unwrap();
+                assert!(ids.puback(oldest).is_some());
+            }
+            let id = ids.publish(tag).expect("room after a PUBACK");
+            let reused = id == stuck || id == sub || window.contains(&id);
+            assert!(id != 0 && !reused, "id {id} given while in flight");
+            window.push_back(id);
+        }
+        assert!(ids.suback(sub) && !ids.suback(sub), "the SUBACK is ours once");
     }
 
     #[test]
