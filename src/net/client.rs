@@ -21,6 +21,9 @@ const STABLE_CONNECTION: Duration = Duration::from_secs(30);
 /// QoS 1 publishes awaiting their PUBACK at most: room for the outbox's window and the
 /// status messages, and so far below the 65,535 packet ids that a free one is always near.
 pub const MAX_INFLIGHT: usize = 64;
+/// Bytes waiting for the socket past which `publish` refuses. PINGREQ, PUBACK and DISCONNECT
+/// always go in, so this is all that can hold them back (4 s on a 4 KiB/s link).
+pub const SEND_QUEUE_LIMIT: usize = 16 * 1024;
 
 pub struct Will {
     pub topic: String,
@@ -117,11 +120,23 @@ impl Client {
         self.ids.publishes.len()
     }
 
-    /// Whether `publish` takes a QoS 1 message now: connected, and fewer than `MAX_INFLIGHT`
-    /// awaiting their acknowledgement. When it does not, the caller keeps the message and tries
-    /// again after the next event.
+    /// Whether `publish` takes a QoS 1 message now: connected, fewer than `MAX_INFLIGHT`
+    /// awaiting their acknowledgement, and less than `SEND_QUEUE_LIMIT` waiting for the socket.
+    /// When it does not, the caller keeps the message and tries again after the next event.
     pub fn can_publish(&self) -> bool {
-        self.is_up() && !self.ids.is_full()
+        self.has_send_room() && !self.ids.is_full()
+    }
+
+    /// Bytes waiting for the socket to take them.
+    pub fn queued_bytes(&self) -> usize {
+        match &self.state {
+            State::Up(s) => s.link.queued(),
+            _ => 0,
+        }
+    }
+
+    fn has_send_room(&self) -> bool {
+        self.is_up() && self.queued_bytes() < SEND_QUEUE_LIMIT
     }
 
     pub fn next_event(&mut self) -> Option<Event> {
@@ -217,10 +232,10 @@ impl Client {
     }
 
     /// Sends a publish now if connected; with `tag`, it goes at QoS 1 and `Event::Acked(tag)`
-    /// follows its PUBACK. Returns false when nothing was sent: not connected, or a QoS 1
-    /// publish while `can_publish` is false.
+    /// follows its PUBACK. Returns false when nothing was sent: not connected, the send queue
+    /// full, or a QoS 1 publish while `can_publish` is false.
     pub fn publish(&mut self, topic: &str, payload: &[u8], retain: bool, tag: Option<u64>) -> bool {
-        if !self.is_up() {
+        if !self.has_send_room() {
             return false;
         }
         let mut packet = v4::Publish::from_bytes(topic, QoS::AtMostOnce, Bytes::copy_from_slice(payload));
