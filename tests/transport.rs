@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tether::config::BrokerConfig;
-use tether::net::client::{Client, ClientOptions, Event, SEND_QUEUE_LIMIT};
+use tether::net::client::{Client, ClientOptions, Event, MAX_EVENTS, SEND_QUEUE_LIMIT};
 
 /// Starts an agent with `patch` merged into the quick config, and checks it comes online with
 /// a full status and sends heartbeats.
@@ -349,6 +349,8 @@ struct Driver {
     acked: Vec<u64>,
     /// Messages received, in order.
     messages: Vec<String>,
+    /// The most events the client held for one turn of the loop.
+    largest_batch: usize,
 }
 
 impl Driver {
@@ -360,8 +362,14 @@ impl Driver {
         let mut opts = ClientOptions::for_broker(&config, client_id.into()).unwrap();
         opts.subscriptions = subscriptions.iter().map(|s| s.to_string()).collect();
         let client = Client::new(opts, waker, Token(0));
-        let mut d =
-            Driver { poll, events: Events::with_capacity(16), client, acked: vec![], messages: vec![] };
+        let mut d = Driver {
+            poll,
+            events: Events::with_capacity(16),
+            client,
+            acked: vec![],
+            messages: vec![],
+            largest_batch: 0,
+        };
         assert!(d.run_until(secs(10), |d| d.client.is_up()), "the client did not connect");
         d
     }
@@ -392,13 +400,16 @@ impl Driver {
     }
 
     fn take_events(&mut self) {
+        let mut batch = 0;
         while let Some(event) = self.client.next_event() {
+            batch += 1;
             match event {
                 Event::Acked(tag) => self.acked.push(tag),
                 Event::Message(p) => self.messages.push(String::from_utf8_lossy(&p.payload).into_owned()),
                 _ => {}
             }
         }
+        self.largest_batch = self.largest_batch.max(batch);
     }
 }
 
@@ -447,4 +458,39 @@ fn a_stalled_link_refuses_publishes_past_its_bound_while_keepalive_still_goes_in
         got.len()
     );
     assert!(broker.log().contains("Received PINGREQ from dev-bulk"), "the broker got no PINGREQ");
+}
+
+#[test]
+fn a_flood_from_the_broker_reaches_the_owner_in_bounded_batches_in_order() {
+    let broker = Broker::start_default();
+    let topic = "tether/dev-flood/cmd/flood";
+    let mut d = Driver::connect(&broker, "dev-flood", &[topic]);
+    assert!(d.client.publish(topic, b"subscribed", false, Some(1)));
+    assert!(
+        d.run_until(secs(10), |d| d.messages.iter().any(|m| m == "subscribed")),
+        "subscription not active"
+    );
+
+    // 5,000 messages arrive while the client's loop is busy elsewhere: they wait in its socket.
+    let want: Vec<String> = (0..5000).map(|i| format!("{i:05}")).collect();
+    let mut publisher = std::process::Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &broker.ports.plain.to_string(), "-t", topic, "-l"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = publisher.stdin.take().unwrap();
+    std::io::Write::write_all(&mut stdin, (want.join("\n") + "\n").as_bytes()).unwrap();
+    drop(stdin);
+    assert!(publisher.wait().unwrap().success(), "mosquitto_pub failed");
+    std::thread::sleep(Duration::from_millis(500));
+
+    d.messages.clear();
+    d.largest_batch = 0;
+    assert!(
+        d.run_until(secs(20), |d| d.messages.len() >= want.len()),
+        "{} of 5000 arrived",
+        d.messages.len()
+    );
+    assert!(d.messages == want, "the messages arrived out of order or changed");
+    assert!(d.largest_batch <= MAX_EVENTS, "{} events held at once (bound {MAX_EVENTS})", d.largest_batch);
 }

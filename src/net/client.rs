@@ -24,6 +24,13 @@ pub const MAX_INFLIGHT: usize = 64;
 /// Bytes waiting for the socket past which `publish` refuses. PINGREQ, PUBACK and DISCONNECT
 /// always go in, so this is all that can hold them back (4 s on a 4 KiB/s link).
 pub const SEND_QUEUE_LIMIT: usize = 16 * 1024;
+/// Events the owner has not taken yet past which the client stops decoding and reading: the
+/// broker cannot make it hold more, and the owner's loop gets its turn between batches.
+pub const MAX_EVENTS: usize = 64;
+/// Bytes waiting for the socket past which the client stops reading: what the broker makes it
+/// answer (PUBACKs, WebSocket pongs) cannot pile up while the broker takes nothing. Far above
+/// `SEND_QUEUE_LIMIT`, so the owner's own publishes do not pause reading.
+const READ_PAUSE_QUEUED: usize = 256 * 1024;
 
 pub struct Will {
     pub topic: String,
@@ -90,6 +97,9 @@ pub struct Client {
     resolver: Workers<Result<Vec<SocketAddr>, String>>,
     inbuf: BytesMut,
     skip: Option<Skip>,
+    /// Reading stopped before the socket or `inbuf` ran dry (see `MAX_EVENTS`): it goes on
+    /// once the owner has taken the events and the send queue has drained.
+    backlog: bool,
     ids: PacketIds,
     events: VecDeque<Event>,
     failures: u32,
@@ -105,6 +115,7 @@ impl Client {
             resolver: Workers::new(waker),
             inbuf: BytesMut::new(),
             skip: None,
+            backlog: false,
             ids: PacketIds::default(),
             events: VecDeque::new(),
             failures: 0,
@@ -129,10 +140,7 @@ impl Client {
 
     /// Bytes waiting for the socket to take them.
     pub fn queued_bytes(&self) -> usize {
-        match &self.state {
-            State::Up(s) => s.link.queued(),
-            _ => 0,
-        }
+        self.link().map_or(0, Link::queued)
     }
 
     fn has_send_room(&self) -> bool {
@@ -152,6 +160,9 @@ impl Client {
     }
 
     pub fn next_deadline(&self) -> Option<Instant> {
+        if self.backlog && self.may_read() {
+            return Some(Instant::now());
+        }
         match &self.state {
             State::Idle { retry_at } => Some(*retry_at),
             State::Resolving { deadline }
@@ -166,6 +177,9 @@ impl Client {
     }
 
     pub fn on_timer(&mut self, registry: &Registry, now: Instant) {
+        if self.backlog && self.may_read() {
+            self.read_packets();
+        }
         match &mut self.state {
             State::Idle { retry_at } if now >= *retry_at => self.resolve(),
             State::Resolving { deadline }
@@ -226,7 +240,7 @@ impl Client {
                 }
             }
         }
-        if event.is_readable() || event.is_read_closed() || event.is_error() {
+        if event.is_readable() || event.is_read_closed() || event.is_error() || self.backlog {
             self.read_packets();
         }
     }
@@ -297,6 +311,14 @@ impl Client {
         self.read_packets();
     }
 
+    fn link(&self) -> Option<&Link> {
+        match &self.state {
+            State::AwaitingConnAck { link, .. } => Some(link),
+            State::Up(s) => Some(&s.link),
+            _ => None,
+        }
+    }
+
     fn link_mut(&mut self) -> Option<&mut Link> {
         match &mut self.state {
             State::AwaitingConnAck { link, .. } => Some(link),
@@ -342,39 +364,54 @@ impl Client {
         }
     }
 
-    /// Reads and decodes until the socket has nothing more, a bounded batch at a time.
+    /// The owner has caught up with the events and the broker with the bytes sent to it.
+    fn may_read(&self) -> bool {
+        self.events.len() < MAX_EVENTS && self.link().is_some_and(|l| l.queued() < READ_PAUSE_QUEUED)
+    }
+
+    /// Decodes what is left from before, then reads one bounded batch and decodes it, as far
+    /// as `MAX_EVENTS` allows. What remains sets `backlog`, for `on_timer` to go on with.
     fn read_packets(&mut self) {
-        loop {
-            let mut inbuf = std::mem::take(&mut self.inbuf);
-            let Some(link) = self.link_mut() else { return };
-            let read = link.read_into(&mut inbuf);
-            self.inbuf = inbuf;
-            let end = match read {
-                Ok((end, bytes)) => {
-                    if bytes > 0 {
-                        self.heard_from_broker();
-                    }
-                    end
+        self.backlog = false;
+        if let Err(e) = self.decode_packets(MAX_EVENTS) {
+            return self.fail(e);
+        }
+        if !self.may_read() {
+            self.backlog = self.link().is_some();
+            return;
+        }
+        let mut inbuf = std::mem::take(&mut self.inbuf);
+        let Some(link) = self.link_mut() else { return };
+        let read = link.read_into(&mut inbuf);
+        self.inbuf = inbuf;
+        let end = match read {
+            Ok((end, bytes)) => {
+                if bytes > 0 {
+                    self.heard_from_broker();
                 }
-                Err(e) => return self.fail(describe_io(&e)),
-            };
-            if let Err(e) = self.decode_packets() {
-                return self.fail(e);
+                end
             }
-            match end {
-                ReadEnd::More => continue,
-                ReadEnd::WouldBlock => return,
-                ReadEnd::Closed => {
-                    if !matches!(self.state, State::Idle { .. } | State::Stopped) {
-                        self.fail("broker closed the connection".into());
-                    }
-                    return;
+            Err(e) => return self.fail(describe_io(&e)),
+        };
+        // The broker's last words are all taken before the connection goes.
+        let max_events = if end == ReadEnd::Closed { usize::MAX } else { MAX_EVENTS };
+        if let Err(e) = self.decode_packets(max_events) {
+            return self.fail(e);
+        }
+        match end {
+            ReadEnd::More => self.backlog = true,
+            ReadEnd::WouldBlock => {}
+            ReadEnd::Closed => {
+                if !matches!(self.state, State::Idle { .. } | State::Stopped) {
+                    self.fail("broker closed the connection".into());
                 }
             }
         }
     }
 
-    fn decode_packets(&mut self) -> Result<(), String> {
+    /// Decodes packets from `inbuf` until it holds no whole one or `max_events` wait for the
+    /// owner (then `backlog` is set).
+    fn decode_packets(&mut self, max_events: usize) -> Result<(), String> {
         loop {
             if let Some(skip) = &mut self.skip {
                 let n = skip.remaining.min(self.inbuf.len());
@@ -386,6 +423,10 @@ impl Client {
                 self.skip = None;
             }
             if self.inbuf.is_empty() {
+                return Ok(());
+            }
+            if self.events.len() >= max_events {
+                self.backlog = true;
                 return Ok(());
             }
             match v4::read(&mut self.inbuf, self.opts.max_packet) {
@@ -495,6 +536,7 @@ impl Client {
         self.ids = PacketIds::default();
         self.inbuf = BytesMut::new();
         self.skip = None;
+        self.backlog = false;
         if was_up {
             self.events.push_back(Event::Disconnected);
         }
