@@ -370,10 +370,10 @@ impl Client {
     }
 
     /// Decodes what is left from before, then reads one bounded batch and decodes it, as far
-    /// as `MAX_EVENTS` allows. What remains sets `backlog`, for `on_timer` to go on with.
+    /// as `may_read` allows. What remains sets `backlog`, for `on_timer` to go on with.
     fn read_packets(&mut self) {
         self.backlog = false;
-        if let Err(e) = self.decode_packets(MAX_EVENTS) {
+        if let Err(e) = self.decode_packets(true) {
             return self.fail(e);
         }
         if !self.may_read() {
@@ -394,8 +394,7 @@ impl Client {
             Err(e) => return self.fail(describe_io(&e)),
         };
         // The broker's last words are all taken before the connection goes.
-        let max_events = if end == ReadEnd::Closed { usize::MAX } else { MAX_EVENTS };
-        if let Err(e) = self.decode_packets(max_events) {
+        if let Err(e) = self.decode_packets(end != ReadEnd::Closed) {
             return self.fail(e);
         }
         match end {
@@ -409,9 +408,9 @@ impl Client {
         }
     }
 
-    /// Decodes packets from `inbuf` until it holds no whole one or `max_events` wait for the
-    /// owner (then `backlog` is set).
-    fn decode_packets(&mut self, max_events: usize) -> Result<(), String> {
+    /// Decodes packets from `inbuf` until it holds no whole one or, when `bounded`, until
+    /// `may_read` says to wait (then `backlog` is set).
+    fn decode_packets(&mut self, bounded: bool) -> Result<(), String> {
         loop {
             if let Some(skip) = &mut self.skip {
                 let n = skip.remaining.min(self.inbuf.len());
@@ -425,7 +424,7 @@ impl Client {
             if self.inbuf.is_empty() {
                 return Ok(());
             }
-            if self.events.len() >= max_events {
+            if bounded && !self.may_read() {
                 self.backlog = true;
                 return Ok(());
             }
@@ -731,6 +730,85 @@ mod tests {
             window.push_back(id);
         }
         assert!(ids.suback(sub) && !ids.suback(sub), "the SUBACK is ours once");
+    }
+
+    /// A client that is up on a loopback socket whose other end, returned, plays the broker.
+    /// Both kernel buffers are small, so the client's own send queue fills soon.
+    fn client_on_loopback() -> (Client, std::net::TcpStream) {
+        use std::os::fd::AsRawFd;
+        let small = |fd: i32, option: i32| {
+            let size: libc::c_int = 4096;
+            let len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            // SAFETY: a valid socket and a c_int option value of the given length.
+            unsafe {
+                libc::setsockopt(fd, libc::SOL_SOCKET, option, (&size as *const libc::c_int).cast(), len)
+            };
+        };
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        small(listener.as_raw_fd(), libc::SO_RCVBUF);
+        let ours = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (broker, _) = listener.accept().unwrap();
+        small(ours.as_raw_fd(), libc::SO_SNDBUF);
+        ours.set_nonblocking(true).unwrap();
+
+        let route = Route {
+            broker: crate::net::url::BrokerUrl::parse("mqtt://127.0.0.1").unwrap(),
+            proxy: None,
+            tls: None,
+        };
+        let opts = ClientOptions {
+            route: Arc::new(route),
+            client_id: "test".into(),
+            username: None,
+            password: None,
+            keepalive: Duration::from_secs(60),
+            connect_timeout: Duration::from_secs(10),
+            will: None,
+            subscriptions: vec![],
+            reconnect_min: Duration::from_secs(1),
+            reconnect_max: Duration::from_secs(2),
+            max_packet: 1024,
+        };
+        let poll = mio::Poll::new().unwrap();
+        let waker = Arc::new(mio::Waker::new(poll.registry(), Token(1)).unwrap());
+        let mut client = Client::new(opts, waker, Token(0));
+        let link = Link::raw(crate::net::link::Stream::Plain(mio::net::TcpStream::from_std(ours)));
+        let now = Instant::now();
+        client.state =
+            State::Up(Box::new(Session { link, since: now, last_rx: now, last_tx: now, ping_sent: None }));
+        (client, broker)
+    }
+
+    /// A hostile broker sends QoS 1 publishes without end and never reads: the PUBACKs they
+    /// call for stop piling up once READ_PAUSE_QUEUED bytes wait, because reading stops too.
+    /// (No real broker behaves so, Mosquitto included: this one is played by the test.)
+    #[test]
+    fn a_broker_that_never_reads_cannot_grow_the_send_queue_with_acks() {
+        let (mut client, mut broker) = client_on_loopback();
+        let flood = std::thread::spawn(move || {
+            let publishes: Vec<u8> =
+                (1..=1000u16).flat_map(|id| [0x32, 5, 0, 1, b't', (id >> 8) as u8, id as u8]).collect();
+            // Ends when the client's socket closes.
+            while std::io::Write::write_all(&mut broker, &publishes).is_ok() {}
+        });
+        let bound = READ_PAUSE_QUEUED + 4; // one PUBACK past it
+        let mut reads = 0;
+        while client.queued_bytes() < READ_PAUSE_QUEUED && reads < 1_000_000 {
+            client.read_packets();
+            while client.next_event().is_some() {}
+            reads += 1;
+        }
+        let queued = client.queued_bytes();
+        for _ in 0..1000 {
+            client.read_packets();
+            while client.next_event().is_some() {}
+        }
+        let later = client.queued_bytes();
+        assert!(client.is_up(), "the connection was dropped");
+        drop(client);
+        flood.join().unwrap();
+        assert!(queued >= READ_PAUSE_QUEUED, "the send queue never filled: {queued} bytes");
+        assert!(later <= bound, "{later} bytes of acks queued (bound {bound})");
     }
 
     #[test]
