@@ -811,6 +811,44 @@ mod tests {
         assert!(later <= bound, "{later} bytes of acks queued (bound {bound})");
     }
 
+    /// A 32 MiB publish past `max_packet` is skipped as it streams in: the input buffer never
+    /// holds more than a read batch of it, and what follows it is read as usual.
+    #[test]
+    fn an_oversized_publish_is_skipped_in_bounded_memory() {
+        let (mut client, mut broker) = client_on_loopback();
+        let sender = std::thread::spawn(move || {
+            let mut bytes = BytesMut::new();
+            let mut huge = v4::Publish::new("t/huge", QoS::AtLeastOnce, vec![b'x'; 32 << 20]);
+            huge.pkid = 1;
+            huge.write(&mut bytes).unwrap();
+            v4::Publish::new("t/after", QoS::AtMostOnce, b"after".to_vec()).write(&mut bytes).unwrap();
+            std::io::Write::write_all(&mut broker, &bytes).unwrap();
+            broker // kept open until the test is done
+        });
+        let (mut oversized, mut after, mut largest) = (None, false, 0);
+        for _ in 0..1_000_000 {
+            client.read_packets();
+            largest = largest.max(client.inbuf.capacity());
+            while let Some(event) = client.next_event() {
+                match event {
+                    Event::Oversized { topic, size } => oversized = Some((topic, size)),
+                    Event::Message(p) => after = p.payload == "after",
+                    _ => {}
+                }
+            }
+            if after {
+                break;
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
+        assert!(client.is_up(), "the connection was dropped");
+        let (topic, size) = oversized.expect("no Oversized event");
+        assert_eq!((topic.as_str(), size > 32 << 20), ("t/huge", true));
+        assert!(after, "the message after the huge one did not arrive");
+        assert!(largest <= 2 * 64 * 1024, "the input buffer grew to {largest} bytes");
+        drop(sender.join().unwrap());
+    }
+
     #[test]
     fn oversized_head_names_topic_and_packet_id() {
         let mut buf = BytesMut::new();
