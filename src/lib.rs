@@ -8,6 +8,7 @@ pub mod logging;
 pub mod metrics;
 pub mod net;
 pub mod protocol;
+pub mod random;
 pub mod signals;
 pub mod text;
 pub mod worker;

@@ -338,3 +338,42 @@ fn a_broker_that_stops_answering_is_declared_dead_within_one_and_a_half_keepaliv
     let reconnected = wait_until(secs(15), || agent.log().matches("connected to").count() >= 2);
     assert!(reconnected, "the agent did not reconnect once the broker answered again:\n{}", agent.log());
 }
+
+#[test]
+fn agents_that_lose_their_broker_together_do_not_reconnect_together() {
+    let mut broker = Broker::start_default();
+    // Each agent through a relay of its own, which records when it connects. min_s 3: the
+    // broker is back long before the first retry, which therefore succeeds.
+    let relays: Vec<TcpRelay> = (0..6).map(|_| TcpRelay::start(broker.ports.plain)).collect();
+    let mut sub = Sub::new(&broker, "tether/+/status");
+    let _agents: Vec<Agent> = relays
+        .iter()
+        .enumerate()
+        .map(|(i, relay)| {
+            let url = broker.url_at(Listener::Plain, "127.0.0.1", relay.port);
+            let patch = json!({"broker": {"url": url}, "reconnect": {"min_s": 3, "max_s": 6}});
+            Agent::start(config(&broker, &format!("dev-herd-{i}"), patch))
+        })
+        .collect();
+    let mut online = std::collections::HashSet::new();
+    sub.expect("every agent online", secs(15), |m| {
+        m.payload.contains("\"online\":true")
+            && online.insert(m.topic.clone())
+            && online.len() == relays.len()
+    });
+
+    broker.stop();
+    let stopped = std::time::Instant::now();
+    broker.start_again();
+    let reconnected = |r: &TcpRelay| r.accepted().into_iter().find(|&t| t > stopped);
+    assert!(
+        wait_until(secs(15), || relays.iter().all(|r| reconnected(r).is_some())),
+        "not every agent reconnected within 15 s"
+    );
+    let mut after: Vec<f64> =
+        relays.iter().filter_map(reconnected).map(|t| (t - stopped).as_secs_f64()).collect();
+    after.sort_by(f64::total_cmp);
+    let spread = after[after.len() - 1] - after[0];
+    assert!(spread >= 0.1, "all {} agents reconnected within {spread:.3} s: {after:.3?}", after.len());
+    assert!(after[0] >= 1.0, "an agent retried {:.3} s after losing the broker (min_s 3)", after[0]);
+}

@@ -1,10 +1,16 @@
 //! The agent's connection to the broker: every transport, TLS checks, authentication, the
-//! fleet ACL, the HTTP CONNECT proxy, and that the agent never listens.
+//! fleet ACL, the HTTP CONNECT proxy, that the agent never listens, and the bounds of the
+//! MQTT client itself (driven directly, against the same real broker).
 
 mod common;
 
 use common::*;
+use mio::{Events, Poll, Token, Waker};
 use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tether::config::BrokerConfig;
+use tether::net::client::{Client, ClientOptions, Event, MAX_EVENTS, SEND_QUEUE_LIMIT};
 
 /// Starts an agent with `patch` merged into the quick config, and checks it comes online with
 /// a full status and sends heartbeats.
@@ -332,4 +338,159 @@ fn dns_refused_and_http_failures_are_logged_once_per_attempt_with_their_cause() 
             assert!(line.contains(url) && line.contains(cause), "{device}: {line:?} does not say {cause:?}");
         }
     }
+}
+
+/// The library's MQTT client in a mio loop of the test's own, as the agent and tetherctl run it.
+struct Driver {
+    poll: Poll,
+    events: Events,
+    client: Client,
+    /// Tags of the QoS 1 publishes the broker acknowledged.
+    acked: Vec<u64>,
+    /// Messages received, in order.
+    messages: Vec<String>,
+    /// The most events the client held for one turn of the loop.
+    largest_batch: usize,
+}
+
+impl Driver {
+    fn connect(broker: &Broker, client_id: &str, subscriptions: &[&str]) -> Driver {
+        let poll = Poll::new().unwrap();
+        let waker = Arc::new(Waker::new(poll.registry(), Token(1)).unwrap());
+        let config: BrokerConfig =
+            serde_json::from_value(json!({"url": broker.url(Listener::Plain)})).unwrap();
+        let mut opts = ClientOptions::for_broker(&config, client_id.into()).unwrap();
+        opts.subscriptions = subscriptions.iter().map(|s| s.to_string()).collect();
+        let client = Client::new(opts, waker, Token(0));
+        let mut d = Driver {
+            poll,
+            events: Events::with_capacity(16),
+            client,
+            acked: vec![],
+            messages: vec![],
+            largest_batch: 0,
+        };
+        assert!(d.run_until(secs(10), |d| d.client.is_up()), "the client did not connect");
+        d
+    }
+
+    /// Runs the loop until `done` holds (true) or `timeout` passes (false).
+    fn run_until(&mut self, timeout: Duration, mut done: impl FnMut(&Driver) -> bool) -> bool {
+        let end = Instant::now() + timeout;
+        loop {
+            self.take_events();
+            if done(self) {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= end {
+                return false;
+            }
+            let wake = self.client.next_deadline().map_or(end, |d| d.min(end));
+            self.poll.poll(&mut self.events, Some(wake.saturating_duration_since(now))).unwrap();
+            let registry = self.poll.registry();
+            for event in self.events.iter() {
+                match event.token() {
+                    Token(0) => self.client.on_socket(registry, event),
+                    _ => self.client.on_wake(registry),
+                }
+            }
+            self.client.on_timer(registry, Instant::now());
+        }
+    }
+
+    fn take_events(&mut self) {
+        let mut batch = 0;
+        while let Some(event) = self.client.next_event() {
+            batch += 1;
+            match event {
+                Event::Acked(tag) => self.acked.push(tag),
+                Event::Message(p) => self.messages.push(String::from_utf8_lossy(&p.payload).into_owned()),
+                _ => {}
+            }
+        }
+        self.largest_batch = self.largest_batch.max(batch);
+    }
+}
+
+#[test]
+fn a_stalled_link_refuses_publishes_past_its_bound_while_keepalive_still_goes_in() {
+    let broker = Broker::start_default();
+    let topic = "tether/dev-bulk/bulk";
+    let mut sub = Sub::new(&broker, topic);
+    let mut d = Driver::connect(&broker, "dev-bulk", &[]);
+    // A frozen broker reads nothing: the kernel's buffers fill, then the client's queue.
+    signal(broker.pid(), libc::SIGSTOP);
+    let payload = |i: usize| format!("{i:06} {}", "x".repeat(4000));
+    let mut accepted = 0;
+    while accepted < 20_000 && d.client.publish(topic, payload(accepted).as_bytes(), false, None) {
+        accepted += 1;
+    }
+    let queued = d.client.queued_bytes();
+    let refused_qos1 = !d.client.can_publish() && !d.client.publish(topic, b"qos1", false, Some(1));
+    // Keepalive is due: the PINGREQ goes in whatever is queued.
+    d.client.on_timer(d.poll.registry(), Instant::now() + secs(60));
+    let with_ping = d.client.queued_bytes();
+    signal(broker.pid(), libc::SIGCONT);
+
+    assert!(accepted < 20_000, "80 MB of publishes taken without a refusal");
+    assert!(
+        (SEND_QUEUE_LIMIT..SEND_QUEUE_LIMIT + 4100).contains(&queued),
+        "{queued} bytes queued when publishes were refused (bound {SEND_QUEUE_LIMIT})"
+    );
+    assert!(refused_qos1, "a QoS 1 publish was taken past the bound");
+    assert_eq!(with_ping, queued + 2, "the PINGREQ was not queued past the bound");
+
+    // The broker reads again: the queue drains, publishing resumes, nothing taken was lost.
+    assert!(d.run_until(secs(10), |d| d.client.can_publish()), "publishing did not resume");
+    assert!(d.client.publish(topic, b"end", false, Some(7)));
+    assert!(d.run_until(secs(10), |d| d.acked.contains(&7)), "the last publish was not acknowledged");
+    sub.expect("the last message", secs(20), |m| m.payload == "end");
+    let got: Vec<usize> = sub
+        .seen()
+        .iter()
+        .filter(|m| m.payload != "end")
+        .filter_map(|m| m.payload.get(..6)?.parse().ok())
+        .collect();
+    assert!(
+        got == (0..accepted).collect::<Vec<_>>(),
+        "{} of the {accepted} publishes taken arrived",
+        got.len()
+    );
+    assert!(broker.log().contains("Received PINGREQ from dev-bulk"), "the broker got no PINGREQ");
+}
+
+#[test]
+fn a_flood_from_the_broker_reaches_the_owner_in_bounded_batches_in_order() {
+    let broker = Broker::start_default();
+    let topic = "tether/dev-flood/cmd/flood";
+    let mut d = Driver::connect(&broker, "dev-flood", &[topic]);
+    assert!(d.client.publish(topic, b"subscribed", false, Some(1)));
+    assert!(
+        d.run_until(secs(10), |d| d.messages.iter().any(|m| m == "subscribed")),
+        "subscription not active"
+    );
+
+    // 5,000 messages arrive while the client's loop is busy elsewhere: they wait in its socket.
+    let want: Vec<String> = (0..5000).map(|i| format!("{i:05}")).collect();
+    let mut publisher = std::process::Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &broker.ports.plain.to_string(), "-t", topic, "-l"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = publisher.stdin.take().unwrap();
+    std::io::Write::write_all(&mut stdin, (want.join("\n") + "\n").as_bytes()).unwrap();
+    drop(stdin);
+    assert!(publisher.wait().unwrap().success(), "mosquitto_pub failed");
+    std::thread::sleep(Duration::from_millis(500));
+
+    d.messages.clear();
+    d.largest_batch = 0;
+    assert!(
+        d.run_until(secs(20), |d| d.messages.len() >= want.len()),
+        "{} of 5000 arrived",
+        d.messages.len()
+    );
+    assert!(d.messages == want, "the messages arrived out of order or changed");
+    assert!(d.largest_batch <= MAX_EVENTS, "{} events held at once (bound {MAX_EVENTS})", d.largest_batch);
 }

@@ -18,6 +18,19 @@ use crate::worker::Workers;
 
 /// A connection that stayed up this long resets the reconnect backoff.
 const STABLE_CONNECTION: Duration = Duration::from_secs(30);
+/// QoS 1 publishes awaiting their PUBACK at most: room for the outbox's window and the
+/// status messages, and so far below the 65,535 packet ids that a free one is always near.
+pub const MAX_INFLIGHT: usize = 64;
+/// Bytes waiting for the socket past which `publish` refuses. PINGREQ, PUBACK and DISCONNECT
+/// always go in, so this is all that can hold them back (4 s on a 4 KiB/s link).
+pub const SEND_QUEUE_LIMIT: usize = 16 * 1024;
+/// Events the owner has not taken yet past which the client stops decoding and reading: the
+/// broker cannot make it hold more, and the owner's loop gets its turn between batches.
+pub const MAX_EVENTS: usize = 64;
+/// Bytes waiting for the socket past which the client stops reading: what the broker makes it
+/// answer (PUBACKs, WebSocket pongs) cannot pile up while the broker takes nothing. Far above
+/// `SEND_QUEUE_LIMIT`, so the owner's own publishes do not pause reading.
+const READ_PAUSE_QUEUED: usize = 256 * 1024;
 
 pub struct Will {
     pub topic: String,
@@ -87,8 +100,10 @@ pub struct Client {
     resolver: Workers<Result<Vec<SocketAddr>, String>>,
     inbuf: BytesMut,
     skip: Option<Skip>,
-    inflight: HashMap<u16, u64>,
-    next_pkid: u16,
+    /// Reading stopped before the socket or `inbuf` ran dry (see `MAX_EVENTS`): it goes on
+    /// once the owner has taken the events and the send queue has drained.
+    backlog: bool,
+    ids: PacketIds,
     events: VecDeque<Event>,
     failures: u32,
 }
@@ -103,8 +118,8 @@ impl Client {
             resolver: Workers::new(waker),
             inbuf: BytesMut::new(),
             skip: None,
-            inflight: HashMap::new(),
-            next_pkid: 0,
+            backlog: false,
+            ids: PacketIds::default(),
             events: VecDeque::new(),
             failures: 0,
         }
@@ -116,7 +131,23 @@ impl Client {
 
     /// QoS 1 publishes sent and not acknowledged yet.
     pub fn inflight(&self) -> usize {
-        self.inflight.len()
+        self.ids.publishes.len()
+    }
+
+    /// Whether `publish` takes a QoS 1 message now: connected, fewer than `MAX_INFLIGHT`
+    /// awaiting their acknowledgement, and less than `SEND_QUEUE_LIMIT` waiting for the socket.
+    /// When it does not, the caller keeps the message and tries again after the next event.
+    pub fn can_publish(&self) -> bool {
+        self.has_send_room() && !self.ids.is_full()
+    }
+
+    /// Bytes waiting for the socket to take them.
+    pub fn queued_bytes(&self) -> usize {
+        self.link().map_or(0, Link::queued)
+    }
+
+    fn has_send_room(&self) -> bool {
+        self.is_up() && self.queued_bytes() < SEND_QUEUE_LIMIT
     }
 
     pub fn next_event(&mut self) -> Option<Event> {
@@ -132,6 +163,9 @@ impl Client {
     }
 
     pub fn next_deadline(&self) -> Option<Instant> {
+        if self.backlog && self.may_read() {
+            return Some(Instant::now());
+        }
         match &self.state {
             State::Idle { retry_at } => Some(*retry_at),
             State::Resolving { deadline }
@@ -146,6 +180,9 @@ impl Client {
     }
 
     pub fn on_timer(&mut self, registry: &Registry, now: Instant) {
+        if self.backlog && self.may_read() {
+            self.read_packets();
+        }
         match &mut self.state {
             State::Idle { retry_at } if now >= *retry_at => self.resolve(),
             State::Resolving { deadline }
@@ -206,23 +243,24 @@ impl Client {
                 }
             }
         }
-        if event.is_readable() || event.is_read_closed() || event.is_error() {
+        if event.is_readable() || event.is_read_closed() || event.is_error() || self.backlog {
             self.read_packets();
         }
     }
 
     /// Sends a publish now if connected; with `tag`, it goes at QoS 1 and `Event::Acked(tag)`
-    /// follows its PUBACK. Returns false when not connected (nothing was sent).
+    /// follows its PUBACK. Returns false when nothing was sent: not connected, the send queue
+    /// full, or a QoS 1 publish while `can_publish` is false.
     pub fn publish(&mut self, topic: &str, payload: &[u8], retain: bool, tag: Option<u64>) -> bool {
-        if !self.is_up() {
+        if !self.has_send_room() {
             return false;
         }
         let mut packet = v4::Publish::from_bytes(topic, QoS::AtMostOnce, Bytes::copy_from_slice(payload));
         packet.retain = retain;
         if let Some(tag) = tag {
+            let Some(pkid) = self.ids.publish(tag) else { return false };
             packet.qos = QoS::AtLeastOnce;
-            packet.pkid = self.allocate_pkid();
-            self.inflight.insert(packet.pkid, tag);
+            packet.pkid = pkid;
         }
         self.send(&Packet::Publish(packet));
         self.is_up()
@@ -279,6 +317,14 @@ impl Client {
         self.read_packets();
     }
 
+    fn link(&self) -> Option<&Link> {
+        match &self.state {
+            State::AwaitingConnAck { link, .. } => Some(link),
+            State::Up(s) => Some(&s.link),
+            _ => None,
+        }
+    }
+
     fn link_mut(&mut self) -> Option<&mut Link> {
         match &mut self.state {
             State::AwaitingConnAck { link, .. } => Some(link),
@@ -324,39 +370,53 @@ impl Client {
         }
     }
 
-    /// Reads and decodes until the socket has nothing more, a bounded batch at a time.
+    /// The owner has caught up with the events and the broker with the bytes sent to it.
+    fn may_read(&self) -> bool {
+        self.events.len() < MAX_EVENTS && self.link().is_some_and(|l| l.queued() < READ_PAUSE_QUEUED)
+    }
+
+    /// Decodes what is left from before, then reads one bounded batch and decodes it, as far
+    /// as `may_read` allows. What remains sets `backlog`, for `on_timer` to go on with.
     fn read_packets(&mut self) {
-        loop {
-            let mut inbuf = std::mem::take(&mut self.inbuf);
-            let Some(link) = self.link_mut() else { return };
-            let read = link.read_into(&mut inbuf);
-            self.inbuf = inbuf;
-            let end = match read {
-                Ok((end, bytes)) => {
-                    if bytes > 0 {
-                        self.heard_from_broker();
-                    }
-                    end
+        self.backlog = false;
+        if let Err(e) = self.decode_packets(true) {
+            return self.fail(e);
+        }
+        if !self.may_read() {
+            self.backlog = self.link().is_some();
+            return;
+        }
+        let mut inbuf = std::mem::take(&mut self.inbuf);
+        let Some(link) = self.link_mut() else { return };
+        let read = link.read_into(&mut inbuf);
+        self.inbuf = inbuf;
+        let end = match read {
+            Ok((end, bytes)) => {
+                if bytes > 0 {
+                    self.heard_from_broker();
                 }
-                Err(e) => return self.fail(describe_io(&e)),
-            };
-            if let Err(e) = self.decode_packets() {
-                return self.fail(e);
+                end
             }
-            match end {
-                ReadEnd::More => continue,
-                ReadEnd::WouldBlock => return,
-                ReadEnd::Closed => {
-                    if !matches!(self.state, State::Idle { .. } | State::Stopped) {
-                        self.fail("broker closed the connection".into());
-                    }
-                    return;
+            Err(e) => return self.fail(describe_io(&e)),
+        };
+        // The broker's last words are all taken before the connection goes.
+        if let Err(e) = self.decode_packets(end != ReadEnd::Closed) {
+            return self.fail(e);
+        }
+        match end {
+            ReadEnd::More => self.backlog = true,
+            ReadEnd::WouldBlock => {}
+            ReadEnd::Closed => {
+                if !matches!(self.state, State::Idle { .. } | State::Stopped) {
+                    self.fail("broker closed the connection".into());
                 }
             }
         }
     }
 
-    fn decode_packets(&mut self) -> Result<(), String> {
+    /// Decodes packets from `inbuf` until it holds no whole one or, when `bounded`, until
+    /// `may_read` says to wait (then `backlog` is set).
+    fn decode_packets(&mut self, bounded: bool) -> Result<(), String> {
         loop {
             if let Some(skip) = &mut self.skip {
                 let n = skip.remaining.min(self.inbuf.len());
@@ -368,6 +428,10 @@ impl Client {
                 self.skip = None;
             }
             if self.inbuf.is_empty() {
+                return Ok(());
+            }
+            if bounded && !self.may_read() {
+                self.backlog = true;
                 return Ok(());
             }
             match v4::read(&mut self.inbuf, self.opts.max_packet) {
@@ -413,12 +477,13 @@ impl Client {
                 self.events.push_back(Event::Message(p));
             }
             Packet::PubAck(ack) => {
-                if let Some(tag) = self.inflight.remove(&ack.pkid) {
+                if let Some(tag) = self.ids.puback(ack.pkid) {
                     self.events.push_back(Event::Acked(tag));
                 }
             }
             Packet::SubAck(ack) => {
-                if ack.return_codes.contains(&SubscribeReasonCode::Failure) {
+                let ours = self.ids.suback(ack.pkid);
+                if ours && ack.return_codes.contains(&SubscribeReasonCode::Failure) {
                     log::warn!("broker refused a subscription (not authorised by its ACL?)");
                 }
             }
@@ -462,17 +527,8 @@ impl Client {
         let qos = self.opts.subscription_qos;
         let filters = self.opts.subscriptions.iter().map(|f| v4::SubscribeFilter::new(f.clone(), qos));
         let mut subscribe = v4::Subscribe::new_many(filters);
-        subscribe.pkid = self.allocate_pkid();
+        subscribe.pkid = self.ids.subscribe();
         self.send(&Packet::Subscribe(subscribe));
-    }
-
-    fn allocate_pkid(&mut self) -> u16 {
-        loop {
-            self.next_pkid = self.next_pkid.wrapping_add(1);
-            if self.next_pkid != 0 && !self.inflight.contains_key(&self.next_pkid) {
-                return self.next_pkid;
-            }
-        }
     }
 
     /// Gives up on the current connection or attempt and schedules the next one.
@@ -495,9 +551,10 @@ impl Client {
     fn drop_connection(&mut self) {
         let was_up = self.is_up();
         self.state = State::Idle { retry_at: Instant::now() };
-        self.inflight.clear();
+        self.ids = PacketIds::default();
         self.inbuf = BytesMut::new();
         self.skip = None;
+        self.backlog = false;
         if was_up {
             self.events.push_back(Event::Disconnected);
         }
@@ -516,15 +573,69 @@ fn describe_connack(code: ConnectReturnCode) -> String {
     }
 }
 
-/// Exponential backoff from `min` doubling to `max`, with jitter in [d/2, d] so a fleet that
-/// lost its broker at once does not come back at once.
+/// Exponential backoff from `min` doubling to `max`, every delay drawn uniformly in [d/2, d]:
+/// a fleet that lost its broker at once does not come back at once, from the first retry on,
+/// and no agent retries sooner than `min / 2`.
 pub fn backoff(min: Duration, max: Duration, failures: u32) -> Duration {
     let full = min.saturating_mul(1u32 << failures.min(16)).min(max);
-    let nanos =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
-    let seed = (nanos as u64 ^ (std::process::id() as u64) << 17).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    let fraction = 0.5 + (seed >> 11) as f64 / (1u64 << 53) as f64 / 2.0;
-    full.mul_f64(fraction).max(min.min(full))
+    crate::random::between(full / 2, full)
+}
+
+/// The packet ids awaiting the broker's acknowledgement. At most `MAX_INFLIGHT` + 1 are taken,
+/// so the search for a free one always ends within that many steps.
+#[derive(Default)]
+struct PacketIds {
+    /// QoS 1 publishes, with the owner's tag.
+    publishes: HashMap<u16, u64>,
+    /// The SUBSCRIBE sent on connect, until its SUBACK.
+    subscribe: Option<u16>,
+    last: u16,
+}
+
+impl PacketIds {
+    fn is_full(&self) -> bool {
+        self.publishes.len() >= MAX_INFLIGHT
+    }
+
+    /// An id for a QoS 1 publish tagged `tag`; none while `MAX_INFLIGHT` are in flight.
+    fn publish(&mut self, tag: u64) -> Option<u16> {
+        if self.is_full() {
+            return None;
+        }
+        let id = self.next_free();
+        self.publishes.insert(id, tag);
+        Some(id)
+    }
+
+    fn subscribe(&mut self) -> u16 {
+        let id = self.next_free();
+        self.subscribe = Some(id);
+        id
+    }
+
+    /// The tag of the publish `id` acknowledges, if it is ours.
+    fn puback(&mut self, id: u16) -> Option<u64> {
+        self.publishes.remove(&id)
+    }
+
+    /// Whether `id` acknowledges our SUBSCRIBE (the broker may repeat or invent SUBACKs).
+    fn suback(&mut self, id: u16) -> bool {
+        let ours = self.subscribe == Some(id);
+        if ours {
+            self.subscribe = None;
+        }
+        ours
+    }
+
+    fn next_free(&mut self) -> u16 {
+        loop {
+            self.last = self.last.wrapping_add(1);
+            let id = self.last;
+            if id != 0 && self.subscribe != Some(id) && !self.publishes.contains_key(&id) {
+                return id;
+            }
+        }
+    }
 }
 
 /// The start of a packet too big to read whole.
@@ -586,6 +697,175 @@ mod tests {
                 full / 2
             );
         }
+    }
+
+    /// The first retry after a broker restart is the one a whole fleet makes together: its
+    /// delays must cover [min/2, min], each tenth of it.
+    #[test]
+    fn the_first_retry_is_spread_over_half_min_to_min() {
+        let (min, max) = (Duration::from_secs(2), Duration::from_secs(300));
+        let mut tenths = [0usize; 10];
+        for _ in 0..2000 {
+            let d = backoff(min, max, 0);
+            assert!(d >= min / 2 && d <= min, "{d:?} outside [{:?}, {min:?}]", min / 2);
+            let tenth = ((d - min / 2).as_secs_f64() / (min / 2).as_secs_f64() * 10.0) as usize;
+            tenths[tenth.min(9)] += 1;
+        }
+        assert!(tenths.iter().all(|&n| n >= 100), "first delays per tenth of [min/2, min]: {tenths:?}");
+    }
+
+    #[test]
+    fn at_most_max_inflight_publishes_take_packet_ids() {
+        let mut ids = PacketIds::default();
+        let sub = ids.subscribe();
+        let taken: Vec<u16> = (0..MAX_INFLIGHT as u64).map(|tag| ids.publish(tag).expect("room")).collect();
+        assert!(ids.is_full());
+        assert_eq!(ids.publish(999), None, "a publish beyond MAX_INFLIGHT got an id");
+        let mut all: Vec<u16> = taken.iter().copied().chain([sub]).collect();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), MAX_INFLIGHT + 1, "an id was given twice");
+        assert_eq!(ids.puback(taken[3]), Some(3));
+        assert_eq!(ids.puback(taken[3]), None, "a repeated PUBACK acknowledged twice");
+        assert!(ids.publish(1000).is_some(), "no room after a PUBACK");
+    }
+
+    /// Long-lived connections wrap around the 16-bit ids many times, with the oldest publish
+    /// unacknowledged all along: ids stay unique and non-zero, and never collide with it.
+    #[test]
+    fn packet_ids_wrap_around_what_stays_in_flight() {
+        let mut ids = PacketIds::default();
+        let stuck = ids.publish(u64::MAX).unwrap();
+        let sub = ids.subscribe();
+        let mut window = std::collections::VecDeque::new();
+        for tag in 0..200_000u64 {
+            if ids.is_full() {
+                let oldest = window.pop_front().unwrap();
+                assert!(ids.puback(oldest).is_some());
+            }
+            let id = ids.publish(tag).expect("room after a PUBACK");
+            let reused = id == stuck || id == sub || window.contains(&id);
+            assert!(id != 0 && !reused, "id {id} given while in flight");
+            window.push_back(id);
+        }
+        assert!(ids.suback(sub) && !ids.suback(sub), "the SUBACK is ours once");
+    }
+
+    /// A client that is up on a loopback socket whose other end, returned, plays the broker.
+    /// Both kernel buffers are small, so the client's own send queue fills soon.
+    fn client_on_loopback() -> (Client, std::net::TcpStream) {
+        use std::os::fd::AsRawFd;
+        let small = |fd: i32, option: i32| {
+            let size: libc::c_int = 4096;
+            let len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            // SAFETY: a valid socket and a c_int option value of the given length.
+            unsafe {
+                libc::setsockopt(fd, libc::SOL_SOCKET, option, (&size as *const libc::c_int).cast(), len)
+            };
+        };
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        small(listener.as_raw_fd(), libc::SO_RCVBUF);
+        let ours = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (broker, _) = listener.accept().unwrap();
+        small(ours.as_raw_fd(), libc::SO_SNDBUF);
+        ours.set_nonblocking(true).unwrap();
+
+        let route = Route {
+            broker: crate::net::url::BrokerUrl::parse("mqtt://127.0.0.1").unwrap(),
+            proxy: None,
+            tls: None,
+        };
+        let opts = ClientOptions {
+            route: Arc::new(route),
+            client_id: "test".into(),
+            username: None,
+            password: None,
+            keepalive: Duration::from_secs(60),
+            connect_timeout: Duration::from_secs(10),
+            will: None,
+            subscriptions: vec![],
+            reconnect_min: Duration::from_secs(1),
+            reconnect_max: Duration::from_secs(2),
+            max_packet: 1024,
+        };
+        let poll = mio::Poll::new().unwrap();
+        let waker = Arc::new(mio::Waker::new(poll.registry(), Token(1)).unwrap());
+        let mut client = Client::new(opts, waker, Token(0));
+        let link = Link::raw(crate::net::link::Stream::Plain(mio::net::TcpStream::from_std(ours)));
+        let now = Instant::now();
+        client.state =
+            State::Up(Box::new(Session { link, since: now, last_rx: now, last_tx: now, ping_sent: None }));
+        (client, broker)
+    }
+
+    /// A hostile broker sends QoS 1 publishes without end and never reads: the PUBACKs they
+    /// call for stop piling up once READ_PAUSE_QUEUED bytes wait, because reading stops too.
+    /// (No real broker behaves so, Mosquitto included: this one is played by the test.)
+    #[test]
+    fn a_broker_that_never_reads_cannot_grow_the_send_queue_with_acks() {
+        let (mut client, mut broker) = client_on_loopback();
+        let flood = std::thread::spawn(move || {
+            let publishes: Vec<u8> =
+                (1..=1000u16).flat_map(|id| [0x32, 5, 0, 1, b't', (id >> 8) as u8, id as u8]).collect();
+            // Ends when the client's socket closes.
+            while std::io::Write::write_all(&mut broker, &publishes).is_ok() {}
+        });
+        let bound = READ_PAUSE_QUEUED + 4; // one PUBACK past it
+        let mut reads = 0;
+        while client.queued_bytes() < READ_PAUSE_QUEUED && reads < 1_000_000 {
+            client.read_packets();
+            while client.next_event().is_some() {}
+            reads += 1;
+        }
+        let queued = client.queued_bytes();
+        for _ in 0..1000 {
+            client.read_packets();
+            while client.next_event().is_some() {}
+        }
+        let later = client.queued_bytes();
+        assert!(client.is_up(), "the connection was dropped");
+        drop(client);
+        flood.join().unwrap();
+        assert!(queued >= READ_PAUSE_QUEUED, "the send queue never filled: {queued} bytes");
+        assert!(later <= bound, "{later} bytes of acks queued (bound {bound})");
+    }
+
+    /// A 32 MiB publish past `max_packet` is skipped as it streams in: the input buffer never
+    /// holds more than a read batch of it, and what follows it is read as usual.
+    #[test]
+    fn an_oversized_publish_is_skipped_in_bounded_memory() {
+        let (mut client, mut broker) = client_on_loopback();
+        let sender = std::thread::spawn(move || {
+            let mut bytes = BytesMut::new();
+            let mut huge = v4::Publish::new("t/huge", QoS::AtLeastOnce, vec![b'x'; 32 << 20]);
+            huge.pkid = 1;
+            huge.write(&mut bytes).unwrap();
+            v4::Publish::new("t/after", QoS::AtMostOnce, b"after".to_vec()).write(&mut bytes).unwrap();
+            std::io::Write::write_all(&mut broker, &bytes).unwrap();
+            broker // kept open until the test is done
+        });
+        let (mut oversized, mut after, mut largest) = (None, false, 0);
+        for _ in 0..1_000_000 {
+            client.read_packets();
+            largest = largest.max(client.inbuf.capacity());
+            while let Some(event) = client.next_event() {
+                match event {
+                    Event::Oversized { topic, size } => oversized = Some((topic, size)),
+                    Event::Message(p) => after = p.payload == "after",
+                    _ => {}
+                }
+            }
+            if after {
+                break;
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
+        assert!(client.is_up(), "the connection was dropped");
+        let (topic, size) = oversized.expect("no Oversized event");
+        assert_eq!((topic.as_str(), size > 32 << 20), ("t/huge", true));
+        assert!(after, "the message after the huge one did not arrive");
+        assert!(largest <= 2 * 64 * 1024, "the input buffer grew to {largest} bytes");
+        drop(sender.join().unwrap());
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! WebSocket on top. MQTT packets go in and come out as bytes; the pipe never blocks.
 
 use super::ws::{self, Decoded, Deframer};
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use mio::net::TcpStream;
 use rustls::{ClientConnection, StreamOwned};
 use std::io::{self, Read, Write};
@@ -59,8 +59,9 @@ pub enum ReadEnd {
 /// The connection to the broker once dialled: MQTT bytes in and out, over a WebSocket or not.
 pub struct Link {
     stream: Stream,
-    /// Bytes the socket has not taken yet.
-    out: Vec<u8>,
+    /// Bytes the socket has not taken yet. Written bytes leave from the front in O(1), however
+    /// little the socket takes at a time.
+    out: BytesMut,
     /// Set when a WebSocket carries the MQTT bytes.
     ws: Option<Deframer>,
 }
@@ -74,16 +75,21 @@ const READ_BUDGET: usize = 16 * READ_CHUNK;
 impl Link {
     /// MQTT straight on TCP or TLS.
     pub fn raw(stream: Stream) -> Link {
-        Link { stream, out: Vec::new(), ws: None }
+        Link { stream, out: BytesMut::new(), ws: None }
     }
 
     /// MQTT in WebSocket binary frames, on a stream whose handshake is done.
     pub fn websocket(stream: Stream) -> Link {
-        Link { stream, out: Vec::new(), ws: Some(Deframer::default()) }
+        Link { stream, out: BytesMut::new(), ws: Some(Deframer::default()) }
     }
 
     pub fn tcp(&self) -> &TcpStream {
         self.stream.tcp()
+    }
+
+    /// Bytes queued that the socket has not taken yet (WebSocket framing included).
+    pub fn queued(&self) -> usize {
+        self.out.len()
     }
 
     /// Queues `bytes` and writes as much as the socket takes now.
@@ -101,9 +107,7 @@ impl Link {
         while !self.out.is_empty() {
             match self.stream.write(&self.out) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => {
-                    self.out.drain(..n);
-                }
+                Ok(n) => self.out.advance(n),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) => return Err(e),

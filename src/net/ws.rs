@@ -6,7 +6,7 @@
 //! binary payload streams straight into the MQTT decoder as it arrives, whatever its size, and
 //! the decoder skips oversized packets on its own (as it does over plain TCP and TLS).
 
-use bytes::BytesMut;
+use bytes::{BufMut, BytesMut};
 use std::io::{self, Cursor};
 use tungstenite::protocol::frame::coding::{Control, Data, OpCode};
 use tungstenite::protocol::frame::FrameHeader;
@@ -55,7 +55,7 @@ pub enum Decoded {
 
 impl Deframer {
     /// Appends the MQTT bytes in `input` to `mqtt`; a pong for each ping goes to `out`.
-    pub fn decode(&mut self, input: &[u8], mqtt: &mut BytesMut, out: &mut Vec<u8>) -> io::Result<Decoded> {
+    pub fn decode(&mut self, input: &[u8], mqtt: &mut BytesMut, out: &mut BytesMut) -> io::Result<Decoded> {
         self.pending.extend_from_slice(input);
         let mut pos = 0;
         let result = loop {
@@ -136,15 +136,15 @@ impl Deframer {
 }
 
 /// Appends `mqtt` to `out` as one binary frame, masked as a client must.
-pub fn encode_mqtt(mqtt: &[u8], out: &mut Vec<u8>) {
+pub fn encode_mqtt(mqtt: &[u8], out: &mut BytesMut) {
     encode(OpCode::Data(Data::Binary), mqtt, out);
 }
 
-fn encode(opcode: OpCode, payload: &[u8], out: &mut Vec<u8>) {
+fn encode(opcode: OpCode, payload: &[u8], out: &mut BytesMut) {
     let mask = random_mask();
     let header = FrameHeader { opcode, mask: Some(mask), ..FrameHeader::default() };
-    // Writing into a Vec cannot fail.
-    let _ = header.format(payload.len() as u64, out);
+    // Writing into memory cannot fail.
+    let _ = header.format(payload.len() as u64, &mut (&mut *out).writer());
     let start = out.len();
     out.extend_from_slice(payload);
     apply_mask(&mut out[start..], mask, 0);
@@ -152,9 +152,7 @@ fn encode(opcode: OpCode, payload: &[u8], out: &mut Vec<u8>) {
 
 fn random_mask() -> [u8; 4] {
     let mut mask = [0u8; 4];
-    // The mask only keeps intermediaries from reading the stream as something else; should
-    // the system's random source fail, a zero mask is still valid WebSocket.
-    let _ = rustls::crypto::ring::default_provider().secure_random.fill(&mut mask);
+    crate::random::fill(&mut mask);
     mask
 }
 
@@ -200,7 +198,7 @@ mod tests {
     /// Feeds `input` in pieces of `step` bytes; returns the MQTT bytes, what was sent back, and
     /// how it ended.
     fn feed(input: &[u8], step: usize) -> (Vec<u8>, Vec<u8>, io::Result<Decoded>) {
-        let (mut deframer, mut mqtt, mut out) = (Deframer::default(), BytesMut::new(), Vec::new());
+        let (mut deframer, mut mqtt, mut out) = (Deframer::default(), BytesMut::new(), BytesMut::new());
         let mut last = Ok(Decoded::Open);
         for piece in input.chunks(step) {
             last = deframer.decode(piece, &mut mqtt, &mut out);
@@ -208,7 +206,7 @@ mod tests {
                 break;
             }
         }
-        (mqtt.to_vec(), out, last)
+        (mqtt.to_vec(), out.to_vec(), last)
     }
 
     #[test]
@@ -268,7 +266,7 @@ mod tests {
 
     #[test]
     fn encoded_frames_decode_back() {
-        let mut out = Vec::new();
+        let mut out = BytesMut::new();
         encode_mqtt(b"\x30\x03abc", &mut out);
         assert_eq!(out[0], 0x82, "final binary frame");
         assert_eq!(out[1] & 0x80, 0x80, "a client's frames are masked");
@@ -282,7 +280,7 @@ mod tests {
         // A header claiming 1 TiB, then 1 MiB of it in reads of 4 KiB.
         let mut header = vec![0x82, 127];
         header.extend_from_slice(&(1u64 << 40).to_be_bytes());
-        let (mut deframer, mut mqtt, mut out) = (Deframer::default(), BytesMut::new(), Vec::new());
+        let (mut deframer, mut mqtt, mut out) = (Deframer::default(), BytesMut::new(), BytesMut::new());
         deframer.decode(&header, &mut mqtt, &mut out).unwrap();
         for _ in 0..256 {
             assert_eq!(deframer.decode(&[7u8; 4096], &mut mqtt, &mut out).unwrap(), Decoded::Open);
