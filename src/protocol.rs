@@ -100,8 +100,15 @@ pub struct Status {
 }
 
 impl Status {
+    /// The last will and the clean-stop status: they keep `version` and `arch`, so an operator
+    /// still sees what an offline device runs.
     pub fn offline() -> Status {
-        Status { online: false, version: None, arch: None, since: None }
+        Status {
+            online: false,
+            version: Some(crate::VERSION.to_string()),
+            arch: Some(crate::TARGET.to_string()),
+            since: None,
+        }
     }
 }
 
