@@ -33,12 +33,18 @@ pub struct ClientOptions {
     pub keepalive: Duration,
     pub connect_timeout: Duration,
     pub will: Option<Will>,
-    /// Subscribed (QoS 1) on every connect.
+    /// Subscribed on every connect.
     pub subscriptions: Vec<String>,
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
     /// Bigger incoming packets are skipped and reported as `Event::Oversized`.
     pub max_packet: usize,
+    /// QoS of the subscriptions. QoS 0 suits a burst of retained messages: Mosquitto caps what
+    /// it queues for a client at QoS 1 (`max_queued_messages`), not at QoS 0.
+    pub subscription_qos: QoS,
+    /// Stop for good, instead of retrying, when the broker's certificate fails verification:
+    /// for a person at a terminal, who must fix the settings. See `Client::gave_up`.
+    pub give_up_on_rejected_certificate: bool,
 }
 
 #[derive(Debug)]
@@ -88,6 +94,7 @@ pub struct Client {
     next_pkid: u16,
     events: VecDeque<Event>,
     failures: u32,
+    gave_up: Option<String>,
 }
 
 impl Client {
@@ -104,6 +111,7 @@ impl Client {
             next_pkid: 0,
             events: VecDeque::new(),
             failures: 0,
+            gave_up: None,
         }
     }
 
@@ -114,6 +122,11 @@ impl Client {
     /// QoS 1 publishes sent and not acknowledged yet.
     pub fn inflight(&self) -> usize {
         self.inflight.len()
+    }
+
+    /// Why the client stopped for good (see `ClientOptions::give_up_on_rejected_certificate`).
+    pub fn gave_up(&self) -> Option<&str> {
+        self.gave_up.as_deref()
     }
 
     pub fn next_event(&mut self) -> Option<Event> {
@@ -192,6 +205,11 @@ impl Client {
             match dialer.advance(registry) {
                 Ok(Some(link)) => self.start_mqtt(link, deadline),
                 Ok(None) => {}
+                Err(e) if dialer.certificate_rejected() && self.opts.give_up_on_rejected_certificate => {
+                    self.drop_connection();
+                    self.state = State::Stopped;
+                    self.gave_up = Some(e);
+                }
                 Err(e) => self.fail(e),
             }
             return;
@@ -437,8 +455,11 @@ impl Client {
             State::Up(Box::new(Session { link, since: now, last_rx: now, last_tx: now, ping_sent: None }));
         log::info!("connected to {}", self.opts.route.broker);
         if !self.opts.subscriptions.is_empty() {
-            let filters =
-                self.opts.subscriptions.iter().map(|f| v4::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
+            let filters = self
+                .opts
+                .subscriptions
+                .iter()
+                .map(|f| v4::SubscribeFilter::new(f.clone(), self.opts.subscription_qos));
             let mut subscribe = v4::Subscribe::new_many(filters);
             subscribe.pkid = self.allocate_pkid();
             self.send(&Packet::Subscribe(subscribe));

@@ -48,6 +48,8 @@ impl ClientOptions {
             reconnect_min: Duration::from_secs(reconnect.min_s),
             reconnect_max: Duration::from_secs(reconnect.max_s),
             max_packet: DEFAULT_MAX_PACKET,
+            subscription_qos: mqttbytes::QoS::AtLeastOnce,
+            give_up_on_rejected_certificate: false,
         })
     }
 }
