@@ -12,7 +12,7 @@ use tether::protocol::{CommandState, Topics};
 
 use crate::args::CmdRequest;
 use crate::format;
-use crate::session::{command_id, snapshot, Input, Session};
+use crate::session::{command_id, snapshot, Input, Mode, Session};
 use crate::settings::Settings;
 use crate::{exit, print, Failure};
 
@@ -38,7 +38,7 @@ enum Answer {
 pub fn run(settings: &Settings, req: &CmdRequest) -> Result<u8, Failure> {
     let topic = Topics::new(&settings.topic_root, &req.device).command(&req.op, &command_id());
     let request = CommandState::Init { params: req.params.clone() }.to_payload();
-    let mut session = Session::connect(settings, vec![topic.clone()])?;
+    let mut session = Session::connect(settings, vec![topic.clone()], Mode::Live)?;
     log::debug!("request on {topic}");
     session.publish(&topic, &request, true, Some(REQUEST_TAG));
     let mut request_stored = false;
