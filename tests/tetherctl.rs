@@ -254,15 +254,33 @@ fn cmd_to_an_absent_device_times_out_and_is_withdrawn_unless_queued() {
     let broker = Broker::start_default();
     let url = broker.url(Listener::Plain);
 
+    // Never reported: said at once, nothing left behind.
     let started = Instant::now();
-    let out = ctl(&["--broker", &url, "cmd", "ghost", "ping", "--timeout", "2"]);
-    assert_exit(&out, 2, "cmd to an absent device");
+    let out = ctl(&["--broker", &url, "cmd", "ghost", "ping"]);
+    assert_exit(&out, 67, "cmd to a device that has never reported");
+    assert!(started.elapsed() < secs(3), "said at once, not after the 30 s timeout: {:?}", started.elapsed());
+    let err = stderr(&out);
+    assert!(err.contains("ghost has never reported") && err.contains("--queue"), "{err}");
+    assert_eq!(retained(&broker, "tether/ghost/cmd/#"), vec![], "no request left");
+
+    // Reported once, offline now: waits, then withdraws.
+    publish_json(&broker, &status_topic("sleeper"), &json!({"online": false, "version": VERSION}), true);
+    let started = Instant::now();
+    let out = ctl(&["--broker", &url, "cmd", "sleeper", "ping", "--timeout", "2"]);
+    assert_exit(&out, 2, "cmd to an offline device");
     assert!(started.elapsed() < secs(10), "took {:?}", started.elapsed());
     assert!(stderr(&out).contains("withdrawn"), "{}", stderr(&out));
-    assert_eq!(retained(&broker, "tether/ghost/cmd/#"), vec![], "withdrawn");
+    assert_eq!(retained(&broker, "tether/sleeper/cmd/#"), vec![], "withdrawn");
+
+    // --queue: left for the device that has never reported, for when it appears.
 
     let out = ctl(&["--broker", &url, "cmd", "ghost", "ping", "--timeout", "2", "--queue"]);
     assert_exit(&out, 2, "cmd --queue to an absent device");
+    assert!(
+        stderr(&out).contains("never reported") && stderr(&out).contains("stays queued"),
+        "{}",
+        stderr(&out)
+    );
     let topic = stdout(&out).trim().to_string();
     assert!(topic.starts_with("tether/ghost/cmd/ping/"), "prints the topic: {}", output_text(&out));
     let queued = retained(&broker, "tether/ghost/cmd/#");
@@ -597,4 +615,207 @@ fn tls_verification_failures_fail_at_once_with_exit_78() {
         err.contains(&format!("config {}: ", config.display())) && err.contains("check broker.ca_file"),
         "{err}"
     );
+}
+
+/// `cmds`: what is retained for a device, and clearing it by state or id, never an executing
+/// command unless asked. States are published here as a device and operators would.
+#[test]
+fn cmds_lists_and_clears_retained_commands_by_state_or_id() {
+    let (broker, _agent) = fleet_of_one();
+    let url = broker.url(Listener::Plain);
+    let cmds = |args: &[&str]| ctl(&[&["--broker", url.as_str(), "cmds"][..], args].concat());
+    let now = unix_ms();
+    let states = [
+        ("ping", format!("{}-1-0001", now - 3_600_000), json!({"status": "init"})),
+        ("reboot", format!("{}-1-0002", now - 600_000), json!({"status": "executing"})),
+        ("ping", format!("{}-1-0003", now - 60_000), json!({"status": "successful", "result": {}})),
+        ("config", format!("{}-1-0004", now - 5_000), json!({"status": "failed", "reason": "no"})),
+    ];
+    for (op, id, payload) in &states {
+        publish_json(&broker, &cmd_topic("dev9", op, id), payload, true);
+    }
+    publish(&broker, &cmd_topic("dev9", "ping", "odd-id"), b"{not json", true);
+    let id = |i: usize| states[i].1.clone();
+
+    let out = cmds(&["dev9"]);
+    assert_exit(&out, 0, "cmds dev9");
+    let rows: Vec<Vec<String>> =
+        stdout(&out).lines().map(|l| l.split_whitespace().map(String::from).collect()).collect();
+    let expected = [
+        ["OP", "ID", "STATE", "AGE"].map(String::from),
+        ["ping".into(), id(0), "pending".into(), "1h".into()],
+        ["reboot".into(), id(1), "executing".into(), "10m".into()],
+        ["ping".into(), id(2), "successful".into(), "1m".into()],
+        ["config".into(), id(3), "failed".into(), "5s".into()],
+        ["ping", "odd-id", "unreadable", "-"].map(String::from),
+    ];
+    assert_eq!(rows, expected, "oldest first:\n{}", stdout(&out));
+    let out = cmds(&["dev9", "--json"]);
+    let listed: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed[1]["topic"], cmd_topic("dev9", "reboot", &id(1)));
+    assert_eq!(listed[1]["payload"], json!({"status": "executing"}));
+    let left = || {
+        let mut topics: Vec<String> =
+            retained(&broker, "tether/dev9/cmd/#").into_iter().map(|(t, _)| t).collect();
+        topics.sort();
+        topics
+    };
+    let topics = |ids: &[(&str, String)]| {
+        let mut topics: Vec<String> = ids.iter().map(|(op, id)| cmd_topic("dev9", op, id)).collect();
+        topics.sort();
+        topics
+    };
+
+    // Bad input changes nothing.
+    let out = cmds(&["dev9", "--clear", &id(0), "nope-1"]);
+    assert_exit(&out, 1, "an id that is not there");
+    assert!(
+        stderr(&out).contains("no command nope-1") && stderr(&out).contains("nothing cleared"),
+        "{}",
+        stderr(&out)
+    );
+    let out = cmds(&["dev9", "--clear", "--all", &id(0)]);
+    assert_exit(&out, 64, "--all with ids");
+    assert_eq!(left().len(), 5);
+
+    let out = cmds(&["dev9", "--clear", "--final"]);
+    assert_exit(&out, 0, "--clear --final");
+    let cleared = format!("cleared ping/{} (successful)\ncleared config/{} (failed)\n", id(2), id(3));
+    assert_eq!(stdout(&out), cleared);
+    assert_eq!(left(), topics(&[("ping", id(0)), ("reboot", id(1)), ("ping", "odd-id".into())]));
+
+    let out = cmds(&["dev9", "--clear"]);
+    assert_exit(&out, 0, "--clear");
+    assert_eq!(stdout(&out), format!("cleared ping/{} (pending)\ncleared ping/odd-id (unreadable)\n", id(0)));
+    assert_eq!(left(), topics(&[("reboot", id(1))]), "the executing command stays");
+
+    let out = cmds(&["dev9", "--clear", &format!("reboot/{}", id(1))]);
+    assert_exit(&out, 0, "--clear OP/ID");
+    assert_eq!(stdout(&out), format!("cleared reboot/{} (executing)\n", id(1)));
+    assert!(stderr(&out).contains("still running"), "{}", stderr(&out));
+    assert_eq!(left(), Vec::<String>::new());
+
+    // A real agent's answer that nobody cleared; the ops it advertises are not commands.
+    publish_json(&broker, &cmd_topic("dev1", "ping", "left-behind"), &json!({"status": "init"}), true);
+    let mut sub = Sub::new(&broker, &cmd_topic("dev1", "ping", "left-behind"));
+    sub.expect_json(&cmd_topic("dev1", "ping", "left-behind"), "answered", secs(15), |v| {
+        v["status"] == "successful"
+    });
+    let out = cmds(&["dev1", "--json"]);
+    let listed: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!((&listed[0]["id"], &listed[0]["state"]), (&json!("left-behind"), &json!("successful")));
+    let out = cmds(&["dev1", "--clear", "left-behind"]);
+    assert_exit(&out, 0, "--clear ID");
+    assert_eq!(retained(&broker, "tether/dev1/cmd/+/+"), vec![]);
+}
+
+#[test]
+fn help_for_every_command_and_usage_errors_exit_64() {
+    let out = ctl(&["help"]);
+    assert_exit(&out, 0, "help");
+    assert_eq!(out.stdout, ctl(&["--help"]).stdout, "help and --help say the same");
+    for command in ["devices", "watch", "cmd", "cmds", "ops", "completions", "help"] {
+        assert!(stdout(&out).contains(&format!("\n  {command} ")), "{command} in the help: {}", stdout(&out));
+        for args in [vec!["help", command], vec![command, "--help"]] {
+            let one = ctl(&args);
+            assert_exit(&one, 0, &args.join(" "));
+            assert!(stdout(&one).starts_with(&format!("usage: tetherctl {command} ")), "{}", stdout(&one));
+        }
+    }
+    assert!(stdout(&out).contains("64   bad command line"), "{}", stdout(&out));
+
+    for (args, says) in [
+        (vec!["help", "frobnicate"], "unknown command \"frobnicate\""),
+        (vec!["frobnicate"], "unknown command \"frobnicate\""),
+        (vec!["devices", "--queue"], "devices takes no --queue"),
+        (vec!["cmd", "dev1"], "usage: tetherctl cmd DEVICE OP"),
+        (vec!["cmds", "dev1", "--final"], "--final goes with --clear"),
+        (vec!["completions", "fish"], "bash"),
+    ] {
+        let out = ctl(&args);
+        assert_exit(&out, 64, &args.join(" "));
+        assert!(stderr(&out).contains(says) && stderr(&out).contains("--help"), "{}", stderr(&out));
+    }
+}
+
+/// Runs bash with tetherctl's completion script loaded, completing `line` (cursor at its
+/// end); the candidates, one per line.
+fn complete(line: &str, env: &[(&str, &str)]) -> Vec<String> {
+    let script = ctl(&["completions", "bash"]);
+    assert_exit(&script, 0, "completions bash");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tetherctl.bash");
+    std::fs::write(&path, &script.stdout).unwrap();
+    let program = format!(
+        r#"source {script} || exit 9
+complete -p tetherctl || exit 8
+COMP_LINE=$1 COMP_POINT=${{#1}}
+read -ra COMP_WORDS <<< "$1"
+[[ $1 == *" " ]] && COMP_WORDS+=("")
+COMP_CWORD=$((${{#COMP_WORDS[@]}} - 1))
+_tetherctl
+printf '%s\n' "${{COMPREPLY[@]}}""#,
+        script = path.display()
+    );
+    let out = Command::new("bash")
+        .args(["--norc", "-c", &program, "bash", line])
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    assert_exit(&out, 0, &format!("completing {line:?}"));
+    let text = stdout(&out);
+    let mut lines = text.lines();
+    assert!(lines.next().is_some_and(|l| l.starts_with("complete -F _tetherctl")), "{text}");
+    lines.filter(|l| !l.is_empty()).map(String::from).collect()
+}
+
+#[test]
+fn bash_completes_commands_options_devices_and_ops() {
+    let (broker, _agent) = fleet_of_one();
+    let url = broker.url(Listener::Plain);
+    assert_eq!(complete(&format!("{CTL_BIN} c"), &[]), ["cmd", "cmds", "completions"]);
+    assert_eq!(complete(&format!("{CTL_BIN} help d"), &[]), ["devices"]);
+    assert_eq!(
+        complete(&format!("{CTL_BIN} cmds dev1 --c"), &[]),
+        ["--ca", "--cert", "--config", "--connect-timeout", "--clear"]
+    );
+    assert_eq!(complete(&format!("{CTL_BIN} cmd dev1 ping --q"), &[]), ["--queue"]);
+    assert!(complete(&format!("{CTL_BIN} devices --q"), &[]).is_empty(), "devices takes no --queue");
+    let dir = tempfile::tempdir().unwrap();
+    write_file(&dir.path().join("ca-bundle.pem"), "");
+    let prefix = dir.path().join("ca-b");
+    assert_eq!(
+        complete(&format!("{CTL_BIN} --ca {}", prefix.display()), &[]),
+        [dir.path().join("ca-bundle.pem").display().to_string()]
+    );
+
+    // Device ids and ops come from the broker, with the connection typed so far or from the
+    // environment.
+    assert_eq!(complete(&format!("{CTL_BIN} --broker {url} cmd d"), &[]), ["dev1"]);
+    assert_eq!(complete(&format!("{CTL_BIN} watch "), &[("TETHER_BROKER", &url)]), ["dev1"]);
+    let ops = complete(&format!("{CTL_BIN} --broker {url} cmd dev1 p"), &[]);
+    assert_eq!(ops, ["ping"]);
+}
+
+#[test]
+fn the_agents_config_file_is_a_tetherctl_config_and_errors_name_what_the_user_gave() {
+    let (broker, agent) = fleet_of_one();
+    let out = ctl(&["--config", agent.config_path().to_str().unwrap(), "ops", "dev1"]);
+    assert_exit(&out, 0, "ops with the agent's own config file");
+    assert!(stdout(&out).lines().any(|l| l == "ping"), "{}", output_text(&out));
+
+    let mqtts = broker.url(Listener::Mqtts);
+    let (cert, key) = broker.client_cert("operator");
+    let out = ctl(&["--broker", &mqtts, "--cert", cert.to_str().unwrap(), "devices"]);
+    assert_exit(&out, 78, "--cert without --key");
+    assert!(stderr(&out).contains("--cert and --key go together"), "{}", stderr(&out));
+    let out = ctl_env(&["--broker", &mqtts, "devices"], &[("TETHER_KEY", key.to_str().unwrap())]);
+    assert_exit(&out, 78, "TETHER_KEY without a certificate");
+    assert!(stderr(&out).contains("--cert and TETHER_KEY go together"), "{}", stderr(&out));
+    let password = broker.dir().join("pw");
+    write_file(&password, "secret");
+    let out = ctl(&["--broker", &mqtts, "--password-file", password.to_str().unwrap(), "devices"]);
+    assert_exit(&out, 78, "a password without a user name");
+    assert!(stderr(&out).contains("--password-file needs --username"), "{}", stderr(&out));
 }
