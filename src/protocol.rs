@@ -86,7 +86,7 @@ fn check_level(s: &str, max: usize) -> Result<(), String> {
     Ok(())
 }
 
-/// Retained on `ROOT/DEVICE/status`; the broker publishes `{"online":false}` as the last will.
+/// Retained on `ROOT/DEVICE/status`; the broker publishes `Status::offline()` as the last will.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Status {
     pub online: bool,

@@ -1,6 +1,8 @@
 //! `tetherctl cmd`: one command to one device. The request is a retained `init` on its own
 //! topic, so a device that is connecting right now still finds it; the device answers on the
-//! same topic; the final answer is printed and the topic cleared so nothing stays behind.
+//! same topic; the final answer is printed and the topic cleared so nothing stays behind. A
+//! device without a retained status has never reported: the request is refused rather than
+//! left waiting for it, unless the operator asked for that (`--queue`).
 //! `tetherctl ops`: the ops a device advertises.
 
 use serde_json::Value;
