@@ -17,7 +17,7 @@ use crate::devices::json_or_text;
 use crate::format::{self, table};
 use crate::session::{Mode, Session};
 use crate::settings::Settings;
-use crate::{exit, print, Failure};
+use crate::{exit, print, print_json, Failure};
 
 /// How long to wait for the broker to take each clearing.
 const CONFIRM_WITHIN: Duration = Duration::from_secs(5);
@@ -93,8 +93,7 @@ fn sent_at_ms(id: &str) -> Option<u64> {
 
 fn list(commands: &[Retained], json: bool) -> Result<(), Failure> {
     if json {
-        let text = serde_json::to_string_pretty(commands).map_err(|e| Failure::error(e.to_string()))?;
-        return print(&text);
+        return print_json(&commands);
     }
     if commands.is_empty() {
         eprintln!("tetherctl: no command is retained for this device");

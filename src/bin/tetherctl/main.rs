@@ -60,6 +60,16 @@ pub fn print(text: &str) -> Result<(), Failure> {
         .map_err(|e| Failure::error(format!("stdout: {e}")))
 }
 
+/// `value` as pretty JSON on stdout, written as it is made: a fleet's can be tens of megabytes.
+pub fn print_json(value: &impl serde::Serialize) -> Result<(), Failure> {
+    let mut stdout = std::io::BufWriter::new(std::io::stdout().lock());
+    serde_json::to_writer_pretty(&mut stdout, value)
+        .map_err(std::io::Error::from)
+        .and_then(|()| writeln!(stdout))
+        .and_then(|()| stdout.flush())
+        .map_err(|e| Failure::error(format!("stdout: {e}")))
+}
+
 fn main() -> ExitCode {
     let code = match run() {
         Ok(code) => code,
