@@ -117,8 +117,8 @@ impl Session {
     pub fn next(&mut self, deadline: Option<Instant>) -> Result<Input, Failure> {
         loop {
             if let Some(why) = self.client.gave_up() {
-                let why = format!("{}: {why}", self.settings.broker.url);
-                return Err(Failure::config(self.settings.name_source(why)));
+                let why = self.settings.name_source(why.to_string());
+                return Err(Failure::config(format!("{}: {why}", self.settings.broker.url)));
             }
             if std::mem::take(&mut self.interrupted) {
                 return Ok(Input::Interrupted);
