@@ -214,7 +214,7 @@ fn check_level(s: &str, max: usize) -> Result<(), String> {
     Ok(())
 }
 
-/// Retained on `ROOT/DEVICE/status`; the broker publishes `{"online":false}` as the last will.
+/// Retained on `ROOT/DEVICE/status`; the broker publishes `Status::offline()` as the last will.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Status {
     pub online: bool,
@@ -228,8 +228,15 @@ pub struct Status {
 }
 
 impl Status {
+    /// The last will and the clean-stop status: they keep `version` and `arch`, so an operator
+    /// still sees what an offline device runs.
     pub fn offline() -> Status {
-        Status { online: false, version: None, arch: None, since: None }
+        Status {
+            online: false,
+            version: Some(crate::VERSION.to_string()),
+            arch: Some(crate::TARGET.to_string()),
+            since: None,
+        }
     }
 
     /// The JSON payload; never empty (an empty retained message would delete the status).

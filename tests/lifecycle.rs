@@ -63,7 +63,7 @@ fn kill_9_leaves_the_will_and_no_seq_is_used_twice() {
     let d = "dev-will";
     let mut sub = Sub::builder(&broker, &status_topic(d)).also(&heartbeat_topic(d)).start();
     let mut agent = Agent::start(config(&broker, d, json!({})));
-    sub.expect_online(d, secs(15));
+    let online = sub.expect_online(d, secs(15));
     let last = seq(&sub.expect_live_heartbeat(d, secs(10)));
     agent.kill9();
     // The socket closes with the process: the broker sends the will at once (no keepalive wait).
@@ -71,7 +71,9 @@ fn kill_9_leaves_the_will_and_no_seq_is_used_twice() {
     let mut late = Sub::new(&broker, &status_topic(d));
     let m = late.expect("the retained status", secs(5), |_| true);
     assert!(m.retained, "the will is not retained: {m:?}");
-    assert_eq!(m.json(), Some(json!({"online": false})));
+    // The will keeps what the device runs, for `tetherctl devices` to show while it is away.
+    let offline = json!({"online": false, "version": online["version"], "arch": online["arch"]});
+    assert_eq!(m.json(), Some(offline));
 
     // The seq is not saved for each heartbeat, but a crash must not make it repeat. (A
     // heartbeat the broker took but whose PUBACK the killed agent never read is sent again:
@@ -130,14 +132,15 @@ fn sigterm_goes_offline_cleanly_and_seq_survives_restart() {
     let d = "dev-term";
     let mut sub = Sub::new(&broker, &format!("tether/{d}/#"));
     let mut agent = Agent::start(config(&broker, d, json!({})));
-    sub.expect_online(d, secs(15));
+    let online = sub.expect_online(d, secs(15));
     let last = seq(&sub.expect_live_heartbeat(d, secs(10)));
     let status = agent.term();
     assert_eq!(status.code(), Some(0), "SIGTERM: {}", describe(&status));
     sub.expect_offline(d, secs(5));
     let mut late = Sub::new(&broker, &status_topic(d));
     let m = late.expect("the retained status", secs(5), |_| true);
-    assert!(m.retained && m.json() == Some(json!({"online": false})), "{m:?}");
+    let offline = json!({"online": false, "version": online["version"], "arch": online["arch"]});
+    assert!(m.retained && m.json() == Some(offline), "{m:?}");
 
     agent.restart();
     sub.expect_online(d, secs(15));

@@ -48,13 +48,16 @@ pub struct ClientOptions {
     pub will: Option<Will>,
     /// Subscribed on every connect.
     pub subscriptions: Vec<String>,
-    /// At QoS 1 a stock Mosquitto delivers at most ~1,000 queued messages to a client and
-    /// drops the rest (`max_queued_messages`), a retained burst included; at QoS 0 it sends all.
-    pub subscription_qos: QoS,
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
     /// Bigger incoming packets are skipped and reported as `Event::Oversized`.
     pub max_packet: usize,
+    /// QoS of the subscriptions. QoS 0 suits a burst of retained messages: Mosquitto caps what
+    /// it queues for a client at QoS 1 (`max_queued_messages`), not at QoS 0.
+    pub subscription_qos: QoS,
+    /// Stop for good, instead of retrying, when the broker's certificate fails verification:
+    /// for a person at a terminal, who must fix the settings. See `Client::gave_up`.
+    pub give_up_on_rejected_certificate: bool,
 }
 
 #[derive(Debug)]
@@ -106,6 +109,7 @@ pub struct Client {
     ids: PacketIds,
     events: VecDeque<Event>,
     failures: u32,
+    gave_up: Option<String>,
 }
 
 impl Client {
@@ -122,6 +126,7 @@ impl Client {
             ids: PacketIds::default(),
             events: VecDeque::new(),
             failures: 0,
+            gave_up: None,
         }
     }
 
@@ -148,6 +153,11 @@ impl Client {
 
     fn has_send_room(&self) -> bool {
         self.is_up() && self.queued_bytes() < SEND_QUEUE_LIMIT
+    }
+
+    /// Why the client stopped for good (see `ClientOptions::give_up_on_rejected_certificate`).
+    pub fn gave_up(&self) -> Option<&str> {
+        self.gave_up.as_deref()
     }
 
     pub fn next_event(&mut self) -> Option<Event> {
@@ -232,6 +242,11 @@ impl Client {
             match dialer.advance(registry) {
                 Ok(Some(link)) => self.start_mqtt(link, deadline),
                 Ok(None) => {}
+                Err(e) if dialer.certificate_rejected() && self.opts.give_up_on_rejected_certificate => {
+                    self.drop_connection();
+                    self.state = State::Stopped;
+                    self.gave_up = Some(e);
+                }
                 Err(e) => self.fail(e),
             }
             return;

@@ -58,6 +58,7 @@ pub struct Dialer {
     addrs: VecDeque<SocketAddr>,
     stage: Stage,
     token: Token,
+    certificate_rejected: bool,
 }
 
 impl Dialer {
@@ -68,7 +69,8 @@ impl Dialer {
         registry: &Registry,
         token: Token,
     ) -> Result<Dialer, String> {
-        let mut dialer = Dialer { route, addrs: addrs.into(), stage: Stage::Failed, token };
+        let mut dialer =
+            Dialer { route, addrs: addrs.into(), stage: Stage::Failed, token, certificate_rejected: false };
         dialer.connect_next(registry, None)?;
         Ok(dialer)
     }
@@ -156,14 +158,23 @@ impl Dialer {
         ws_step(tungstenite::client::client(request, stream))
     }
 
-    fn tls_step(&self, mut tls: Box<StreamOwned<ClientConnection, TcpStream>>) -> Result<Step, String> {
+    /// Whether the attempt failed because the broker's certificate did not verify.
+    pub fn certificate_rejected(&self) -> bool {
+        self.certificate_rejected
+    }
+
+    fn tls_step(&mut self, mut tls: Box<StreamOwned<ClientConnection, TcpStream>>) -> Result<Step, String> {
         while tls.conn.is_handshaking() {
             let tls = &mut *tls;
             match tls.conn.complete_io(&mut tls.sock) {
                 Ok((0, 0)) => break,
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(describe_io(&e)),
+                Err(e) => {
+                    self.certificate_rejected =
+                        tls_error(&e).is_some_and(super::tls::is_certificate_rejection);
+                    return Err(describe_io(&e));
+                }
             }
         }
         if tls.conn.is_handshaking() {
@@ -259,7 +270,7 @@ fn tcp_connected(sock: &TcpStream) -> io::Result<bool> {
 
 /// Words for an I/O error, naming TLS causes when the error wraps one.
 pub fn describe_io(e: &io::Error) -> String {
-    if let Some(tls) = e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+    if let Some(tls) = tls_error(e) {
         return super::tls::describe_error(tls);
     }
     match e.kind() {
@@ -269,6 +280,10 @@ pub fn describe_io(e: &io::Error) -> String {
         io::ErrorKind::UnexpectedEof => "connection closed unexpectedly".into(),
         _ => e.to_string(),
     }
+}
+
+fn tls_error(e: &io::Error) -> Option<&rustls::Error> {
+    e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>())
 }
 
 fn describe_ws(e: tungstenite::Error) -> String {

@@ -45,10 +45,11 @@ impl ClientOptions {
             connect_timeout: Duration::from_secs(b.connect_timeout_s),
             will: None,
             subscriptions: Vec::new(),
-            subscription_qos: mqttbytes::QoS::AtLeastOnce,
             reconnect_min: Duration::from_secs(reconnect.min_s),
             reconnect_max: Duration::from_secs(reconnect.max_s),
             max_packet: DEFAULT_MAX_PACKET,
+            subscription_qos: mqttbytes::QoS::AtLeastOnce,
+            give_up_on_rejected_certificate: false,
         })
     }
 }

@@ -69,6 +69,12 @@ fn system_roots() -> Result<RootCertStore, String> {
     Ok(roots)
 }
 
+/// Whether the broker's certificate failed verification (unknown CA, wrong host name, expired...):
+/// trying again does not help until the settings, the broker or the clock change.
+pub fn is_certificate_rejection(err: &rustls::Error) -> bool {
+    matches!(err, rustls::Error::InvalidCertificate(_))
+}
+
 /// Says in words why a TLS connection failed; rustls' own texts name the cause but not the fix.
 pub fn describe_error(err: &rustls::Error) -> String {
     use rustls::CertificateError as C;

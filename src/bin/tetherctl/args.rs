@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use tether::protocol::check_device_id;
 
+use crate::help;
 use crate::settings::ConnFlags;
 use crate::Failure;
 
@@ -12,8 +13,11 @@ const DEFAULT_CMD_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, PartialEq)]
 pub enum Parsed {
-    Help,
+    /// The whole help, or one command's.
+    Help(Option<&'static str>),
     Version,
+    /// The bash completion script.
+    Completions,
     Run(Box<Args>),
 }
 
@@ -29,6 +33,7 @@ pub enum Command {
     Devices { json: bool },
     Watch { device: Option<String>, json: bool },
     Cmd(CmdRequest),
+    Cmds { device: String, json: bool, clear: Option<Clear> },
     Ops { device: String, json: bool },
 }
 
@@ -41,12 +46,38 @@ pub struct CmdRequest {
     pub queue: bool,
 }
 
+/// Which retained commands `cmds --clear` removes.
+#[derive(Debug, PartialEq)]
+pub enum Clear {
+    /// Pending, final and unreadable ones: all but those executing.
+    Idle,
+    Pending,
+    Final,
+    All,
+    /// These, given as `ID` or `OP/ID`, whatever their state.
+    Ids(Vec<String>),
+}
+
+/// The options of one command, as given; checked against the command once it is known.
+#[derive(Default)]
+struct CommandOptions {
+    /// Each option given, for the check.
+    given: Vec<&'static str>,
+    json_output: bool,
+    json_params: Option<String>,
+    timeout: Option<Duration>,
+    queue: bool,
+    clear: bool,
+    pending: bool,
+    final_only: bool,
+    all: bool,
+}
+
 pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed, Failure> {
     let mut conn = ConnFlags::default();
     let (mut verbose, mut help, mut version) = (false, false, false);
     let mut positionals: Vec<String> = Vec::new();
-    // Subcommand options, checked against the subcommand once it is known.
-    let (mut json_output, mut json_params, mut timeout, mut queue) = (false, None, None, false);
+    let mut opts = CommandOptions::default();
 
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
@@ -56,20 +87,10 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed, Failure> 
         };
         // `cmd` takes `--json PARAMS`; the other subcommands take `--json` alone.
         let after_cmd = positionals.first().is_some_and(|s| s == "cmd");
-        let takes_value = matches!(
-            name.as_str(),
-            "--broker"
-                | "--ca"
-                | "--cert"
-                | "--key"
-                | "--username"
-                | "--password-file"
-                | "--proxy"
-                | "--topic-root"
-                | "--config"
-                | "--connect-timeout"
-                | "--timeout"
-        ) || (name == "--json" && after_cmd);
+        let takes_value = help::FILE_OPTIONS.contains(&name.as_str())
+            || help::VALUE_OPTIONS.contains(&name.as_str())
+            || name == "--timeout"
+            || (name == "--json" && after_cmd);
         let value = match (takes_value, inline) {
             (true, Some(v)) => Some(v),
             (true, None) => Some(args.next().ok_or_else(|| Failure::usage(format!("{name} needs a value")))?),
@@ -87,13 +108,10 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed, Failure> 
             ("--topic-root", v) => conn.topic_root = v,
             ("--config", v) => conn.config = v,
             ("--connect-timeout", Some(v)) => conn.connect_timeout = Some(seconds(&name, &v)?),
-            ("--timeout", Some(v)) => timeout = Some(seconds(&name, &v)?),
-            ("--json", Some(v)) => json_params = Some(v),
-            ("--json", None) => json_output = true,
-            ("--queue", _) => queue = true,
             ("-v" | "--verbose", _) => verbose = true,
             ("-h" | "--help", _) => help = true,
             ("-V" | "--version", _) => version = true,
+            (flag, value) if flag.starts_with("--") => opts.set(flag, value)?,
             (flag, _) if flag.starts_with('-') && flag.len() > 1 => {
                 return Err(Failure::usage(format!("unknown option {flag}")))
             }
@@ -101,7 +119,8 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed, Failure> 
         }
     }
     if help {
-        return Ok(Parsed::Help);
+        let command = positionals.first().and_then(|name| help::find(name)).map(|c| c.name);
+        return Ok(Parsed::Help(command));
     }
     if version {
         return Ok(Parsed::Version);
@@ -110,15 +129,34 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed, Failure> 
     let Some((subcommand, operands)) = positionals.split_first() else {
         return Err(Failure::usage("no command given"));
     };
+    let Some(about) = help::find(subcommand) else {
+        return Err(Failure::usage(format!("unknown command {subcommand:?}")));
+    };
+    if let Some(option) = opts.given.iter().find(|o| !about.options.contains(o)) {
+        return Err(Failure::usage(format!("{subcommand} takes no {option}\nusage: {}", help::usage(about))));
+    }
     let wrong_arguments =
-        || Failure::usage(format!("{subcommand}: wrong arguments\nusage: {}", usage_of(subcommand)));
+        || Failure::usage(format!("{subcommand}: wrong arguments\nusage: {}", help::usage(about)));
+    let json = opts.json_output;
     let command = match (subcommand.as_str(), operands) {
-        ("devices", []) => Command::Devices { json: json_output },
-        ("watch", []) => Command::Watch { device: None, json: json_output },
-        ("watch", [device]) => Command::Watch { device: Some(device_id(device)?), json: json_output },
-        ("ops", [device]) => Command::Ops { device: device_id(device)?, json: json_output },
+        ("help", []) => return Ok(Parsed::Help(None)),
+        ("help", [name]) => match help::find(name) {
+            Some(c) => return Ok(Parsed::Help(Some(c.name))),
+            None => return Err(Failure::usage(format!("help: unknown command {name:?}"))),
+        },
+        ("completions", [shell]) if shell == "bash" => return Ok(Parsed::Completions),
+        ("completions", [shell]) => {
+            return Err(Failure::usage(format!("completions: {shell:?} is not supported; bash is")))
+        }
+        ("devices", []) => Command::Devices { json },
+        ("watch", []) => Command::Watch { device: None, json },
+        ("watch", [device]) => Command::Watch { device: Some(device_id(device)?), json },
+        ("ops", [device]) => Command::Ops { device: device_id(device)?, json },
+        ("cmds", [device, ids @ ..]) => {
+            Command::Cmds { device: device_id(device)?, json, clear: opts.clear_selection(ids)? }
+        }
         ("cmd", [device, op]) => {
-            if json_output {
+            if json {
                 return Err(Failure::usage("cmd: --json PARAMS goes after `cmd`"));
             }
             Command::Cmd(CmdRequest {
@@ -126,27 +164,85 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed, Failure> 
                 op: check_device_id(op)
                     .map(|()| op.clone())
                     .map_err(|e| Failure::usage(format!("OP {e}")))?,
-                params: params(json_params.as_deref())?,
-                timeout: timeout.unwrap_or(DEFAULT_CMD_TIMEOUT),
-                queue,
+                params: params(opts.json_params.as_deref())?,
+                timeout: opts.timeout.unwrap_or(DEFAULT_CMD_TIMEOUT),
+                queue: opts.queue,
             })
         }
-        ("devices" | "watch" | "ops" | "cmd", _) => return Err(wrong_arguments()),
-        (other, _) => return Err(Failure::usage(format!("unknown command {other:?}"))),
+        _ => return Err(wrong_arguments()),
     };
-    if !matches!(command, Command::Cmd(_)) && (timeout.is_some() || queue) {
-        return Err(Failure::usage(format!("--timeout and --queue are for cmd, not {subcommand}")));
-    }
     Ok(Parsed::Run(Box::new(Args { conn, verbose, command })))
 }
 
-/// The one-line usage of a subcommand, for its errors.
-fn usage_of(subcommand: &str) -> &'static str {
-    match subcommand {
-        "devices" => "tetherctl devices [--json]",
-        "watch" => "tetherctl watch [DEVICE] [--json]",
-        "ops" => "tetherctl ops DEVICE [--json]",
-        _ => "tetherctl cmd DEVICE OP [--json PARAMS] [--timeout S] [--queue]",
+impl CommandOptions {
+    fn set(&mut self, flag: &str, value: Option<String>) -> Result<(), Failure> {
+        let name = match (flag, value) {
+            ("--json", Some(v)) => {
+                self.json_params = Some(v);
+                "--json"
+            }
+            ("--json", None) => {
+                self.json_output = true;
+                "--json"
+            }
+            ("--timeout", Some(v)) => {
+                self.timeout = Some(seconds(flag, &v)?);
+                "--timeout"
+            }
+            ("--queue", _) => {
+                self.queue = true;
+                "--queue"
+            }
+            ("--clear", _) => {
+                self.clear = true;
+                "--clear"
+            }
+            ("--pending", _) => {
+                self.pending = true;
+                "--pending"
+            }
+            ("--final", _) => {
+                self.final_only = true;
+                "--final"
+            }
+            ("--all", _) => {
+                self.all = true;
+                "--all"
+            }
+            (flag, _) => return Err(Failure::usage(format!("unknown option {flag}"))),
+        };
+        self.given.push(name);
+        Ok(())
+    }
+
+    /// What `cmds --clear` is to clear; None: only list.
+    fn clear_selection(&self, ids: &[String]) -> Result<Option<Clear>, Failure> {
+        let narrowed = [(self.pending, "--pending"), (self.final_only, "--final"), (self.all, "--all")];
+        let narrowed: Vec<&str> = narrowed.iter().filter(|(on, _)| *on).map(|(_, name)| *name).collect();
+        if !self.clear {
+            return match (narrowed.first(), ids.is_empty()) {
+                (Some(option), _) => Err(Failure::usage(format!("cmds: {option} goes with --clear"))),
+                (None, false) => Err(Failure::usage("cmds: IDs go with --clear")),
+                (None, true) => Ok(None),
+            };
+        }
+        if narrowed.len() + usize::from(!ids.is_empty()) > 1 {
+            return Err(Failure::usage("cmds --clear: choose one of --pending, --final, --all or IDs"));
+        }
+        for given in ids {
+            let (op, id) = given.split_once('/').map_or((None, given.as_str()), |(op, id)| (Some(op), id));
+            op.into_iter()
+                .chain([id])
+                .try_for_each(check_device_id)
+                .map_err(|e| Failure::usage(format!("ID {e}")))?;
+        }
+        Ok(Some(match narrowed.first() {
+            Some(&"--pending") => Clear::Pending,
+            Some(&"--final") => Clear::Final,
+            Some(_) => Clear::All,
+            None if ids.is_empty() => Clear::Idle,
+            None => Clear::Ids(ids.to_vec()),
+        }))
     }
 }
 
@@ -217,6 +313,23 @@ mod tests {
     }
 
     #[test]
+    fn what_cmds_clears() {
+        let clear = |line: &str| match command(line) {
+            Command::Cmds { clear, .. } => clear,
+            other => panic!("{line}: {other:?}"),
+        };
+        assert_eq!(clear("cmds d1"), None);
+        assert_eq!(clear("cmds d1 --clear"), Some(Clear::Idle));
+        assert_eq!(clear("cmds d1 --clear --pending"), Some(Clear::Pending));
+        assert_eq!(clear("cmds d1 --final --clear"), Some(Clear::Final));
+        assert_eq!(clear("cmds d1 --clear --all"), Some(Clear::All));
+        assert_eq!(
+            clear("cmds d1 --clear 1-2 ping/3-4"),
+            Some(Clear::Ids(vec!["1-2".into(), "ping/3-4".into()]))
+        );
+    }
+
+    #[test]
     fn connection_flags_anywhere() {
         let Ok(Parsed::Run(args)) =
             parse_line("-v devices --broker=wss://b/mqtt --ca ca.pem --connect-timeout 3 --topic-root r")
@@ -228,7 +341,11 @@ mod tests {
         assert_eq!(args.conn.ca.as_deref(), Some("ca.pem"));
         assert_eq!(args.conn.topic_root.as_deref(), Some("r"));
         assert_eq!(args.conn.connect_timeout, Some(Duration::from_secs(3)));
-        assert_eq!(parse_line("devices --help").ok(), Some(Parsed::Help));
+        assert_eq!(parse_line("devices --help").ok(), Some(Parsed::Help(Some("devices"))));
+        assert_eq!(parse_line("--help").ok(), Some(Parsed::Help(None)));
+        assert_eq!(parse_line("help").ok(), Some(Parsed::Help(None)));
+        assert_eq!(parse_line("help cmds").ok(), Some(Parsed::Help(Some("cmds"))));
+        assert_eq!(parse_line("completions bash").ok(), Some(Parsed::Completions));
         assert_eq!(parse_line("-V").ok(), Some(Parsed::Version));
     }
 
@@ -246,7 +363,13 @@ mod tests {
         assert!(usage_error("cmd d1 ping --timeout 0").contains("positive"));
         assert!(usage_error("cmd d+ ping").contains("DEVICE"));
         assert!(usage_error("cmd d1 a/b").contains("OP"));
-        assert!(usage_error("devices --queue").contains("for cmd"));
+        assert!(usage_error("devices --queue").contains("devices takes no --queue"));
+        assert!(usage_error("help frobnicate").contains("unknown command"));
+        assert!(usage_error("completions zsh").contains("bash"));
+        assert!(usage_error("cmds d1 --all").contains("--all goes with --clear"));
+        assert!(usage_error("cmds d1 x").contains("IDs go with --clear"));
+        assert!(usage_error("cmds d1 --clear --final x").contains("choose one"));
+        assert!(usage_error("cmds d1 --clear a/b/c").contains("ID"));
         assert!(usage_error("devices --json=1").contains("takes no value"));
         assert!(usage_error("--json cmd d1 ping").contains("after `cmd`"));
     }

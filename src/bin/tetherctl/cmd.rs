@@ -1,6 +1,8 @@
 //! `tetherctl cmd`: one command to one device. The request is a retained `init` on its own
 //! topic, so a device that is connecting right now still finds it; the device answers on the
-//! same topic; the final answer is printed and the topic cleared so nothing stays behind.
+//! same topic; the final answer is printed and the topic cleared so nothing stays behind. A
+//! device without a retained status has never reported: the request is refused rather than
+//! left waiting for it, unless the operator asked for that (`--queue`).
 //! `tetherctl ops`: the ops a device advertises.
 
 use serde_json::Value;
@@ -12,7 +14,7 @@ use tether::protocol::{CommandState, Topics};
 
 use crate::args::CmdRequest;
 use crate::format;
-use crate::session::{command_id, snapshot, Input, Session};
+use crate::session::{command_id, snapshot, Input, Mode, Session};
 use crate::settings::Settings;
 use crate::{exit, print, Failure};
 
@@ -21,7 +23,7 @@ const REQUEST_TAG: u64 = 1;
 const CONFIRM_WITHIN: Duration = Duration::from_secs(5);
 
 /// What a message on the command's topic says.
-enum Answer {
+pub enum Answer {
     /// The request itself: ours, coming back.
     Request,
     Executing,
@@ -36,9 +38,20 @@ enum Answer {
 }
 
 pub fn run(settings: &Settings, req: &CmdRequest) -> Result<u8, Failure> {
-    let topic = Topics::new(&settings.topic_root, &req.device).command(&req.op, &command_id());
+    let topics = Topics::new(&settings.topic_root, &req.device);
+    let topic = topics.command(&req.op, &command_id());
     let request = CommandState::Init { params: req.params.clone() }.to_payload();
-    let mut session = Session::connect(settings, vec![topic.clone()])?;
+    let mut session = Session::connect(settings, vec![topic.clone(), topics.status()], Mode::Live)?;
+    let status = topics.status();
+    if !session.retained()?.iter().any(|m| m.topic == status && !m.payload.is_empty()) {
+        let never = format!("{} has never reported: no retained status on {status}", req.device);
+        if !req.queue {
+            session.close();
+            let hint = "check the device id, or use --queue to leave the command for when it appears";
+            return Err(Failure { code: exit::NO_DEVICE, message: format!("{never}; {hint}") });
+        }
+        eprintln!("tetherctl: {never}; the command waits for it (--queue)");
+    }
     log::debug!("request on {topic}");
     session.publish(&topic, &request, true, Some(REQUEST_TAG));
     let mut request_stored = false;
@@ -130,7 +143,7 @@ fn give_up(
     Ok(code)
 }
 
-fn classify(payload: &[u8]) -> Answer {
+pub fn classify(payload: &[u8]) -> Answer {
     if payload.is_empty() {
         return Answer::Cleared;
     }

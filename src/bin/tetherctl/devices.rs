@@ -10,7 +10,7 @@ use tether::protocol::{fleet_heartbeat_filter, fleet_status_filter, split_device
 use crate::format::{self, table};
 use crate::session::snapshot;
 use crate::settings::Settings;
-use crate::{exit, print, Failure};
+use crate::{exit, print, print_json, Failure};
 
 /// A device's retained messages, as JSON (or as a JSON string when they are not JSON).
 #[derive(Default)]
@@ -55,8 +55,7 @@ pub fn run(settings: &Settings, json: bool) -> Result<u8, Failure> {
         log::warn!("no device has a retained status or heartbeat under {root}/");
     }
     if json {
-        let text = serde_json::to_string_pretty(&rows).map_err(|e| Failure::error(e.to_string()))?;
-        print(&text)?;
+        print_json(&rows)?;
     } else {
         print(table(&table_rows(&rows)).trim_end())?;
     }

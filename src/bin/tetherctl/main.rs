@@ -3,8 +3,11 @@
 
 mod args;
 mod cmd;
+mod cmds;
+mod completions;
 mod devices;
 mod format;
+mod help;
 mod session;
 mod settings;
 mod watch;
@@ -14,50 +17,6 @@ use std::process::ExitCode;
 
 use args::{Command, Parsed};
 
-const HELP: &str = r#"tetherctl: look after a Tether fleet through its MQTT broker
-
-usage: tetherctl [OPTIONS] COMMAND [ARGS]
-
-commands:
-  devices [--json]     every device with a retained status or heartbeat: online, age of the
-                       last heartbeat, CPU, memory and first disk used, agent version
-  watch [DEVICE] [--json]
-                       heartbeats and status changes as they arrive (retained ones first,
-                       marked "(retained)") until Ctrl-C; --json: one JSON object per line
-  cmd DEVICE OP [--json PARAMS] [--timeout S] [--queue]
-                       runs OP on DEVICE and prints its final answer (JSON); PARAMS is a JSON
-                       object of parameters. Progress goes to stderr. Waits S seconds (default
-                       30); then the command is withdrawn, or with --queue kept (retained) for
-                       the device to run when it comes back, and its topic is printed
-  ops DEVICE [--json]  the ops DEVICE advertises
-
-connection (a flag wins over its environment variable, which wins over the --config file):
-  --broker URL           wss://, ws://, mqtts:// or mqtt://            TETHER_BROKER
-  --ca FILE              CA certificate(s) to trust (PEM); default:    TETHER_CA
-                         the system's. The broker's certificate is always verified.
-  --cert FILE --key FILE client certificate and key (mutual TLS)      TETHER_CERT TETHER_KEY
-  --username NAME                                                      TETHER_USERNAME
-  --password-file FILE   file holding the password                     TETHER_PASSWORD_FILE
-  --proxy URL            HTTP proxy: http://[USER:PASSWORD@]HOST[:PORT] TETHER_PROXY
-  --topic-root ROOT      default "tether"                              TETHER_TOPIC_ROOT
-  --config FILE          JSON: {"broker": {...}, "topic_root": "..."}  TETHER_CONFIG
-                         ("broker" as in the agent's config; errors name its keys)
-  --connect-timeout S    give up connecting after S seconds (default 10)
-
-other options:
-  -v, --verbose          debug logging (default: warnings; RUST_LOG works too)
-  -h, --help             this help
-  -V, --version          tetherctl's version
-
-exit status:
-  0    success
-  1    cmd: the device answered "failed"; or another error
-  2    cmd: no final answer within --timeout
-  3    could not connect to the broker within --connect-timeout
-  64   bad command line
-  78   bad connection settings (broker URL, certificate, key or password file, config file)
-  130  interrupted (Ctrl-C) before finishing; watch exits 0 on Ctrl-C"#;
-
 /// Exit statuses; scripts rely on them, the help text lists them.
 pub mod exit {
     pub const SUCCESS: u8 = 0;
@@ -65,6 +24,8 @@ pub mod exit {
     pub const TIMED_OUT: u8 = 2;
     pub const NO_BROKER: u8 = 3;
     pub const USAGE: u8 = 64;
+    /// `cmd` to a device that has never reported (sysexits' "addressee unknown").
+    pub const NO_DEVICE: u8 = 67;
     pub const CONFIG: u8 = 78;
     pub const INTERRUPTED: u8 = 130;
 }
@@ -99,6 +60,16 @@ pub fn print(text: &str) -> Result<(), Failure> {
         .map_err(|e| Failure::error(format!("stdout: {e}")))
 }
 
+/// `value` as pretty JSON on stdout, written as it is made: a fleet's can be tens of megabytes.
+pub fn print_json(value: &impl serde::Serialize) -> Result<(), Failure> {
+    let mut stdout = std::io::BufWriter::new(std::io::stdout().lock());
+    serde_json::to_writer_pretty(&mut stdout, value)
+        .map_err(std::io::Error::from)
+        .and_then(|()| writeln!(stdout))
+        .and_then(|()| stdout.flush())
+        .map_err(|e| Failure::error(format!("stdout: {e}")))
+}
+
 fn main() -> ExitCode {
     let code = match run() {
         Ok(code) => code,
@@ -115,8 +86,12 @@ fn main() -> ExitCode {
 
 fn run() -> Result<u8, Failure> {
     let args = match args::parse(std::env::args().skip(1))? {
-        Parsed::Help => {
-            print(HELP)?;
+        Parsed::Help(command) => {
+            print(&help::text(command.and_then(help::find)))?;
+            return Ok(exit::SUCCESS);
+        }
+        Parsed::Completions => {
+            print(&completions::bash())?;
             return Ok(exit::SUCCESS);
         }
         Parsed::Version => {
@@ -132,5 +107,6 @@ fn run() -> Result<u8, Failure> {
         Command::Watch { device, json } => watch::run(&settings, device.as_deref(), *json),
         Command::Cmd(request) => cmd::run(&settings, request),
         Command::Ops { device, json } => cmd::list_ops(&settings, device, *json),
+        Command::Cmds { device, json, clear } => cmds::run(&settings, device, *json, clear.as_ref()),
     }
 }

@@ -3,6 +3,7 @@
 
 use mio::{Events, Poll, Token, Waker};
 use mqttbytes::v4::Publish;
+use mqttbytes::QoS;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -20,8 +21,9 @@ const SIGNALS: Token = Token(2);
 /// Retries while connecting come quickly: someone is waiting at the terminal.
 const RECONNECT_MIN: Duration = Duration::from_secs(1);
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
-/// Longest a snapshot waits for its probe before it settles for what has come.
-const SNAPSHOT_LIMIT: Duration = Duration::from_secs(5);
+/// Longest the broker may stay silent before the probe is back; a long burst of retained
+/// messages is fine as long as it keeps coming.
+const PROBE_SILENCE_LIMIT: Duration = Duration::from_secs(5);
 const PROBE_TAG: u64 = u64::MAX;
 
 pub enum Input {
@@ -31,26 +33,38 @@ pub enum Input {
     TimedOut,
 }
 
+/// How the session subscribes: `Snapshot` (QoS 0) for reading the retained messages of a whole
+/// fleet, which Mosquitto would cut at `max_queued_messages` at QoS 1; `Live` (QoS 1) for
+/// messages that must not be lost while they come one by one.
+#[derive(Clone, Copy, PartialEq)]
+pub enum Mode {
+    Snapshot,
+    Live,
+}
+
 pub struct Session {
     poll: Poll,
     events: Events,
     signals: Signals,
     client: Client,
     interrupted: bool,
+    /// A topic of this session's own, subscribed with the others: see `retained`.
+    probe: String,
+    settings: Settings,
 }
 
 impl Session {
     /// Connects and subscribes; fails with exit 3 when the broker cannot be reached within the
-    /// connect timeout (the client has logged why at each attempt).
-    pub fn connect(settings: &Settings, subscriptions: Vec<String>) -> Result<Session, Failure> {
-        Session::connect_as(settings, client_id(), subscriptions)
-    }
-
-    fn connect_as(
+    /// connect timeout (the client has logged why at each attempt), or 78 at once when the
+    /// broker's certificate fails verification.
+    pub fn connect(
         settings: &Settings,
-        client_id: String,
-        subscriptions: Vec<String>,
+        mut subscriptions: Vec<String>,
+        mode: Mode,
     ) -> Result<Session, Failure> {
+        let client_id = client_id();
+        let probe = format!("{}/_tetherctl/{client_id}", settings.topic_root);
+        subscriptions.push(probe.clone());
         let opts = ClientOptions {
             subscriptions,
             connect_timeout: settings
@@ -58,6 +72,11 @@ impl Session {
                 .min(Duration::from_secs(settings.broker.connect_timeout_s)),
             reconnect_min: RECONNECT_MIN,
             reconnect_max: RECONNECT_MAX,
+            subscription_qos: match mode {
+                Mode::Snapshot => QoS::AtMostOnce,
+                Mode::Live => QoS::AtLeastOnce,
+            },
+            give_up_on_rejected_certificate: true,
             ..ClientOptions::for_broker(&settings.broker, client_id)
                 .map_err(|e| Failure::config(settings.name_source(e)))?
         };
@@ -67,8 +86,15 @@ impl Session {
         let signals = Signals::install(poll.registry(), SIGNALS)
             .map_err(|e| Failure::error(format!("signals: {e}")))?;
         let client = Client::new(opts, Arc::new(waker), BROKER);
-        let mut session =
-            Session { poll, events: Events::with_capacity(16), signals, client, interrupted: false };
+        let mut session = Session {
+            poll,
+            events: Events::with_capacity(16),
+            signals,
+            client,
+            interrupted: false,
+            probe,
+            settings: settings.clone(),
+        };
 
         let deadline = Instant::now() + settings.connect_timeout;
         loop {
@@ -90,6 +116,10 @@ impl Session {
     /// The next thing that happens: an event of the client, a signal, or `deadline` passing.
     pub fn next(&mut self, deadline: Option<Instant>) -> Result<Input, Failure> {
         loop {
+            if let Some(why) = self.client.gave_up() {
+                let why = self.settings.name_source(why.to_string());
+                return Err(Failure::config(format!("{}: {why}", self.settings.broker.url)));
+            }
             if std::mem::take(&mut self.interrupted) {
                 return Ok(Input::Interrupted);
             }
@@ -151,47 +181,52 @@ impl Session {
         }
     }
 
+    /// The messages retained on the session's subscriptions (and any published meanwhile), in
+    /// the order the broker sent them; an empty payload means the topic was cleared. Their end
+    /// is marked by a probe to the session's own topic, published now: the broker sends a
+    /// client's messages in order, so they all came before it. Fails rather than return a
+    /// part: when the probe does not come back, or the connection drops and the broker does
+    /// not send them all again in time.
+    pub fn retained(&mut self) -> Result<Vec<Publish>, Failure> {
+        let probe = self.probe.clone();
+        self.publish(&probe, b"probe", false, Some(PROBE_TAG));
+        let mut messages = Vec::new();
+        loop {
+            match self.next(Some(Instant::now() + PROBE_SILENCE_LIMIT))? {
+                Input::Client(Event::Message(p)) if p.topic == probe => return Ok(messages),
+                Input::Client(Event::Message(p)) => messages.push(p),
+                // Reconnected: the retained messages come again, and so must the probe.
+                Input::Client(Event::Connected) => {
+                    messages.clear();
+                    self.publish(&probe, b"probe", false, Some(PROBE_TAG));
+                }
+                Input::Client(Event::Oversized { topic, size }) => {
+                    log::warn!("{topic}: skipped a message of {size} bytes, too big")
+                }
+                Input::Client(_) => {}
+                Input::Interrupted => return Err(Failure::interrupted()),
+                Input::TimedOut => {
+                    return Err(Failure::error(format!(
+                        "the broker went silent for {} s before returning tetherctl's probe on {probe}: \
+                         the list would be incomplete (does the broker's ACL let tetherctl publish and \
+                         subscribe there?)",
+                        PROBE_SILENCE_LIMIT.as_secs()
+                    )))
+                }
+            }
+        }
+    }
+
     /// A clean goodbye.
     pub fn close(mut self) {
         self.client.disconnect();
     }
 }
 
-/// The messages retained on `filters` now (and any published meanwhile), in the order the
-/// broker sent them; an empty payload means the topic was cleared. The end of the retained
-/// messages is marked by a probe to a topic of tetherctl's own, published after subscribing:
-/// the broker sends a client's messages in order (all at QoS 1 here), so they all came before it.
-pub fn snapshot(settings: &Settings, mut filters: Vec<String>) -> Result<Vec<Publish>, Failure> {
-    let id = client_id();
-    let probe = format!("{}/_tetherctl/{id}", settings.topic_root);
-    filters.push(probe.clone());
-    let mut session = Session::connect_as(settings, id, filters)?;
-    session.publish(&probe, b"probe", false, Some(PROBE_TAG));
-    let deadline = Instant::now() + SNAPSHOT_LIMIT;
-    let mut messages = Vec::new();
-    loop {
-        match session.next(Some(deadline))? {
-            Input::Client(Event::Message(p)) if p.topic == probe => break,
-            Input::Client(Event::Message(p)) => messages.push(p),
-            // Reconnected: the retained messages come again, and so must the probe.
-            Input::Client(Event::Connected) => {
-                session.publish(&probe, b"probe", false, Some(PROBE_TAG));
-            }
-            Input::Client(Event::Oversized { topic, size }) => {
-                log::warn!("{topic}: skipped a message of {size} bytes, too big")
-            }
-            Input::Client(_) => {}
-            Input::Interrupted => return Err(Failure::interrupted()),
-            Input::TimedOut => {
-                log::warn!(
-                    "the broker did not return tetherctl's probe on {probe} within {} s \
-                     (does its ACL allow it?): showing what arrived by then",
-                    SNAPSHOT_LIMIT.as_secs()
-                );
-                break;
-            }
-        }
-    }
+/// What is retained on `filters` now: see `Session::retained`.
+pub fn snapshot(settings: &Settings, filters: Vec<String>) -> Result<Vec<Publish>, Failure> {
+    let mut session = Session::connect(settings, filters, Mode::Snapshot)?;
+    let messages = session.retained()?;
     session.close();
     Ok(messages)
 }

@@ -28,35 +28,77 @@ pub struct ConnFlags {
     pub connect_timeout: Option<Duration>,
 }
 
+#[derive(Clone)]
 pub struct Settings {
     pub broker: BrokerConfig,
     pub topic_root: String,
     /// How long tetherctl tries to reach the broker before it gives up (exit 3).
     pub connect_timeout: Duration,
-    /// Where each broker setting given by flag or environment came from: (config key, flag or
-    /// variable name), so an error names what the user typed.
+    /// The settings given by flag or environment: (config key, flag or variable name), so an
+    /// error names what the user typed.
     sources: Vec<(&'static str, &'static str)>,
     config_path: Option<String>,
 }
 
+/// The config keys tetherctl takes from flags, with the flag that sets each: an error about a
+/// key the user did not give names the flag they would use.
+const FLAGS: [(&str, &str); 8] = [
+    ("broker.url", "--broker"),
+    ("broker.ca_file", "--ca"),
+    ("broker.cert_file", "--cert"),
+    ("broker.key_file", "--key"),
+    ("broker.username", "--username"),
+    ("broker.password_file", "--password-file"),
+    ("broker.proxy", "--proxy"),
+    ("topic_root", "--topic-root"),
+];
+
 impl Settings {
-    /// Rewrites a broker setting error ("broker.ca_file: ...") to name where the setting came
-    /// from: the flag ("--ca: ..."), the variable ("TETHER_CA: ..."), or the config file.
+    /// Rewrites an error about config keys ("broker.cert_file and broker.key_file go together")
+    /// to name what the user typed: the flag ("--cert"), the variable ("TETHER_CERT"), or the
+    /// config file the key is in ("config FILE: broker.cert_file ..."). A key given nowhere is
+    /// named by its flag.
     pub fn name_source(&self, message: String) -> String {
-        for (key, given_as) in &self.sources {
-            if let Some(rest) = message.strip_prefix(key).filter(|rest| rest.starts_with(':')) {
-                return format!("{given_as}{rest}");
+        let mut message = message;
+        let mut from_file = false;
+        for (key, flag) in FLAGS {
+            if !message.contains(key) {
+                continue;
+            }
+            let given_as = self.sources.iter().find(|(k, _)| *k == key).map(|(_, given_as)| *given_as);
+            match given_as {
+                Some(given_as) => message = message.replace(key, given_as),
+                None if self.in_config_file(key) => from_file = true,
+                None => message = message.replace(key, flag),
             }
         }
+        let other_file_key = message.starts_with("broker.");
         match &self.config_path {
-            Some(path) if message.starts_with("broker.") => format!("config {path}: {message}"),
+            Some(path) if from_file || other_file_key => format!("config {path}: {message}"),
             _ => message,
         }
     }
+
+    /// Whether the config file set `key` (it is set, and no flag or variable did).
+    fn in_config_file(&self, key: &str) -> bool {
+        let b = &self.broker;
+        self.config_path.is_some()
+            && match key {
+                "broker.url" => true,
+                "broker.ca_file" => b.ca_file.is_some(),
+                "broker.cert_file" => b.cert_file.is_some(),
+                "broker.key_file" => b.key_file.is_some(),
+                "broker.username" => b.username.is_some(),
+                "broker.password_file" => b.password_file.is_some(),
+                "broker.proxy" => b.proxy.is_some(),
+                _ => self.topic_root != DEFAULT_TOPIC_ROOT,
+            }
+    }
 }
 
+/// What tetherctl reads from a config file: the agent's own file works (its other keys are the
+/// device's business and ignored), as does a file with just these two.
 #[derive(Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct ConfigFile {
     #[serde(default)]
     broker: Option<BrokerConfig>,
@@ -111,7 +153,8 @@ pub fn resolve(flags: &ConnFlags, env: &dyn Fn(&str) -> Option<String>) -> Resul
         config_path,
     };
     settings.broker.validate().map_err(|e| Failure::config(settings.name_source(e.to_string())))?;
-    check_topic_root(&settings.topic_root).map_err(|e| Failure::config(format!("topic root: {e}")))?;
+    check_topic_root(&settings.topic_root)
+        .map_err(|e| Failure::config(settings.name_source(format!("topic_root: {e}"))))?;
     Ok(settings)
 }
 
@@ -197,12 +240,48 @@ mod tests {
     }
 
     #[test]
-    fn unknown_keys_in_the_file_are_errors() {
+    fn errors_about_two_keys_name_both_as_the_user_gave_them() {
+        let message = |flags: ConnFlags, vars: &[(&str, &str)]| {
+            resolve(&flags, &env(vars)).err().map(|e| e.message).unwrap_or_default()
+        };
+        let cert_only = ConnFlags {
+            broker: Some("mqtts://h".into()),
+            cert: Some("/etc/hostname".into()),
+            ..Default::default()
+        };
+        assert_eq!(message(cert_only, &[]), "--cert and --key go together");
+        let key_by_env = ConnFlags { broker: Some("mqtts://h".into()), ..Default::default() };
+        assert_eq!(
+            message(key_by_env, &[("TETHER_KEY", "/etc/hostname")]),
+            "--cert and TETHER_KEY go together"
+        );
+        let password_only = ConnFlags {
+            broker: Some("mqtt://h".into()),
+            password_file: Some("/etc/hostname".into()),
+            ..Default::default()
+        };
+        assert_eq!(message(password_only, &[]), "--password-file needs --username");
+        let bad_root = ConnFlags {
+            broker: Some("mqtt://h".into()),
+            topic_root: Some("a/+".into()),
+            ..Default::default()
+        };
+        assert!(message(bad_root, &[]).starts_with("--topic-root: \"+\""));
+    }
+
+    #[test]
+    fn the_agents_own_config_file_gives_broker_and_topic_root() {
         let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("ctl.json");
-        std::fs::write(&config, r#"{"broker":{"url":"mqtt://h"},"device_id":"x"}"#).unwrap();
+        let config = dir.path().join("agent.json");
+        std::fs::write(
+            &config,
+            r#"{"broker":{"url":"mqtt://h","username":"u"},"topic_root":"fleet","device_id":"x",
+                "heartbeat":{"interval_s":5},"state_dir":"/var/lib/tether"}"#,
+        )
+        .unwrap();
         let flags = ConnFlags { config: Some(config.to_str().unwrap().into()), ..Default::default() };
-        let e = resolve(&flags, &env(&[])).err().unwrap();
-        assert!(e.message.contains("unknown field `device_id`"), "{}", e.message);
+        let s = resolve(&flags, &env(&[])).unwrap();
+        assert_eq!((s.broker.url.as_str(), s.topic_root.as_str()), ("mqtt://h", "fleet"));
+        assert_eq!(s.broker.username.as_deref(), Some("u"));
     }
 }

@@ -11,7 +11,7 @@ use tether::protocol::{
 };
 
 use crate::format::{self, heartbeat_line, status_line};
-use crate::session::{Input, Session};
+use crate::session::{Input, Mode, Session};
 use crate::settings::Settings;
 use crate::{exit, Failure};
 use tether::net::client::Event;
@@ -25,7 +25,7 @@ pub fn run(settings: &Settings, device: Option<&str>, json: bool) -> Result<u8, 
         }
         None => vec![fleet_status_filter(root), fleet_heartbeat_filter(root)],
     };
-    let mut session = Session::connect(settings, filters)?;
+    let mut session = Session::connect(settings, filters, Mode::Live)?;
     let mut stdout = std::io::stdout().lock();
     loop {
         let line = match session.next(None)? {

@@ -1,0 +1,173 @@
+//! What tetherctl says about itself: `--help`, `help [COMMAND]`, `COMMAND --help`, the usage
+//! line of a usage error, and the words shell completion offers all come from the tables here.
+
+pub struct CommandHelp {
+    pub name: &'static str,
+    /// Arguments after the name, for the usage line.
+    pub args: &'static str,
+    /// Options of this command alone (connection options go with every command).
+    pub options: &'static [&'static str],
+    pub about: &'static str,
+}
+
+pub const COMMANDS: &[CommandHelp] = &[
+    CommandHelp {
+        name: "devices",
+        args: "[--json]",
+        options: &["--json"],
+        about: "every device with a retained status or heartbeat: online, age of the last
+heartbeat, CPU, memory and first disk used, agent version (kept while the device
+is offline). Fails (exit 1) rather than show a list it cannot know is complete.",
+    },
+    CommandHelp {
+        name: "watch",
+        args: "[DEVICE] [--json]",
+        options: &["--json"],
+        about: "heartbeats and status changes as they arrive (retained ones first, marked
+\"(retained)\") until Ctrl-C; --json: one JSON object per line",
+    },
+    CommandHelp {
+        name: "cmd",
+        args: "DEVICE OP [--json PARAMS] [--timeout S] [--queue]",
+        options: &["--json", "--timeout", "--queue"],
+        about: "runs OP on DEVICE and prints its final answer (JSON); PARAMS is a JSON object
+of parameters. Progress goes to stderr. Waits S seconds (default 30); then the
+command is withdrawn, or with --queue kept (retained) for the device to run
+when it comes back, and its topic is printed. A DEVICE that has never reported
+(no retained status) is refused at once (exit 67), unless --queue: then the
+command waits for it.",
+    },
+    CommandHelp {
+        name: "cmds",
+        args: "DEVICE [--json] [--clear [--pending|--final|--all|ID...]]",
+        options: &["--json", "--clear", "--pending", "--final", "--all"],
+        about: "the commands retained for DEVICE: pending (sent, not started), executing, and
+final (answered, not cleared), oldest first. --clear removes them from the
+broker: by default the pending and final ones and any unreadable one, never an
+executing one; --pending or --final: only those; --all: executing ones too;
+ID... (or OP/ID...): exactly those, whatever their state. Prints what it
+cleared; an ID that is not there is an error and nothing is cleared.",
+    },
+    CommandHelp {
+        name: "ops",
+        args: "DEVICE [--json]",
+        options: &["--json"],
+        about: "the ops DEVICE advertises",
+    },
+    CommandHelp {
+        name: "completions",
+        args: "bash",
+        options: &[],
+        about: "prints a bash completion script: commands, options, and device ids
+(asked of the broker as you type). Install it with
+  tetherctl completions bash > /etc/bash_completion.d/tetherctl
+or for yourself: source <(tetherctl completions bash) in ~/.bashrc",
+    },
+    CommandHelp { name: "help", args: "[COMMAND]", options: &[], about: "this help, or COMMAND's" },
+];
+
+/// Connection options that take a file name, and those that take another value.
+pub const FILE_OPTIONS: &[&str] = &["--ca", "--cert", "--key", "--password-file", "--config"];
+pub const VALUE_OPTIONS: &[&str] =
+    &["--broker", "--username", "--proxy", "--topic-root", "--connect-timeout"];
+
+/// Options every command takes: the connection and the output.
+pub const COMMON_OPTIONS: &[&str] = &[
+    "--broker",
+    "--ca",
+    "--cert",
+    "--key",
+    "--username",
+    "--password-file",
+    "--proxy",
+    "--topic-root",
+    "--config",
+    "--connect-timeout",
+    "--verbose",
+    "--help",
+];
+
+const HEADER: &str = "tetherctl: look after a Tether fleet through its MQTT broker
+
+usage: tetherctl [OPTIONS] COMMAND [ARGS]
+       tetherctl help [COMMAND]     COMMAND --help works too
+
+commands:";
+
+const FOOTER: &str = r#"connection (a flag wins over its environment variable, which wins over the --config file):
+  --broker URL           wss://, ws://, mqtts:// or mqtt://            TETHER_BROKER
+  --ca FILE              CA certificate(s) to trust (PEM); default:    TETHER_CA
+                         the system's. The broker's certificate is always verified.
+  --cert FILE --key FILE client certificate and key (mutual TLS)      TETHER_CERT TETHER_KEY
+  --username NAME                                                      TETHER_USERNAME
+  --password-file FILE   file holding the password                     TETHER_PASSWORD_FILE
+  --proxy URL            HTTP proxy: http://[USER:PASSWORD@]HOST[:PORT] TETHER_PROXY
+  --topic-root ROOT      default "tether"                              TETHER_TOPIC_ROOT
+  --config FILE          JSON: the agent's own config file works;      TETHER_CONFIG
+                         tetherctl takes its "broker" and "topic_root"
+  --connect-timeout S    give up connecting after S seconds (default 10)
+
+other options:
+  -v, --verbose          debug logging (default: warnings; RUST_LOG works too)
+  -h, --help             this help
+  -V, --version          tetherctl's version
+
+exit status:
+  0    success
+  1    cmd: the device answered "failed"; devices, ops, cmds: the list could not be
+       known complete; or another error
+  2    cmd: no final answer within --timeout
+  3    could not connect to the broker within --connect-timeout
+  64   bad command line
+  67   cmd: the device has never reported (no retained status); see --queue
+  78   bad connection settings (broker URL, certificate, key or password file, config
+       file), or the broker's certificate failed verification (unknown CA, wrong host
+       name, expired)
+  130  interrupted (Ctrl-C) before finishing; watch exits 0 on Ctrl-C"#;
+
+pub fn find(name: &str) -> Option<&'static CommandHelp> {
+    COMMANDS.iter().find(|c| c.name == name)
+}
+
+/// `tetherctl devices [--json]`
+pub fn usage(command: &CommandHelp) -> String {
+    format!("tetherctl {} {}", command.name, command.args)
+}
+
+/// The whole help, or one command's.
+pub fn text(command: Option<&CommandHelp>) -> String {
+    match command {
+        Some(c) => format!(
+            "usage: {}\n\n{}\n\nConnection options, environment and exit status: tetherctl help",
+            usage(c),
+            c.about
+        ),
+        None => {
+            let mut text = HEADER.to_string();
+            for c in COMMANDS {
+                text += &format!("\n  {} {}\n", c.name, c.args);
+                for line in c.about.lines() {
+                    text += &format!("      {line}\n");
+                }
+            }
+            format!("{text}\n{FOOTER}")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_command_has_its_help_and_the_whole_help_lists_them_all() {
+        let all = text(None);
+        for c in COMMANDS {
+            assert!(all.contains(&format!("\n  {} {}\n", c.name, c.args)), "{}", c.name);
+            let one = text(find(c.name));
+            assert!(one.starts_with(&format!("usage: tetherctl {} ", c.name)), "{one}");
+            assert!(c.options.iter().all(|o| c.args.contains(o)), "{}: options in the usage", c.name);
+        }
+        assert!(all.contains("exit status:") && all.contains("  67 "), "{all}");
+    }
+}
