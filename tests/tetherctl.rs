@@ -232,7 +232,7 @@ fn cmd_ping_succeeds_and_leaves_nothing_retained() {
         serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", stdout(&out)));
     assert_eq!(answer["status"], "successful");
     assert_eq!(answer["result"]["version"], VERSION);
-    assert!(stderr(&out).contains("executing"), "progress on stderr: {}", stderr(&out));
+    // ping is instant: straight to its final state, with no executing in between.
     assert_eq!(retained(&broker, "tether/dev1/cmd/ping/+"), vec![], "the command topic is cleared");
 
     let out = ctl(&["--broker", &url, "cmd", "dev1", "nope"]);

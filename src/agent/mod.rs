@@ -222,6 +222,8 @@ impl Agent {
                 Err(e) => return log::error!("reload refused, keeping the running config: {e}"),
             }
         }
+        // Config::load refused a bad level already.
+        let _ = crate::logging::set_config_level(new.log_level.as_deref());
         self.heartbeat.reconfigure(&new.heartbeat);
         self.outbox.set_limits(new.offline_buffer.clone());
         self.config = new;

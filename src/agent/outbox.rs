@@ -226,7 +226,7 @@ impl Outbox {
             for entry in
                 self.entries.iter_mut().filter(|e| !e.sent && (e.kind == Kind::Heartbeat) == heartbeats)
             {
-                if !client.is_up() || client.inflight() >= WINDOW {
+                if !client.can_publish() || client.inflight() >= WINDOW {
                     return;
                 }
                 entry.sent = client.publish(&entry.topic, &entry.payload, entry.retain, Some(entry.id));

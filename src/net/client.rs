@@ -802,6 +802,8 @@ mod tests {
             reconnect_min: Duration::from_secs(1),
             reconnect_max: Duration::from_secs(2),
             max_packet: 1024,
+            subscription_qos: QoS::AtLeastOnce,
+            give_up_on_rejected_certificate: false,
         };
         let poll = mio::Poll::new().unwrap();
         let waker = Arc::new(mio::Waker::new(poll.registry(), Token(1)).unwrap());
