@@ -203,7 +203,7 @@ fn long_ids_are_refused_without_being_stored() {
     let broker = Broker::start_default();
     let d = "dev-longids";
     let config = broker.agent_config(d);
-    let mut sub = Sub::new(&broker, &format!("tether/{d}/#"));
+    let mut sub = Sub::builder(&broker, &status_topic(d)).also(&heartbeat_topic(d)).start();
     let agent = Agent::start(config);
     sub.expect_online(d, secs(15));
     sub.expect_live_heartbeat(d, secs(5));
@@ -228,7 +228,8 @@ fn long_ids_are_refused_without_being_stored() {
         .sum();
     println!("RSS {rss_before} kB before, {rss_after} kB after; state files {state_bytes} bytes");
     assert!(state_bytes < 4096, "the ids were stored: {state_bytes} bytes in the state dir");
-    assert!(rss_after < rss_before + 4096, "RSS grew from {rss_before} kB to {rss_after} kB");
+    // Before: 200 such ids took RSS from 3.3 to 48 MB for good.
+    assert!(rss_after < rss_before + 3072, "RSS grew from {rss_before} kB to {rss_after} kB");
     let longest = agent.log().lines().map(str::len).max().unwrap_or(0);
     assert!(longest < 1000, "a log line of {longest} bytes");
 }

@@ -42,6 +42,38 @@ pub struct Commands {
     /// Commands that change the device, recorded `executing` and started once that record is
     /// on disk (`commit`): a crash between the two must not let one run again.
     to_start: Vec<(Key, Vec<String>)>,
+    /// Requests answered with a refusal lately (hashes of topic and payload): the same request
+    /// seen again, e.g. in a retained replay that was under way when it was answered, is not
+    /// answered twice.
+    refused: RecentSet,
+}
+
+/// The last `RECENT_REFUSALS` hashes, in a bounded ring.
+struct RecentSet {
+    ring: std::collections::VecDeque<u64>,
+}
+
+const RECENT_REFUSALS: usize = 4096;
+
+impl RecentSet {
+    fn insert(&mut self, hash: u64) -> bool {
+        if self.ring.contains(&hash) {
+            return false;
+        }
+        if self.ring.len() == RECENT_REFUSALS {
+            self.ring.pop_front();
+        }
+        self.ring.push_back(hash);
+        true
+    }
+}
+
+fn request_hash(topic: &str, payload: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    topic.hash(&mut hasher);
+    payload.hash(&mut hasher);
+    hasher.finish()
 }
 
 impl Commands {
@@ -53,6 +85,7 @@ impl Commands {
             workers: Workers::new(waker),
             awaiting_heartbeat: Vec::new(),
             to_start: Vec::new(),
+            refused: RecentSet { ring: std::collections::VecDeque::new() },
         }
     }
 
@@ -109,22 +142,22 @@ impl Commands {
         let request = match self.read_request(topic, id, payload) {
             Ok(Some(params)) => params,
             Ok(None) => return,
-            Err(reason) => return self.refuse(topic, op_name, id, reason, ctx.outbox),
+            Err(reason) => return self.refuse(topic, payload, op_name, id, reason, ctx.outbox),
         };
         let Some(key) = key else {
             let names: Vec<&str> = OPS.iter().map(|s| s.name).collect();
             let reason = format!("unknown op \"{op_name}\" (this agent runs: {})", names.join(", "));
-            return self.refuse(topic, op_name, id, reason, ctx.outbox);
+            return self.refuse(topic, payload, op_name, id, reason, ctx.outbox);
         };
         if let Err(reason) = key.op.spec().check_params(&request) {
-            return self.refuse(topic, op_name, id, reason, ctx.outbox);
+            return self.refuse(topic, payload, op_name, id, reason, ctx.outbox);
         }
         if self.ledger.is_full() {
             let reason = format!(
                 "too many commands not cleared ({MAX_OPEN_COMMANDS}): clear finished ones (empty retained \
                  message on their topic) and send this again under a new id"
             );
-            return self.refuse(topic, op_name, id, reason, ctx.outbox);
+            return self.refuse(topic, payload, op_name, id, reason, ctx.outbox);
         }
         self.execute(key, ctx);
     }
@@ -134,7 +167,7 @@ impl Commands {
         let Some((op_name, id)) = self.topics.parse_command(topic) else { return };
         let known = Op::from_name(op_name).is_some_and(|op| self.ledger.get(&Key::new(op, id)).is_some());
         if !known {
-            self.refuse(topic, op_name, id, too_large(size), outbox);
+            self.refuse(topic, &size.to_le_bytes(), op_name, id, too_large(size), outbox);
         }
     }
 
@@ -319,7 +352,21 @@ impl Commands {
     }
 
     /// Answers `failed` to a request that will not run, without recording it.
-    fn refuse(&mut self, topic: &str, op: &str, id: &str, reason: String, outbox: &mut Outbox) {
+    fn refuse(
+        &mut self,
+        topic: &str,
+        request: &[u8],
+        op: &str,
+        id: &str,
+        reason: String,
+        outbox: &mut Outbox,
+    ) {
+        if !outbox.has_room_for_refusal() {
+            return outbox.refusal_dropped();
+        }
+        if !self.refused.insert(request_hash(topic, request)) {
+            return;
+        }
         log::warn!("command {}/{} refused: {}", Printable(op), Printable(id), Printable(&reason));
         outbox.push(Kind::Refusal, topic.to_string(), CommandState::Failed { reason }.to_payload(), true);
     }

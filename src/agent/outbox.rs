@@ -29,7 +29,7 @@ const WINDOW: usize = 16;
 const DROPPED_FILE: &str = "dropped";
 /// A message not acknowledged this long after it was queued is stored on disk.
 const STORE_AFTER: Duration = Duration::from_secs(5);
-const MAX_REFUSALS: usize = 64;
+const MAX_REFUSALS: usize = 16;
 
 struct Entry {
     id: u64,
@@ -170,11 +170,8 @@ impl Outbox {
         if kind.replaces_unsent() {
             self.remove_unsent(&topic);
         }
-        if kind == Kind::Refusal
-            && self.entries.iter().filter(|e| e.kind == Kind::Refusal).count() >= MAX_REFUSALS
-        {
-            self.refusals_dropped = true;
-            return;
+        if kind == Kind::Refusal && !self.has_room_for_refusal() {
+            return self.refusal_dropped();
         }
         let mut entry = Entry {
             id: self.next_id,
@@ -244,6 +241,16 @@ impl Outbox {
         self.bytes -= entry.size();
         self.forget(&entry);
         Some((entry.kind, entry.topic))
+    }
+
+    /// Whether another refusal may wait now (see `Kind::Refusal`).
+    pub fn has_room_for_refusal(&self) -> bool {
+        self.entries.iter().filter(|e| e.kind == Kind::Refusal).count() < MAX_REFUSALS
+    }
+
+    /// A refusal was not queued for want of room: its request is read again later.
+    pub fn refusal_dropped(&mut self) {
+        self.refusals_dropped = true;
     }
 
     /// True once after refusals were dropped for room and the queue has drained: time to have
