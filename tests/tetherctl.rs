@@ -301,9 +301,17 @@ fn over_wss_with_a_ca_from_flags_env_or_config_file() {
     let ca = broker.ca_file();
     let ca = ca.to_str().unwrap();
 
-    let out = ctl(&["--broker", &wss, "--ca", ca, "cmd", "dev1", "ping", "--json", r#"{"note":"hi"}"#]);
+    let out = ctl(&["--broker", &wss, "--ca", ca, "cmd", "dev1", "ping", "--json", "{}"]);
     assert_exit(&out, 0, "cmd over wss");
     assert!(stdout(&out).contains("\"successful\""), "{}", output_text(&out));
+    // Parameters reach the agent, which checks them against the op's declaration.
+    let out = ctl(&["--broker", &wss, "--ca", ca, "cmd", "dev1", "ping", "--json", r#"{"note":"hi"}"#]);
+    assert_exit(&out, 1, "cmd with a parameter ping does not take");
+    assert!(
+        stdout(&out).contains(r#"unknown parameter \"note\" (ping takes: none)"#),
+        "{}",
+        output_text(&out)
+    );
 
     let out = ctl_env(&["devices"], &[("TETHER_BROKER", &wss), ("TETHER_CA", ca)]);
     assert_exit(&out, 0, "devices with TETHER_BROKER and TETHER_CA");

@@ -189,16 +189,20 @@ impl Session {
     /// not send them all again in time.
     pub fn retained(&mut self) -> Result<Vec<Publish>, Failure> {
         let probe = self.probe.clone();
-        self.publish(&probe, b"probe", false, Some(PROBE_TAG));
+        // The client may refuse a publish for a moment (its send queue is full): try again.
+        let mut probe_sent = self.publish(&probe, b"probe", false, Some(PROBE_TAG));
         let mut messages = Vec::new();
         loop {
+            if !probe_sent {
+                probe_sent = self.publish(&probe, b"probe", false, Some(PROBE_TAG));
+            }
             match self.next(Some(Instant::now() + PROBE_SILENCE_LIMIT))? {
                 Input::Client(Event::Message(p)) if p.topic == probe => return Ok(messages),
                 Input::Client(Event::Message(p)) => messages.push(p),
                 // Reconnected: the retained messages come again, and so must the probe.
                 Input::Client(Event::Connected) => {
                     messages.clear();
-                    self.publish(&probe, b"probe", false, Some(PROBE_TAG));
+                    probe_sent = self.publish(&probe, b"probe", false, Some(PROBE_TAG));
                 }
                 Input::Client(Event::Oversized { topic, size }) => {
                     log::warn!("{topic}: skipped a message of {size} bytes, too big")
