@@ -327,7 +327,12 @@ impl Ledger {
             return self.rewrite_from_memory();
         }
         if self.file.is_none() {
-            self.file = Some(open_journal(&self.path)?);
+            match open_journal(&self.path) {
+                Ok(file) => self.file = Some(file),
+                // A link planted in its place: write a journal of our own over it.
+                Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return self.rewrite_from_memory(),
+                Err(e) => return Err(e),
+            }
         }
         let file = self.file.as_mut().expect("opened above");
         if let Err(e) = file.write_all(&self.pending).and_then(|_| file.sync_data()) {
