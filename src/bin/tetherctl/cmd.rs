@@ -8,6 +8,7 @@
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
+use tether::text::Printable;
 
 use tether::net::client::Event;
 use tether::protocol::{CommandState, Topics};
@@ -73,7 +74,7 @@ pub fn run(settings: &Settings, req: &CmdRequest) -> Result<u8, Failure> {
                         }
                         executing = true;
                     }
-                    Answer::Malformed(why) => log::warn!("{topic}: malformed answer ({why})"),
+                    Answer::Malformed(why) => log::warn!("{}: malformed answer ({why})", Printable(&topic)),
                     Answer::Final { successful, reason, payload } => {
                         let text = serde_json::to_string_pretty(&payload).unwrap_or_default();
                         print(&text)?;
@@ -89,7 +90,7 @@ pub fn run(settings: &Settings, req: &CmdRequest) -> Result<u8, Failure> {
                 }
             }
             Input::Client(Event::Oversized { topic: t, size }) if t == topic => {
-                log::warn!("{topic}: skipped an answer of {size} bytes, too big")
+                log::warn!("{}: skipped an answer of {size} bytes, too big", Printable(&topic))
             }
             Input::Client(_) => {}
             Input::TimedOut => {

@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::time::{SystemTime, UNIX_EPOCH};
+use tether::text::Printable;
 
 use tether::protocol::{fleet_heartbeat_filter, fleet_status_filter, split_device_topic, Heartbeat, Status};
 
@@ -103,7 +104,7 @@ fn table_rows(rows: &[Row]) -> Vec<Vec<String>> {
 /// The payload as JSON; when it is not JSON, its text, with a warning.
 pub fn json_or_text(topic: &str, payload: &[u8]) -> Value {
     serde_json::from_slice(payload).unwrap_or_else(|e| {
-        log::warn!("{topic}: not JSON ({e}): {}", format::raw(payload));
+        log::warn!("{}: not JSON ({e}): {}", Printable(topic), format::raw(payload));
         Value::String(String::from_utf8_lossy(payload).into_owned())
     })
 }

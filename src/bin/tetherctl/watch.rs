@@ -5,6 +5,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use std::io::{ErrorKind, Write};
 use std::time::{SystemTime, UNIX_EPOCH};
+use tether::text::Printable;
 
 use tether::protocol::{
     fleet_heartbeat_filter, fleet_status_filter, split_device_topic, Heartbeat, Status, Topics,
@@ -31,7 +32,7 @@ pub fn run(settings: &Settings, device: Option<&str>, json: bool) -> Result<u8, 
         let line = match session.next(None)? {
             Input::Client(Event::Message(message)) => render(root, &message, json),
             Input::Client(Event::Oversized { topic, size }) => {
-                log::warn!("{topic}: skipped a message of {size} bytes, too big");
+                log::warn!("{}: skipped a message of {size} bytes, too big", Printable(&topic));
                 None
             }
             Input::Client(_) | Input::TimedOut => None,
@@ -65,7 +66,7 @@ fn render(root: &str, message: &Publish, json: bool) -> Option<String> {
             None => Value::Null,
             Some(Ok(value)) => value,
             Some(Err(e)) => {
-                log::warn!("{}: not JSON ({e})", message.topic);
+                log::warn!("{}: not JSON ({e})", Printable(&message.topic));
                 Value::String(String::from_utf8_lossy(&message.payload).into_owned())
             }
         };
@@ -81,7 +82,7 @@ fn render(root: &str, message: &Publish, json: bool) -> Option<String> {
 
     let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let malformed = |why: String| {
-        log::warn!("{}: malformed {kind} ({why})", message.topic);
+        log::warn!("{}: malformed {kind} ({why})", Printable(&message.topic));
         format!(
             "{} {device} {kind} (malformed) {}",
             tether::logging::utc_time(now),
