@@ -284,6 +284,11 @@ fn bad_parameters_and_long_ids_are_refused_with_a_reason() {
     publish(&broker, &topic, &init(json!({"force": true})), true);
     let state = sub.expect_json(&topic, "failed", secs(10), is_final);
     assert_eq!(state["reason"], "unknown parameter \"force\" (ping takes: none)", "{state}");
+    // Cleared and sent again as it was: a new request, answered again.
+    publish(&broker, &topic, b"", true);
+    publish(&broker, &topic, &init(json!({"force": true})), true);
+    let again = sub.expect_json(&topic, "failed again", secs(10), is_final);
+    assert_eq!(again, state);
     let topic = cmd_topic(d, "ping", &"y".repeat(129));
     publish(&broker, &topic, &init(json!({})), true);
     let state = sub.expect_json(&topic, "failed", secs(10), is_final);

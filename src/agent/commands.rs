@@ -48,31 +48,38 @@ pub struct Commands {
     refused: RecentSet,
 }
 
-/// The last `RECENT_REFUSALS` hashes, in a bounded ring.
+/// The last `RECENT_REFUSALS` requests refused, as hashes of (topic, payload), in a ring.
 struct RecentSet {
-    ring: std::collections::VecDeque<u64>,
+    ring: std::collections::VecDeque<(u64, u64)>,
 }
 
 const RECENT_REFUSALS: usize = 4096;
 
 impl RecentSet {
-    fn insert(&mut self, hash: u64) -> bool {
-        if self.ring.contains(&hash) {
+    /// False when the request is in the set already.
+    fn insert(&mut self, topic: &str, payload: &[u8]) -> bool {
+        let entry = (hash(topic.as_bytes()), hash(payload));
+        if self.ring.contains(&entry) {
             return false;
         }
         if self.ring.len() == RECENT_REFUSALS {
             self.ring.pop_front();
         }
-        self.ring.push_back(hash);
+        self.ring.push_back(entry);
         true
+    }
+
+    /// The operator cleared the topic: a request sent there again is a new one.
+    fn remove_topic(&mut self, topic: &str) {
+        let topic = hash(topic.as_bytes());
+        self.ring.retain(|(t, _)| *t != topic);
     }
 }
 
-fn request_hash(topic: &str, payload: &[u8]) -> u64 {
+fn hash(bytes: &[u8]) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    topic.hash(&mut hasher);
-    payload.hash(&mut hasher);
+    bytes.hash(&mut hasher);
     hasher.finish()
 }
 
@@ -137,7 +144,7 @@ impl Commands {
             return self.on_known(key, payload, ctx.outbox);
         }
         if payload.is_empty() {
-            return; // an unknown command cleared: nothing to do
+            return self.refused.remove_topic(topic); // an unknown command cleared
         }
         let request = match self.read_request(topic, id, payload) {
             Ok(Some(params)) => params,
@@ -364,7 +371,7 @@ impl Commands {
         if !outbox.has_room_for_refusal() {
             return outbox.refusal_dropped();
         }
-        if !self.refused.insert(request_hash(topic, request)) {
+        if !self.refused.insert(topic, request) {
             return;
         }
         log::warn!("command {}/{} refused: {}", Printable(op), Printable(id), Printable(&reason));
