@@ -240,6 +240,10 @@ impl Outbox {
         let entry = self.entries.remove(pos)?;
         self.bytes -= entry.size();
         self.forget(&entry);
+        // A burst grew the queue: give the memory back once it has drained.
+        if self.entries.capacity() > 64 && self.entries.len() < self.entries.capacity() / 4 {
+            self.entries.shrink_to_fit();
+        }
         Some((entry.kind, entry.topic))
     }
 
