@@ -5,7 +5,7 @@
 
 use std::fs::File;
 use std::io::Read;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Fills `buf` with random bytes. Never blocks, even before the kernel's pool is seeded at
@@ -55,11 +55,13 @@ fn from_urandom(buf: &mut [u8]) -> bool {
 /// Only when the kernel gives nothing (no getrandom, no /dev in a bare chroot): the clock, the
 /// pid and a counter, mixed, so at least two draws of one process differ.
 fn from_fallback(buf: &mut [u8]) {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    // 32 bits: ARMv5 has no 64-bit atomics.
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
     let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
     let mut state = nanos ^ (u64::from(std::process::id()) << 32);
     for chunk in buf.chunks_mut(8) {
-        state = state.wrapping_add(COUNTER.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed));
+        let count = u64::from(COUNTER.fetch_add(1, Ordering::Relaxed));
+        state = state.wrapping_add(count.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let word = splitmix(state).to_le_bytes();
         chunk.copy_from_slice(&word[..chunk.len()]);
     }
