@@ -380,3 +380,67 @@ fn agents_that_lose_their_broker_together_do_not_reconnect_together() {
     assert!(spread >= 0.1, "all {} agents reconnected within {spread:.3} s: {after:.3?}", after.len());
     assert!(after[0] >= 1.0, "an agent retried {:.3} s after losing the broker (min_s 3)", after[0]);
 }
+
+/// New connections of `user` the broker accepted so far.
+fn broker_logins(broker: &Broker, user: &str) -> usize {
+    broker
+        .log()
+        .lines()
+        .filter(|l| l.contains("New client connected") && l.contains(&format!("u'{user}'")))
+        .count()
+}
+
+/// A password rotated under the same path: SIGHUP with nothing changed keeps the connection, a
+/// password file that cannot be read is refused and keeps it too, and once the broker and the
+/// device both have the new password, SIGHUP makes the agent log in again with it.
+#[test]
+fn sighup_reconnects_when_the_password_file_changed_and_only_then() {
+    let d = "dev-rotate";
+    let broker = Broker::start(BrokerOpts::default().anonymous(false).user(d, "pw-old"));
+    let password_file = tempfile::NamedTempFile::new().unwrap();
+    let pw = password_file.path();
+    write_file(pw, "pw-old\n");
+    let mut sub = Sub::new(&broker, &status_topic(d));
+    let agent = Agent::start(config(&broker, d, json!({"broker": {"username": d, "password_file": pw}})));
+    sub.expect_online(d, secs(15));
+    assert_eq!(broker_logins(&broker, d), 1);
+
+    let reloads = |agent: &Agent| agent.log().matches("config reloaded").count();
+    agent.signal(libc::SIGHUP);
+    assert!(agent.wait_log("config reloaded", secs(10)), "the unchanged config was not reloaded");
+    sub.expect_none("a status change after a SIGHUP that changed nothing", secs(2), |_| true);
+    assert_eq!(broker_logins(&broker, d), 1, "the agent logged in again though nothing changed");
+    assert!(!agent.log_contains("reconnecting"), "the agent reconnected though nothing changed");
+
+    std::fs::remove_file(pw).unwrap();
+    agent.signal(libc::SIGHUP);
+    let refused =
+        agent.wait_log_line(secs(10), |l| l.contains("reload refused") && l.contains("password_file"));
+    assert!(refused.is_some(), "a reload with the password file gone was not refused");
+    sub.expect_none("a status change after a refused reload", secs(2), |_| true);
+    assert_eq!(broker_logins(&broker, d), 1, "the refused reload dropped the connection");
+    assert_eq!(reloads(&agent), 1);
+
+    // The broker takes the new password only: it drops the agent, whose old one fails now.
+    let passwd = broker.dir().join("passwd");
+    let rotated =
+        std::process::Command::new("mosquitto_passwd").arg("-b").arg(&passwd).args([d, "pw-new"]).status();
+    assert!(rotated.unwrap().success(), "mosquitto_passwd failed");
+    signal(broker.pid(), libc::SIGHUP);
+    let refused_old = |l: &str| l.contains("bad username or password") || l.contains("not authorised");
+    assert!(
+        agent.wait_log_line(secs(10), refused_old).is_some(),
+        "the broker did not refuse the old password"
+    );
+    sub.expect_none("the device online with the old password", secs(2), |m| {
+        m.payload.contains("\"online\":true")
+    });
+
+    write_file(pw, "pw-new\n");
+    agent.signal(libc::SIGHUP);
+    sub.expect_online(d, secs(5));
+    assert_eq!(broker_logins(&broker, d), 2, "not one new login");
+    let line = agent.wait_log_line(secs(1), |l| l.contains("reconnecting"));
+    assert!(line.is_some_and(|l| l.contains("broker.password_file changed")), "the log does not say why");
+    assert_eq!(reloads(&agent), 2);
+}

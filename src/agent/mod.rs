@@ -14,6 +14,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::config::Config;
 use crate::net::client::{Client, ClientOptions, Event, Will};
+use crate::net::options::BrokerInputs;
 use crate::protocol::{Status, Topics};
 use crate::signals::{Signal, Signals};
 use commands::{Commands, Context};
@@ -39,6 +40,8 @@ pub struct Agent {
     poll: Poll,
     signals: Signals,
     client: Client,
+    /// What the running connection was made from, to tell on SIGHUP whether it must be redone.
+    broker_inputs: BrokerInputs,
     outbox: Outbox,
     heartbeat: Heartbeat,
     commands: Commands,
@@ -61,6 +64,9 @@ impl Agent {
             Heartbeat::new(&config.heartbeat, topics.heartbeat(), &config.state_dir, Arc::clone(&waker));
         let mut commands = Commands::new(topics.clone(), &config.state_dir, Arc::clone(&waker));
         commands.recover(&mut outbox);
+        // Read before the options: a file replaced in between makes the next SIGHUP reconnect
+        // once for nothing, rather than miss a change.
+        let broker_inputs = BrokerInputs::read(&config.broker);
         let client = Client::new(client_options(&config, &topics, &commands)?, waker, BROKER);
         log::info!("tether-agent {} ({}) starting as device {device}", crate::VERSION, crate::TARGET);
         Ok(Agent {
@@ -70,6 +76,7 @@ impl Agent {
             poll,
             signals,
             client,
+            broker_inputs,
             outbox,
             heartbeat,
             commands,
@@ -209,15 +216,18 @@ impl Agent {
                 "reload refused: device_id, topic_root and state_dir take effect only on restart"
             );
         }
-        let broker_changed = serde_json::to_value(&new.broker).ok()
-            != serde_json::to_value(&self.config.broker).ok()
-            || serde_json::to_value(&new.reconnect).ok() != serde_json::to_value(&self.config.reconnect).ok();
-        if broker_changed {
+        let broker_inputs = BrokerInputs::read(&new.broker);
+        let mut changed = broker_inputs.changed_since(&self.broker_inputs);
+        if serde_json::to_value(&new.reconnect).ok() != serde_json::to_value(&self.config.reconnect).ok() {
+            changed.push("reconnect settings");
+        }
+        if !changed.is_empty() {
             match client_options(&new, &self.topics, &self.commands) {
                 Ok(opts) => {
-                    log::info!("broker settings changed: reconnecting");
+                    log::info!("{} changed: reconnecting", changed.join(", "));
                     self.client.reconfigure(opts);
                     self.outbox.on_disconnected();
+                    self.broker_inputs = broker_inputs;
                 }
                 Err(e) => return log::error!("reload refused, keeping the running config: {e}"),
             }
