@@ -45,8 +45,22 @@ pub struct Agent {
     outbox: Outbox,
     heartbeat: Heartbeat,
     commands: Commands,
-    /// Set by SIGTERM: when to give up waiting for the offline status to be acknowledged.
-    stop_deadline: Option<Instant>,
+    /// Set by SIGTERM.
+    stop: Option<Stop>,
+}
+
+/// A clean stop under way: the offline status is offered to the client until it has room for
+/// it, then awaited until the broker acknowledges it, both within `STOP_GRACE`.
+struct Stop {
+    deadline: Instant,
+    offline: OfflineStatus,
+}
+
+#[derive(PartialEq)]
+enum OfflineStatus {
+    Unsent,
+    Sent,
+    Acked,
 }
 
 impl Agent {
@@ -80,7 +94,7 @@ impl Agent {
             outbox,
             heartbeat,
             commands,
-            stop_deadline: None,
+            stop: None,
         })
     }
 
@@ -104,12 +118,14 @@ impl Agent {
             self.on_timers(Instant::now());
             self.dispatch_client_events();
             self.commands.commit(&mut self.outbox);
-            if self.stop_deadline.is_none() {
+            if self.stop.is_none() {
                 self.outbox.pump(&mut self.client);
                 if self.outbox.take_refusals_to_redo() {
                     log::info!("reading the refused requests again, to answer those dropped for room");
                     self.client.resubscribe();
                 }
+            } else {
+                self.send_offline_status();
             }
             if self.stopped() {
                 return Ok(());
@@ -122,7 +138,7 @@ impl Agent {
             self.client.next_deadline(),
             self.heartbeat.next_deadline(),
             self.outbox.next_deadline(),
-            self.stop_deadline,
+            self.stop.as_ref().map(|stop| stop.deadline),
         ]
         .into_iter()
         .flatten()
@@ -132,7 +148,7 @@ impl Agent {
     fn on_timers(&mut self, now: Instant) {
         self.client.on_timer(self.poll.registry(), now);
         self.outbox.on_timer(now);
-        if self.stop_deadline.is_none() {
+        if self.stop.is_none() {
             // A failure is logged where it happens; the next interval tries again.
             let _ = self.heartbeat.on_timer(now, &self.outbox);
         }
@@ -173,7 +189,11 @@ impl Agent {
                 Event::Oversized { topic, size } => {
                     self.commands.on_oversized(&topic, size, &mut self.outbox)
                 }
-                Event::Acked(OFFLINE_TAG) => self.stop_deadline = Some(Instant::now()),
+                Event::Acked(OFFLINE_TAG) => {
+                    if let Some(stop) = &mut self.stop {
+                        stop.offline = OfflineStatus::Acked;
+                    }
+                }
                 Event::Acked(ONLINE_TAG) => log::debug!("online status acknowledged"),
                 Event::Acked(id) => {
                     if let Some((Kind::CommandState, topic)) = self.outbox.on_ack(id) {
@@ -241,27 +261,55 @@ impl Agent {
     }
 
     fn begin_stop(&mut self) {
-        if self.stop_deadline.is_some() {
+        if self.stop.is_some() {
             return;
         }
         log::info!("stopping");
-        let payload = Status::offline().to_payload();
-        let sent = self.client.publish(&self.topics.status(), &payload, true, Some(OFFLINE_TAG));
-        let grace = if sent { STOP_GRACE } else { Duration::ZERO };
-        self.stop_deadline = Some(Instant::now() + grace);
+        self.stop = Some(Stop { deadline: Instant::now() + STOP_GRACE, offline: OfflineStatus::Unsent });
+        self.send_offline_status();
+        if self.client.is_up() && self.stop.as_ref().is_some_and(|s| s.offline == OfflineStatus::Unsent) {
+            log::info!("the offline status waits for room in the send queue");
+        }
     }
 
-    fn stopped(&mut self) -> bool {
-        match self.stop_deadline {
-            Some(deadline) if Instant::now() >= deadline => {
-                self.client.disconnect();
-                self.outbox.store_all();
-                self.heartbeat.on_stop();
-                log::info!("stopped; {} message(s) kept in the outbox for next time", self.outbox.len());
-                true
+    /// Publishes the offline status once the client has room for it (its send queue is
+    /// bounded: a slow link can hold it back for a while).
+    fn send_offline_status(&mut self) {
+        let Some(stop) = &mut self.stop else { return };
+        if stop.offline == OfflineStatus::Unsent && self.client.can_publish() {
+            let payload = Status::offline().to_payload();
+            if self.client.publish(&self.topics.status(), &payload, true, Some(OFFLINE_TAG)) {
+                stop.offline = OfflineStatus::Sent;
             }
-            _ => false,
         }
+    }
+
+    /// Whether the stop is done: the broker has the offline status, the connection is gone
+    /// (the broker published the will), or the grace is over.
+    fn stopped(&mut self) -> bool {
+        let Some(stop) = &self.stop else { return false };
+        let acked = stop.offline == OfflineStatus::Acked;
+        if !acked && self.client.is_up() && Instant::now() < stop.deadline {
+            return false;
+        }
+        if acked {
+            self.client.disconnect();
+        } else {
+            // A DISCONNECT would make the broker drop the will: the retained status would stay
+            // online.
+            if self.client.is_up() {
+                log::warn!(
+                    "the broker did not take the offline status within {} s: closing without a goodbye, \
+                     so that it publishes the last will",
+                    STOP_GRACE.as_secs()
+                );
+            }
+            self.client.close_leaving_will();
+        }
+        self.outbox.store_all();
+        self.heartbeat.on_stop();
+        log::info!("stopped; {} message(s) kept in the outbox for next time", self.outbox.len());
+        true
     }
 }
 

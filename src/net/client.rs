@@ -286,6 +286,11 @@ impl Client {
         if self.is_up() {
             self.send(&Packet::Disconnect);
         }
+        self.close_leaving_will();
+    }
+
+    /// Closes without a DISCONNECT: the broker publishes the will, as for a lost connection.
+    pub fn close_leaving_will(&mut self) {
         self.drop_connection();
         self.state = State::Stopped;
     }
