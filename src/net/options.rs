@@ -58,7 +58,6 @@ impl ClientOptions {
 /// What `ClientOptions::for_broker` builds from, each with a digest: the settings, and the
 /// content of each file they name. The agent compares them on SIGHUP to know whether its
 /// connection must be made again: a rotated password or certificate usually keeps its path.
-#[derive(PartialEq)]
 pub struct BrokerInputs(Vec<(&'static str, u64)>);
 
 impl BrokerInputs {
