@@ -6,6 +6,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 
+use crate::text::Printable;
+
 /// Largest command payload the agent accepts; bigger ones are answered `failed`.
 pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
 /// Longest command id the agent accepts; longer ones are answered `failed` and never stored.
@@ -206,10 +208,10 @@ pub fn check_topic_root(root: &str) -> Result<(), String> {
 
 fn check_level(s: &str, max: usize) -> Result<(), String> {
     if s.is_empty() || s.len() > max {
-        return Err(format!("{s:?}: must be 1 to {max} characters"));
+        return Err(format!("\"{}\": must be 1 to {max} characters", Printable(s)));
     }
     if !s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b)) {
-        return Err(format!("{s:?}: only letters, digits and - _ . : are allowed"));
+        return Err(format!("\"{}\": only letters, digits and - _ . : are allowed", Printable(s)));
     }
     Ok(())
 }
@@ -363,6 +365,17 @@ mod tests {
             assert_eq!(OPS.iter().filter(|s| s.op == spec.op).count(), 1);
         }
         assert_eq!(Op::from_name("shell"), None);
+    }
+
+    /// These reach config errors (`device_id: ...`): plain quotes, control characters escaped.
+    #[test]
+    fn a_bad_topic_level_is_quoted_as_people_read_it() {
+        assert_eq!(
+            check_device_id("x+y\n").unwrap_err(),
+            "\"x+y\\n\": only letters, digits and - _ . : are allowed"
+        );
+        assert_eq!(check_topic_root("a//b").unwrap_err(), "\"\": must be 1 to 128 characters");
+        assert!(check_device_id("dev-1_a.b:c").is_ok());
     }
 
     #[test]

@@ -100,6 +100,19 @@ fn unknown_key_is_named() {
     assert_rejected(&config, "colour");
 }
 
+/// A value that breaks the rules is quoted as written, with plain quotes, and a control
+/// character in it shown escaped rather than breaking the message.
+#[test]
+fn bad_device_id_and_topic_root_are_quoted_as_people_read_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = offline_config(dir.path());
+    config["device_id"] = json!("dev+1\n");
+    assert_rejected(&config, "device_id: \"dev+1\\n\": only letters, digits and - _ . : are allowed");
+    let mut config = offline_config(dir.path());
+    config["topic_root"] = json!("fleet/#");
+    assert_rejected(&config, "topic_root: \"#\": only letters, digits and - _ . : are allowed");
+}
+
 #[test]
 fn bad_broker_url_is_named() {
     let dir = tempfile::tempdir().unwrap();

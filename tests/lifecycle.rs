@@ -5,6 +5,11 @@ mod common;
 
 use common::*;
 use serde_json::{json, Value};
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::thread::sleep;
 use std::time::Duration;
 
@@ -379,4 +384,203 @@ fn agents_that_lose_their_broker_together_do_not_reconnect_together() {
     let spread = after[after.len() - 1] - after[0];
     assert!(spread >= 0.1, "all {} agents reconnected within {spread:.3} s: {after:.3?}", after.len());
     assert!(after[0] >= 1.0, "an agent retried {:.3} s after losing the broker (min_s 3)", after[0]);
+}
+
+/// New connections of `user` the broker accepted so far.
+fn broker_logins(broker: &Broker, user: &str) -> usize {
+    broker
+        .log()
+        .lines()
+        .filter(|l| l.contains("New client connected") && l.contains(&format!("u'{user}'")))
+        .count()
+}
+
+/// A password rotated under the same path: SIGHUP with nothing changed keeps the connection, a
+/// password file that cannot be read is refused and keeps it too, and once the broker and the
+/// device both have the new password, SIGHUP makes the agent log in again with it.
+#[test]
+fn sighup_reconnects_when_the_password_file_changed_and_only_then() {
+    let d = "dev-rotate";
+    let broker = Broker::start(BrokerOpts::default().anonymous(false).user(d, "pw-old"));
+    let password_file = tempfile::NamedTempFile::new().unwrap();
+    let pw = password_file.path();
+    write_file(pw, "pw-old\n");
+    let mut sub = Sub::new(&broker, &status_topic(d));
+    let agent = Agent::start(config(&broker, d, json!({"broker": {"username": d, "password_file": pw}})));
+    sub.expect_online(d, secs(15));
+    assert_eq!(broker_logins(&broker, d), 1);
+
+    let reloads = |agent: &Agent| agent.log().matches("config reloaded").count();
+    agent.signal(libc::SIGHUP);
+    assert!(agent.wait_log("config reloaded", secs(10)), "the unchanged config was not reloaded");
+    sub.expect_none("a status change after a SIGHUP that changed nothing", secs(2), |_| true);
+    assert_eq!(broker_logins(&broker, d), 1, "the agent logged in again though nothing changed");
+    assert!(!agent.log_contains("reconnecting"), "the agent reconnected though nothing changed");
+
+    std::fs::remove_file(pw).unwrap();
+    agent.signal(libc::SIGHUP);
+    let refused =
+        agent.wait_log_line(secs(10), |l| l.contains("reload refused") && l.contains("password_file"));
+    assert!(refused.is_some(), "a reload with the password file gone was not refused");
+    sub.expect_none("a status change after a refused reload", secs(2), |_| true);
+    assert_eq!(broker_logins(&broker, d), 1, "the refused reload dropped the connection");
+    assert_eq!(reloads(&agent), 1);
+
+    // The broker takes the new password only: it drops the agent, whose old one fails now.
+    let passwd = broker.dir().join("passwd");
+    let rotated =
+        std::process::Command::new("mosquitto_passwd").arg("-b").arg(&passwd).args([d, "pw-new"]).status();
+    assert!(rotated.unwrap().success(), "mosquitto_passwd failed");
+    signal(broker.pid(), libc::SIGHUP);
+    let refused_old = |l: &str| l.contains("bad username or password") || l.contains("not authorised");
+    assert!(
+        agent.wait_log_line(secs(10), refused_old).is_some(),
+        "the broker did not refuse the old password"
+    );
+    sub.expect_none("the device online with the old password", secs(2), |m| {
+        m.payload.contains("\"online\":true")
+    });
+
+    write_file(pw, "pw-new\n");
+    agent.signal(libc::SIGHUP);
+    sub.expect_online(d, secs(5));
+    assert_eq!(broker_logins(&broker, d), 2, "not one new login");
+    let line = agent.wait_log_line(secs(1), |l| l.contains("reconnecting"));
+    assert!(line.is_some_and(|l| l.contains("broker.password_file changed")), "the log does not say why");
+    assert_eq!(reloads(&agent), 2);
+}
+
+/// A TCP relay to the broker whose agent-to-broker direction the test can hold, as a link that
+/// stalls: what the agent sends piles up in its socket, then in its send queue. The relay's
+/// side takes little (a small receive buffer), so that queue fills within a heartbeat or two.
+struct StallingRelay {
+    port: u16,
+    held: Arc<AtomicBool>,
+}
+
+impl StallingRelay {
+    fn start(broker_port: u16) -> StallingRelay {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let size: libc::c_int = 4096;
+        // SAFETY: a valid socket and a c_int option value of the given length; accepted
+        // sockets inherit the buffer size.
+        unsafe {
+            libc::setsockopt(
+                listener.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        let port = listener.local_addr().unwrap().port();
+        let held = Arc::new(AtomicBool::new(false));
+        let relay_held = held.clone();
+        std::thread::spawn(move || {
+            for agent in listener.incoming().flatten() {
+                let Ok(broker) = TcpStream::connect(("127.0.0.1", broker_port)) else { continue };
+                let held = relay_held.clone();
+                std::thread::spawn(move || relay_unless_held(agent, broker, &held));
+            }
+        });
+        StallingRelay { port, held }
+    }
+
+    fn hold(&self, held: bool) {
+        self.held.store(held, Ordering::SeqCst);
+    }
+}
+
+fn relay_unless_held(agent: TcpStream, broker: TcpStream, held: &AtomicBool) {
+    let (mut from_broker, mut to_agent) = (broker.try_clone().unwrap(), agent.try_clone().unwrap());
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut from_broker, &mut to_agent);
+        let _ = to_agent.shutdown(Shutdown::Write);
+    });
+    let (mut from_agent, mut to_broker) = (agent, broker);
+    let mut chunk = [0u8; 4096];
+    let wait_while_held = || {
+        while held.load(Ordering::SeqCst) {
+            sleep(Duration::from_millis(10));
+        }
+    };
+    loop {
+        wait_while_held();
+        let n = match from_agent.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        wait_while_held();
+        if to_broker.write_all(&chunk[..n]).is_err() {
+            break;
+        }
+    }
+    // A close without DISCONNECT, as the agent's: the broker publishes the will.
+    let _ = to_broker.shutdown(Shutdown::Write);
+}
+
+/// An agent through a `StallingRelay`, with 1 MB heartbeats: online, then the link held until
+/// its send queue is full (past what the kernel takes: 4 MiB at most, tcp_wmem), then SIGTERM.
+/// Returns once the agent says the offline status waits.
+fn stop_on_a_stalled_link(broker: &Broker, d: &str) -> (Agent, StallingRelay, Sub, tempfile::TempDir) {
+    let relay = StallingRelay::start(broker.ports.plain);
+    let dir = tempfile::tempdir().unwrap();
+    let blob = dir.path().join("blob");
+    write_file(&blob, &"x".repeat(1_000_000));
+    let patch = json!({
+        "broker": {"url": broker.url_at(Listener::Plain, "127.0.0.1", relay.port)},
+        "heartbeat": {"custom": {"blob": {"file": blob, "max_bytes": 1_048_576}}},
+        "offline_buffer": {"max_bytes": 64 << 20},
+    });
+    let mut sub = Sub::new(broker, &status_topic(d));
+    let agent = Agent::start(config(broker, d, patch));
+    sub.expect_online(d, secs(15));
+    relay.hold(true);
+    sleep(Duration::from_millis(5500));
+    agent.signal(libc::SIGTERM);
+    let waits = agent.wait_log("the offline status waits for room", secs(5));
+    assert!(waits, "the send queue was not full at SIGTERM: the test proves nothing");
+    (agent, relay, sub, dir)
+}
+
+/// A link that moves again within the grace: the agent sends its offline status itself, then
+/// says goodbye (DISCONNECT).
+#[test]
+fn sigterm_with_a_full_send_queue_still_publishes_the_offline_status() {
+    let broker = Broker::start_default();
+    let d = "dev-stall";
+    let (mut agent, relay, mut sub, _dir) = stop_on_a_stalled_link(&broker, d);
+    relay.hold(false);
+    let status = agent.wait_exit(secs(10)).expect("the agent did not stop within 10 s");
+    assert_eq!(status.code(), Some(0), "SIGTERM: {}", describe(&status));
+    sub.expect_offline(d, secs(5));
+    assert!(agent.log_contains("stopped;"), "the agent did not stop cleanly");
+    assert!(
+        broker.log().contains(&format!("Received DISCONNECT from {d}")),
+        "the agent did not say goodbye once the offline status was through"
+    );
+    let mut late = Sub::new(&broker, &status_topic(d));
+    let m = late.expect("the retained status", secs(5), |_| true);
+    assert!(m.retained && m.json().is_some_and(|v| v["online"] == false), "{m:?}");
+}
+
+/// A link that stays stalled: after the grace the agent closes without DISCONNECT, so the
+/// broker publishes the will once it sees the connection gone.
+#[test]
+fn sigterm_on_a_link_that_stays_stalled_leaves_the_will() {
+    let broker = Broker::start_default();
+    let d = "dev-stall-will";
+    let (mut agent, relay, mut sub, _dir) = stop_on_a_stalled_link(&broker, d);
+    let status = agent.wait_exit(secs(5)).expect("the agent did not stop within the grace");
+    assert_eq!(status.code(), Some(0), "SIGTERM: {}", describe(&status));
+    assert!(agent.log_contains("closing without a goodbye"), "the agent does not say why it left");
+    relay.hold(false);
+    sub.expect_offline(d, secs(10));
+    assert!(
+        !broker.log().contains(&format!("Received DISCONNECT from {d}")),
+        "a DISCONNECT reached the broker, which then drops the will"
+    );
+    let mut late = Sub::new(&broker, &status_topic(d));
+    let m = late.expect("the retained status", secs(5), |_| true);
+    assert!(m.retained && m.json().is_some_and(|v| v["online"] == false), "{m:?}");
 }

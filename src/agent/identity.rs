@@ -18,10 +18,10 @@ pub fn device_id(config: &Config) -> Result<String, String> {
     let path = config.state_dir.join(ID_FILE);
     if let Ok(Some(bytes)) = fsutil::read_optional(&path) {
         let id = String::from_utf8_lossy(&bytes).trim().to_string();
-        if check_device_id(&id).is_ok() {
-            return Ok(id);
+        match check_device_id(&id) {
+            Ok(()) => return Ok(id),
+            Err(why) => log::warn!("{}: ignoring the device id in it: {why}", path.display()),
         }
-        log::warn!("{}: ignoring invalid device id {id:?}", path.display());
     }
     let id =
         derive_id().ok_or("cannot derive a device id (no /etc/machine-id, no MAC address): set device_id")?;

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::config::Config;
 use crate::net::client::{Client, ClientOptions, Event, Will};
+use crate::net::options::BrokerInputs;
 use crate::protocol::{Status, Topics};
 use crate::signals::{Signal, Signals};
 use commands::{Commands, Context};
@@ -39,11 +40,27 @@ pub struct Agent {
     poll: Poll,
     signals: Signals,
     client: Client,
+    /// What the running connection was made from, to tell on SIGHUP whether it must be redone.
+    broker_inputs: BrokerInputs,
     outbox: Outbox,
     heartbeat: Heartbeat,
     commands: Commands,
-    /// Set by SIGTERM: when to give up waiting for the offline status to be acknowledged.
-    stop_deadline: Option<Instant>,
+    /// Set by SIGTERM.
+    stop: Option<Stop>,
+}
+
+/// A clean stop under way: the offline status is offered to the client until it has room for
+/// it, then awaited until the broker acknowledges it, both within `STOP_GRACE`.
+struct Stop {
+    deadline: Instant,
+    offline: OfflineStatus,
+}
+
+#[derive(PartialEq)]
+enum OfflineStatus {
+    Unsent,
+    Sent,
+    Acked,
 }
 
 impl Agent {
@@ -61,6 +78,9 @@ impl Agent {
             Heartbeat::new(&config.heartbeat, topics.heartbeat(), &config.state_dir, Arc::clone(&waker));
         let mut commands = Commands::new(topics.clone(), &config.state_dir, Arc::clone(&waker));
         commands.recover(&mut outbox);
+        // Read before the options: a file replaced in between makes the next SIGHUP reconnect
+        // once for nothing, rather than miss a change.
+        let broker_inputs = BrokerInputs::read(&config.broker);
         let client = Client::new(client_options(&config, &topics, &commands)?, waker, BROKER);
         log::info!("tether-agent {} ({}) starting as device {device}", crate::VERSION, crate::TARGET);
         Ok(Agent {
@@ -70,10 +90,11 @@ impl Agent {
             poll,
             signals,
             client,
+            broker_inputs,
             outbox,
             heartbeat,
             commands,
-            stop_deadline: None,
+            stop: None,
         })
     }
 
@@ -97,12 +118,14 @@ impl Agent {
             self.on_timers(Instant::now());
             self.dispatch_client_events();
             self.commands.commit(&mut self.outbox);
-            if self.stop_deadline.is_none() {
+            if self.stop.is_none() {
                 self.outbox.pump(&mut self.client);
                 if self.outbox.take_refusals_to_redo() {
                     log::info!("reading the refused requests again, to answer those dropped for room");
                     self.client.resubscribe();
                 }
+            } else {
+                self.send_offline_status();
             }
             if self.stopped() {
                 return Ok(());
@@ -115,7 +138,7 @@ impl Agent {
             self.client.next_deadline(),
             self.heartbeat.next_deadline(),
             self.outbox.next_deadline(),
-            self.stop_deadline,
+            self.stop.as_ref().map(|stop| stop.deadline),
         ]
         .into_iter()
         .flatten()
@@ -125,7 +148,7 @@ impl Agent {
     fn on_timers(&mut self, now: Instant) {
         self.client.on_timer(self.poll.registry(), now);
         self.outbox.on_timer(now);
-        if self.stop_deadline.is_none() {
+        if self.stop.is_none() {
             // A failure is logged where it happens; the next interval tries again.
             let _ = self.heartbeat.on_timer(now, &self.outbox);
         }
@@ -166,7 +189,11 @@ impl Agent {
                 Event::Oversized { topic, size } => {
                     self.commands.on_oversized(&topic, size, &mut self.outbox)
                 }
-                Event::Acked(OFFLINE_TAG) => self.stop_deadline = Some(Instant::now()),
+                Event::Acked(OFFLINE_TAG) => {
+                    if let Some(stop) = &mut self.stop {
+                        stop.offline = OfflineStatus::Acked;
+                    }
+                }
                 Event::Acked(ONLINE_TAG) => log::debug!("online status acknowledged"),
                 Event::Acked(id) => {
                     if let Some((Kind::CommandState, topic)) = self.outbox.on_ack(id) {
@@ -209,15 +236,18 @@ impl Agent {
                 "reload refused: device_id, topic_root and state_dir take effect only on restart"
             );
         }
-        let broker_changed = serde_json::to_value(&new.broker).ok()
-            != serde_json::to_value(&self.config.broker).ok()
-            || serde_json::to_value(&new.reconnect).ok() != serde_json::to_value(&self.config.reconnect).ok();
-        if broker_changed {
+        let broker_inputs = BrokerInputs::read(&new.broker);
+        let mut changed = broker_inputs.changed_since(&self.broker_inputs);
+        if serde_json::to_value(&new.reconnect).ok() != serde_json::to_value(&self.config.reconnect).ok() {
+            changed.push("reconnect settings");
+        }
+        if !changed.is_empty() {
             match client_options(&new, &self.topics, &self.commands) {
                 Ok(opts) => {
-                    log::info!("broker settings changed: reconnecting");
+                    log::info!("{} changed: reconnecting", changed.join(", "));
                     self.client.reconfigure(opts);
                     self.outbox.on_disconnected();
+                    self.broker_inputs = broker_inputs;
                 }
                 Err(e) => return log::error!("reload refused, keeping the running config: {e}"),
             }
@@ -231,27 +261,55 @@ impl Agent {
     }
 
     fn begin_stop(&mut self) {
-        if self.stop_deadline.is_some() {
+        if self.stop.is_some() {
             return;
         }
         log::info!("stopping");
-        let payload = Status::offline().to_payload();
-        let sent = self.client.publish(&self.topics.status(), &payload, true, Some(OFFLINE_TAG));
-        let grace = if sent { STOP_GRACE } else { Duration::ZERO };
-        self.stop_deadline = Some(Instant::now() + grace);
+        self.stop = Some(Stop { deadline: Instant::now() + STOP_GRACE, offline: OfflineStatus::Unsent });
+        self.send_offline_status();
+        if self.client.is_up() && self.stop.as_ref().is_some_and(|s| s.offline == OfflineStatus::Unsent) {
+            log::info!("the offline status waits for room in the send queue");
+        }
     }
 
-    fn stopped(&mut self) -> bool {
-        match self.stop_deadline {
-            Some(deadline) if Instant::now() >= deadline => {
-                self.client.disconnect();
-                self.outbox.store_all();
-                self.heartbeat.on_stop();
-                log::info!("stopped; {} message(s) kept in the outbox for next time", self.outbox.len());
-                true
+    /// Publishes the offline status once the client has room for it (its send queue is
+    /// bounded: a slow link can hold it back for a while).
+    fn send_offline_status(&mut self) {
+        let Some(stop) = &mut self.stop else { return };
+        if stop.offline == OfflineStatus::Unsent && self.client.can_publish() {
+            let payload = Status::offline().to_payload();
+            if self.client.publish(&self.topics.status(), &payload, true, Some(OFFLINE_TAG)) {
+                stop.offline = OfflineStatus::Sent;
             }
-            _ => false,
         }
+    }
+
+    /// Whether the stop is done: the broker has the offline status, the connection is gone
+    /// (the broker published the will), or the grace is over.
+    fn stopped(&mut self) -> bool {
+        let Some(stop) = &self.stop else { return false };
+        let acked = stop.offline == OfflineStatus::Acked;
+        if !acked && self.client.is_up() && Instant::now() < stop.deadline {
+            return false;
+        }
+        if acked {
+            self.client.disconnect();
+        } else {
+            // A DISCONNECT would make the broker drop the will: the retained status would stay
+            // online.
+            if self.client.is_up() {
+                log::warn!(
+                    "the broker did not take the offline status within {} s: closing without a goodbye, \
+                     so that it publishes the last will",
+                    STOP_GRACE.as_secs()
+                );
+            }
+            self.client.close_leaving_will();
+        }
+        self.outbox.store_all();
+        self.heartbeat.on_stop();
+        log::info!("stopped; {} message(s) kept in the outbox for next time", self.outbox.len());
+        true
     }
 }
 

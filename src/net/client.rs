@@ -286,6 +286,11 @@ impl Client {
         if self.is_up() {
             self.send(&Packet::Disconnect);
         }
+        self.close_leaving_will();
+    }
+
+    /// Closes without a DISCONNECT: the broker publishes the will, as for a lost connection.
+    pub fn close_leaving_will(&mut self) {
         self.drop_connection();
         self.state = State::Stopped;
     }
@@ -358,12 +363,15 @@ impl Client {
             Packet::PingReq => v4::PingReq.write(&mut buf),
             Packet::Disconnect => v4::Disconnect.write(&mut buf),
             other => {
-                log::error!("bug: the client does not send {other:?}");
+                log::error!("bug: the client does not send {} packets", packet_name(other));
                 return;
             }
         };
-        if let Err(e) = encoded {
-            log::error!("cannot encode MQTT packet: {e:?}");
+        if encoded.is_err() {
+            log::error!(
+                "cannot encode an MQTT {} packet: it exceeds the protocol's limits",
+                packet_name(packet)
+            );
             return;
         }
         let Some(link) = self.link_mut() else { return };
@@ -462,7 +470,7 @@ impl Client {
                         return Ok(()); // wait for the start of the oversized publish
                     }
                 }
-                Err(e) => return Err(format!("MQTT: malformed packet from the broker: {e:?}")),
+                Err(e) => return Err(describe_malformed(e)),
             }
         }
     }
@@ -503,7 +511,7 @@ impl Client {
                 }
             }
             Packet::PingResp => log::trace!("pong"),
-            other => log::debug!("ignoring {other:?} from the broker"),
+            other => log::debug!("ignoring a {} packet from the broker", packet_name(&other)),
         }
         Ok(())
     }
@@ -584,7 +592,48 @@ fn describe_connack(code: ConnectReturnCode) -> String {
         ConnectReturnCode::NotAuthorized => "MQTT: broker refused the connection: not authorised".into(),
         ConnectReturnCode::BadClientId => "MQTT: broker refused the client id".into(),
         ConnectReturnCode::ServiceUnavailable => "MQTT: broker unavailable".into(),
-        other => format!("MQTT: broker refused the connection: {other:?}"),
+        ConnectReturnCode::RefusedProtocolVersion => {
+            "MQTT: broker refused the connection: it does not speak MQTT 3.1.1".into()
+        }
+        ConnectReturnCode::Success => "MQTT: broker accepted the connection".into(),
+    }
+}
+
+/// Why the broker's bytes are no MQTT 3.1.1 packet, in words (mqttbytes' own text is a Rust
+/// debug dump); the numbers are what the broker sent.
+fn describe_malformed(err: mqttbytes::Error) -> String {
+    use mqttbytes::Error as E;
+    let why = match err {
+        E::InvalidPacketType(t) => format!("unknown packet type {t}"),
+        E::MalformedRemainingLength => "its length field is invalid".into(),
+        E::InvalidQoS(q) => format!("QoS {q} does not exist"),
+        E::TopicNotUtf8 => "its topic is not UTF-8".into(),
+        E::PacketIdZero => "packet id 0".into(),
+        E::InvalidConnectReturnCode(c) => format!("unknown CONNACK code {c}"),
+        E::InvalidSubscribeReasonCode(c) => format!("unknown SUBACK code {c}"),
+        E::PayloadRequired => "a payload is missing".into(),
+        _ => "its fields do not add up".into(),
+    };
+    format!("MQTT: malformed packet from the broker: {why}")
+}
+
+/// The MQTT name of a packet's type, for logs.
+fn packet_name(packet: &Packet) -> &'static str {
+    match packet {
+        Packet::Connect(_) => "CONNECT",
+        Packet::ConnAck(_) => "CONNACK",
+        Packet::Publish(_) => "PUBLISH",
+        Packet::PubAck(_) => "PUBACK",
+        Packet::PubRec(_) => "PUBREC",
+        Packet::PubRel(_) => "PUBREL",
+        Packet::PubComp(_) => "PUBCOMP",
+        Packet::Subscribe(_) => "SUBSCRIBE",
+        Packet::SubAck(_) => "SUBACK",
+        Packet::Unsubscribe(_) => "UNSUBSCRIBE",
+        Packet::UnsubAck(_) => "UNSUBACK",
+        Packet::PingReq => "PINGREQ",
+        Packet::PingResp => "PINGRESP",
+        Packet::Disconnect => "DISCONNECT",
     }
 }
 
@@ -883,6 +932,25 @@ mod tests {
         assert!(after, "the message after the huge one did not arrive");
         assert!(largest <= 2 * 64 * 1024, "the input buffer grew to {largest} bytes");
         drop(sender.join().unwrap());
+    }
+
+    /// What a broker's garbage or refusal is called in the log: words, no Rust debug dump.
+    #[test]
+    fn broker_errors_are_described_in_words() {
+        let decode = |bytes: &[u8]| v4::read(&mut BytesMut::from(bytes), 1024).unwrap_err();
+        assert_eq!(
+            describe_malformed(decode(&[0xf0, 0])),
+            "MQTT: malformed packet from the broker: unknown packet type 15"
+        );
+        assert_eq!(
+            describe_malformed(decode(&[0x20, 0xff, 0xff, 0xff, 0xff, 0x01])),
+            "MQTT: malformed packet from the broker: its length field is invalid"
+        );
+        assert_eq!(
+            describe_connack(ConnectReturnCode::RefusedProtocolVersion),
+            "MQTT: broker refused the connection: it does not speak MQTT 3.1.1"
+        );
+        assert_eq!(packet_name(&Packet::PubRec(v4::PubRec::new(1))), "PUBREC");
     }
 
     #[test]

@@ -139,7 +139,7 @@ impl Dialer {
         };
         let host = &self.route.broker.host;
         let name = ServerName::try_from(host.clone())
-            .map_err(|e| format!("TLS: invalid server name {host:?}: {e}"))?;
+            .map_err(|e| format!("TLS: invalid server name \"{host}\": {e}"))?;
         let conn = ClientConnection::new(Arc::clone(config), name).map_err(|e| format!("TLS: {e}"))?;
         Ok(Step::Next(Stage::Tls { tls: Box::new(StreamOwned::new(conn, sock)) }))
     }

@@ -1,5 +1,6 @@
 //! Client options from a `BrokerConfig`: how the agent and `tetherctl` both reach the broker.
 
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,10 +55,103 @@ impl ClientOptions {
     }
 }
 
+/// What `ClientOptions::for_broker` builds from, each with a digest: the settings, and the
+/// content of each file they name. The agent compares them on SIGHUP to know whether its
+/// connection must be made again: a rotated password or certificate usually keeps its path.
+pub struct BrokerInputs(Vec<(&'static str, u64)>);
+
+impl BrokerInputs {
+    /// Reads every file `b` names; one that cannot be read has a digest of its own, so it
+    /// differs from what was read before and `for_broker` is asked, and says why it fails.
+    pub fn read(b: &BrokerConfig) -> BrokerInputs {
+        let mut inputs = vec![("broker settings", settings_digest(b))];
+        let files = [
+            ("broker.ca_file", &b.ca_file),
+            ("broker.cert_file", &b.cert_file),
+            ("broker.key_file", &b.key_file),
+            ("broker.password_file", &b.password_file),
+        ];
+        for (key, path) in files {
+            if let Some(path) = path {
+                inputs.push((key, digest(&std::fs::read(path).ok())));
+            }
+        }
+        BrokerInputs(inputs)
+    }
+
+    /// The names of the inputs that differ from `before` (`broker.password_file`...).
+    pub fn changed_since(&self, before: &BrokerInputs) -> Vec<&'static str> {
+        self.0.iter().filter(|input| !before.0.contains(input)).map(|(name, _)| *name).collect()
+    }
+}
+
+fn settings_digest(b: &BrokerConfig) -> u64 {
+    // Destructured, so a setting added to BrokerConfig cannot be left out.
+    let BrokerConfig {
+        url,
+        ca_file,
+        cert_file,
+        key_file,
+        username,
+        password_file,
+        proxy,
+        keepalive_s,
+        connect_timeout_s,
+    } = b;
+    digest(&(
+        url,
+        ca_file,
+        cert_file,
+        key_file,
+        username,
+        password_file,
+        proxy,
+        keepalive_s,
+        connect_timeout_s,
+    ))
+}
+
+fn digest(value: &impl Hash) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    value.hash(&mut hasher);
+    hasher.finish()
+}
+
 /// The password file's content without its trailing newline. The content is never logged.
 fn read_password(path: &Path) -> Result<String, String> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         format!("broker.password_file: {}: {}", path.display(), crate::fsutil::error_text(&e))
     })?;
     Ok(text.trim_end_matches(['\r', '\n']).to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::BrokerInputs;
+    use crate::config::BrokerConfig;
+
+    fn broker(password_file: &std::path::Path) -> BrokerConfig {
+        let json = serde_json::json!({"url": "mqtt://h", "username": "u", "password_file": password_file});
+        crate::config::Config::parse(&serde_json::json!({"broker": json}).to_string()).unwrap().broker
+    }
+
+    #[test]
+    fn a_file_changed_under_the_same_path_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("password");
+        std::fs::write(&path, "old").unwrap();
+        let config = broker(&path);
+        let before = BrokerInputs::read(&config);
+        assert!(BrokerInputs::read(&config).changed_since(&before).is_empty());
+        std::fs::write(&path, "new").unwrap();
+        assert_eq!(BrokerInputs::read(&config).changed_since(&before), ["broker.password_file"]);
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(BrokerInputs::read(&config).changed_since(&before), ["broker.password_file"]);
+        let mut other = config.clone();
+        other.keepalive_s += 1;
+        assert_eq!(
+            BrokerInputs::read(&other).changed_since(&before),
+            ["broker settings", "broker.password_file"]
+        );
+    }
 }

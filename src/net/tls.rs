@@ -91,10 +91,28 @@ pub fn describe_error(err: &rustls::Error) -> String {
             "TLS: server certificate has expired (or the device clock is wrong)".into()
         }
         rustls::Error::AlertReceived(alert) => {
+            let name = alert.as_str().map_or_else(|| format!("number {}", u8::from(*alert)), str::to_string);
             format!(
-                "TLS: the broker refused the handshake ({alert:?}); does it require a client certificate?"
+                "TLS: the broker refused the handshake (alert {name}); does it require a client certificate?"
             )
         }
         other => format!("TLS: {other}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::describe_error;
+    use rustls::AlertDescription;
+
+    #[test]
+    fn a_refused_handshake_names_the_alert() {
+        let refused = |alert| describe_error(&rustls::Error::AlertReceived(alert));
+        assert_eq!(
+            refused(AlertDescription::CertificateRequired),
+            "TLS: the broker refused the handshake (alert CertificateRequired); does it require a client \
+             certificate?"
+        );
+        assert!(refused(AlertDescription::Unknown(200)).contains("(alert number 200)"));
     }
 }

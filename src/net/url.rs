@@ -3,6 +3,8 @@
 
 use std::fmt;
 
+use crate::text::Printable;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scheme {
     /// MQTT over WebSocket over TLS.
@@ -51,14 +53,20 @@ pub struct BrokerUrl {
 
 impl BrokerUrl {
     pub fn parse(url: &str) -> Result<BrokerUrl, String> {
-        let (scheme, rest) =
-            url.split_once("://").ok_or_else(|| format!("{url:?}: expected SCHEME://HOST[:PORT][/PATH]"))?;
+        let (scheme, rest) = url
+            .split_once("://")
+            .ok_or_else(|| format!("\"{}\": expected SCHEME://HOST[:PORT][/PATH]", Printable(url)))?;
         let scheme = match scheme {
             "wss" => Scheme::Wss,
             "ws" => Scheme::Ws,
             "mqtts" | "ssl" => Scheme::Mqtts,
             "mqtt" | "tcp" => Scheme::Mqtt,
-            other => return Err(format!("unsupported scheme {other:?} (use wss, ws, mqtts or mqtt)")),
+            other => {
+                return Err(format!(
+                    "unsupported scheme \"{}\" (use wss, ws, mqtts or mqtt)",
+                    Printable(other)
+                ))
+            }
         };
         let (authority, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
@@ -69,11 +77,11 @@ impl BrokerUrl {
         }
         let (host, port) = split_host_port(authority, scheme.default_port())?;
         if path.contains(char::is_whitespace) {
-            return Err(format!("{url:?}: path contains white space"));
+            return Err(format!("\"{}\": path contains white space", Printable(url)));
         }
         let path = if path.is_empty() { "/mqtt".to_string() } else { path.to_string() };
         if !scheme.is_websocket() && path != "/mqtt" && path != "/" {
-            return Err(format!("{url:?}: a path only makes sense for ws and wss"));
+            return Err(format!("\"{}\": a path only makes sense for ws and wss", Printable(url)));
         }
         Ok(BrokerUrl { scheme, host, port, path })
     }
@@ -131,13 +139,13 @@ fn split_host_port(authority: &str, default_port: u16) -> Result<(String, u16), 
         return Err("missing host".into());
     }
     if !host.bytes().all(|b| b.is_ascii_alphanumeric() || b".-_:".contains(&b)) {
-        return Err(format!("invalid host {host:?}"));
+        return Err(format!("invalid host \"{}\"", Printable(host)));
     }
     let port = match port {
         None => default_port,
         Some(p) => match p.parse::<u16>() {
             Ok(p) if p > 0 => p,
-            _ => return Err(format!("invalid port {p:?}")),
+            _ => return Err(format!("invalid port \"{}\"", Printable(p))),
         },
     };
     Ok((host.to_string(), port))
@@ -175,6 +183,17 @@ mod tests {
         {
             assert!(BrokerUrl::parse(bad).is_err(), "{bad} should be refused");
         }
+    }
+
+    #[test]
+    fn errors_quote_what_was_given_as_people_read_it() {
+        let error = |url| BrokerUrl::parse(url).unwrap_err();
+        assert_eq!(error("broker:1883"), "\"broker:1883\": expected SCHEME://HOST[:PORT][/PATH]");
+        assert_eq!(error("http://x"), "unsupported scheme \"http\" (use wss, ws, mqtts or mqtt)");
+        assert_eq!(error("ws://h/a b"), "\"ws://h/a b\": path contains white space");
+        assert_eq!(error("mqtt://h/x"), "\"mqtt://h/x\": a path only makes sense for ws and wss");
+        assert_eq!(error("mqtt://h\u{1b}[2J"), "invalid host \"h\\u{1b}[2J\"");
+        assert_eq!(error("mqtt://h:99999"), "invalid port \"99999\"");
     }
 
     #[test]

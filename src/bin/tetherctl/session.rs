@@ -4,7 +4,6 @@
 use mio::{Events, Poll, Token, Waker};
 use mqttbytes::v4::Publish;
 use mqttbytes::QoS;
-use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -237,19 +236,24 @@ pub fn snapshot(settings: &Settings, filters: Vec<String>) -> Result<Vec<Publish
 
 /// Unique, so two tetherctls never take each other's connection; 22 characters.
 fn client_id() -> String {
-    format!("tetherctl-{:012x}", random() >> 16)
+    format!("tetherctl-{:012x}", tether::random::u64() >> 16)
 }
 
-/// A command id no other tetherctl picks: `<unix-ms>-<pid>-<random hex>`, one topic level.
+/// A command id no other tetherctl picks, as docs/protocol.md suggests: `<unix-ms>-<random
+/// hex>`, one topic level; the time for people reading the topics, 64 random bits so that
+/// operators on two machines sending in the same millisecond never pick the same.
 pub fn command_id() -> String {
     let ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
-    format!("{ms}-{}-{:04x}", std::process::id(), random() & 0xffff)
+    format!("{ms}-{:016x}", tether::random::u64())
 }
 
-/// 64 random bits: std seeds each `RandomState` from the OS's randomness.
-fn random() -> u64 {
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u128(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
-    hasher.write_u32(std::process::id());
-    hasher.finish()
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn command_ids_are_one_topic_level_and_never_repeat() {
+        let ids: std::collections::HashSet<String> = (0..1000).map(|_| super::command_id()).collect();
+        assert_eq!(ids.len(), 1000, "a command id repeated");
+        let id = ids.iter().next().unwrap();
+        assert!(tether::protocol::check_device_id(id).is_ok() && id.len() <= 64, "{id}");
+    }
 }
