@@ -376,7 +376,8 @@ impl Config {
         };
         crate::fsutil::create_private_dir(dir).map_err(|e| fail("cannot create it", e))?;
         let probe = dir.join(format!(".check-config.{}", std::process::id()));
-        std::fs::write(&probe, b"").map_err(|e| fail("cannot write in it", e))?;
+        // Created exclusively, never through a link someone planted at this predictable name.
+        crate::fsutil::create_new(&probe).map_err(|e| fail("cannot write in it", e))?;
         std::fs::remove_file(&probe).map_err(|e| fail("cannot remove a file from it", e))
     }
 
@@ -384,12 +385,12 @@ impl Config {
     /// where the secret lives, not the secret), its content is never read into this value;
     /// user and password are cut from the URLs; custom commands show their program only,
     /// unless `public`.
-    pub fn redacted_json(&self) -> Value {
+    pub fn redacted_json(&self) -> Result<Value, String> {
         let mut shown = self.clone();
         shown.broker.url = crate::net::url::strip_userinfo(&shown.broker.url);
         shown.broker.proxy = shown.broker.proxy.as_deref().map(crate::net::url::strip_userinfo);
         shown.heartbeat.custom.values_mut().for_each(CustomSpec::hide_arguments);
-        serde_json::to_value(&shown).unwrap_or(Value::Null)
+        serde_json::to_value(&shown).map_err(|e| format!("cannot encode the config: {e}"))
     }
 }
 
@@ -715,7 +716,7 @@ mod tests {
             .to_string(),
         )
         .unwrap();
-        let shown = config.redacted_json();
+        let shown = config.redacted_json().unwrap();
         let text = shown.to_string();
         for secret in ["s3cret", "--token", "proxypw"] {
             assert!(!text.contains(secret), "{secret} is in {text}");

@@ -282,7 +282,10 @@ impl Commands {
         log::info!("command {}/{}: executing", key.op.name(), Printable(&key.id));
         let outcome = match key.op {
             Op::Ping => self.ping(),
-            Op::Config => CommandState::Successful { result: ctx.config.redacted_json() },
+            Op::Config => match ctx.config.redacted_json() {
+                Ok(result) => CommandState::Successful { result },
+                Err(reason) => CommandState::Failed { reason },
+            },
             Op::Heartbeat => {
                 // Answered once the heartbeat is queued, so it reaches the broker first.
                 self.mark_executing(&key, None, ctx.outbox);
