@@ -33,6 +33,10 @@ pub struct Config {
 #[derive(Debug, Clone, Serialize)]
 pub struct BrokerConfig {
     pub url: String,
+    /// More nodes of the same broker (a cluster), tried in turn after `url` when a connection
+    /// fails: `broker.url` written as a list.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub failover_urls: Vec<String>,
     pub ca_file: Option<PathBuf>,
     pub cert_file: Option<PathBuf>,
     pub key_file: Option<PathBuf>,
@@ -125,6 +129,7 @@ impl BrokerConfig {
     pub fn new(url: String) -> BrokerConfig {
         BrokerConfig {
             url,
+            failover_urls: Vec::new(),
             ca_file: None,
             cert_file: None,
             key_file: None,
@@ -138,7 +143,9 @@ impl BrokerConfig {
 
     fn read(mut s: Section) -> Result<BrokerConfig, ConfigError> {
         let url_key = s.key("url");
-        let url = s.text("url")?;
+        let mut urls = s.urls("url")?.unwrap_or_default().into_iter();
+        let url = urls.next();
+        let failover_urls: Vec<String> = urls.collect();
         let defaults = BrokerConfig::new(String::new());
         let broker = BrokerConfig {
             ca_file: s.path("ca_file")?,
@@ -163,12 +170,24 @@ impl BrokerConfig {
                 "{url_key}: missing: the broker's address, e.g. \"wss://mqtt.example.com/mqtt\""
             ))
         })?;
-        Ok(BrokerConfig { url, ..broker })
+        Ok(BrokerConfig { url, failover_urls, ..broker })
+    }
+
+    /// Every URL, in the order they are tried.
+    pub fn urls(&self) -> impl Iterator<Item = &String> {
+        std::iter::once(&self.url).chain(&self.failover_urls)
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let fail = |msg: String| Err(ConfigError(msg));
-        BrokerUrl::parse(&self.url).map_err(|e| ConfigError(format!("broker.url: {e}")))?;
+        for (i, url) in self.urls().enumerate() {
+            let key = if self.failover_urls.is_empty() {
+                "broker.url".to_string()
+            } else {
+                format!("broker.url[{i}]")
+            };
+            BrokerUrl::parse(url).map_err(|e| ConfigError(format!("{key}: {e}")))?;
+        }
         if let Some(proxy) = &self.proxy {
             crate::net::url::ProxyUrl::parse(proxy).map_err(|e| ConfigError(format!("broker.proxy: {e}")))?;
         }
@@ -388,6 +407,9 @@ impl Config {
     pub fn redacted_json(&self) -> Result<Value, String> {
         let mut shown = self.clone();
         shown.broker.url = crate::net::url::strip_userinfo(&shown.broker.url);
+        for url in &mut shown.broker.failover_urls {
+            *url = crate::net::url::strip_userinfo(url);
+        }
         shown.broker.proxy = shown.broker.proxy.as_deref().map(crate::net::url::strip_userinfo);
         shown.heartbeat.custom.values_mut().for_each(CustomSpec::hide_arguments);
         serde_json::to_value(&shown).map_err(|e| format!("cannot encode the config: {e}"))
@@ -463,6 +485,22 @@ impl<'a> Section<'a> {
         whole.filter(|n| range.contains(n)).ok_or_else(|| {
             wanted(&key, &format!("a whole number{unit} from {} to {}", range.start(), range.end()), v)
         })
+    }
+
+    /// A URL, or a non-empty list of them.
+    fn urls(&mut self, name: &'static str) -> Result<Option<Vec<String>>, ConfigError> {
+        const WHAT: &str = "a URL, or a list of URLs tried in turn (the nodes of a cluster)";
+        match self.get(name) {
+            Some((_, Value::String(url))) => Ok(Some(vec![url.clone()])),
+            Some((key, Value::Array(items))) if !items.is_empty() => items
+                .iter()
+                .enumerate()
+                .map(|(i, item)| text(&format!("{key}[{i}]"), item))
+                .collect::<Result<_, _>>()
+                .map(Some),
+            Some((key, v)) => Err(wanted(&key, WHAT, v)),
+            None => Ok(None),
+        }
     }
 
     /// A list of strings (an argv, mount points).

@@ -39,7 +39,8 @@ pub struct Will {
 }
 
 pub struct ClientOptions {
-    pub route: Arc<Route>,
+    /// Where to connect: the broker, or the nodes of a cluster tried in turn (never empty).
+    pub routes: Vec<Arc<Route>>,
     pub client_id: String,
     pub username: Option<String>,
     pub password: Option<String>,
@@ -109,6 +110,8 @@ pub struct Client {
     ids: PacketIds,
     events: VecDeque<Event>,
     failures: u32,
+    /// Which of `opts.routes` the next attempt uses.
+    next_route: usize,
     gave_up: Option<String>,
 }
 
@@ -126,6 +129,7 @@ impl Client {
             ids: PacketIds::default(),
             events: VecDeque::new(),
             failures: 0,
+            next_route: 0,
             gave_up: None,
         }
     }
@@ -169,6 +173,7 @@ impl Client {
         self.drop_connection();
         self.opts = opts;
         self.failures = 0;
+        self.next_route = 0;
         self.state = State::Idle { retry_at: Instant::now() };
     }
 
@@ -225,7 +230,7 @@ impl Client {
                 continue; // a lookup for an attempt already given up
             }
             match result
-                .and_then(|addrs| Dialer::start(Arc::clone(&self.opts.route), addrs, registry, self.token))
+                .and_then(|addrs| Dialer::start(Arc::clone(self.route()), addrs, registry, self.token))
             {
                 Ok(dialer) => {
                     let deadline = Instant::now() + self.opts.connect_timeout;
@@ -296,7 +301,7 @@ impl Client {
     }
 
     fn resolve(&mut self) {
-        let (host, port) = self.opts.route.first_hop();
+        let (host, port) = self.route().first_hop();
         log::debug!("resolving {host}:{port}");
         let started = self.resolver.spawn("resolve", move || match (host.as_str(), port).to_socket_addrs() {
             Ok(addrs) => {
@@ -529,7 +534,7 @@ impl Client {
         let now = Instant::now();
         self.state =
             State::Up(Box::new(Session { link, since: now, last_rx: now, last_tx: now, ping_sent: None }));
-        log::info!("connected to {}", self.opts.route.broker);
+        log::info!("connected to {}", self.route().broker);
         self.subscribe();
         self.events.push_back(Event::Connected);
         Ok(())
@@ -564,11 +569,24 @@ impl Client {
                 self.failures = 0;
             }
         }
-        let delay = backoff(self.opts.reconnect_min, self.opts.reconnect_max, self.failures);
+        // Each node gets its try before the wait grows: a dead node costs one short retry.
+        let nodes = self.opts.routes.len() as u32;
+        let delay = backoff(self.opts.reconnect_min, self.opts.reconnect_max, self.failures / nodes.max(1));
         self.failures = self.failures.saturating_add(1);
-        log::warn!("{}: {reason}; retrying in {:.1} s", self.opts.route.broker, delay.as_secs_f64());
+        let failed = self.route().broker.to_string();
+        self.next_route = (self.next_route + 1) % self.opts.routes.len().max(1);
+        let next = match nodes {
+            1 => String::new(),
+            _ => format!(" at {}", self.route().broker),
+        };
+        log::warn!("{failed}: {reason}; retrying{next} in {:.1} s", delay.as_secs_f64());
         self.drop_connection();
         self.state = State::Idle { retry_at: Instant::now() + delay };
+    }
+
+    /// The broker node this connection or attempt is for.
+    fn route(&self) -> &Arc<Route> {
+        &self.opts.routes[self.next_route % self.opts.routes.len()]
     }
 
     fn drop_connection(&mut self) {
@@ -840,7 +858,7 @@ mod tests {
             tls: None,
         };
         let opts = ClientOptions {
-            route: Arc::new(route),
+            routes: vec![Arc::new(route)],
             client_id: "test".into(),
             username: None,
             password: None,

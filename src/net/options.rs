@@ -19,26 +19,30 @@ impl ClientOptions {
     /// subscriptions and the default reconnect backoff, for the caller to change. Fails on an
     /// unusable URL or an unreadable TLS or password file.
     pub fn for_broker(b: &BrokerConfig, client_id: String) -> Result<ClientOptions, String> {
-        let broker = BrokerUrl::parse(&b.url).map_err(|e| format!("broker.url: {e}"))?;
         let proxy =
             b.proxy.as_deref().map(ProxyUrl::parse).transpose().map_err(|e| format!("broker.proxy: {e}"))?;
-        let tls = if broker.scheme.is_tls() {
-            let files = TlsFiles {
-                ca_file: b.ca_file.as_deref(),
-                cert_file: b.cert_file.as_deref(),
-                key_file: b.key_file.as_deref(),
+        let mut tls_config = None;
+        let mut routes = Vec::new();
+        for (i, url) in b.urls().enumerate() {
+            let key = if b.failover_urls.is_empty() {
+                "broker.url".to_string()
+            } else {
+                format!("broker.url[{i}]")
             };
-            Some(tls::client_config(&files)?)
-        } else {
-            None
-        };
+            let broker = BrokerUrl::parse(url).map_err(|e| format!("{key}: {e}"))?;
+            if broker.scheme.is_tls() && tls_config.is_none() {
+                tls_config = Some(tls_for(b)?);
+            }
+            let tls = tls_config.clone().filter(|_| broker.scheme.is_tls());
+            routes.push(Arc::new(Route { broker, proxy: proxy.clone(), tls }));
+        }
         let password = match &b.password_file {
             Some(path) => Some(read_password(path)?),
             None => None,
         };
         let reconnect = ReconnectConfig::default();
         Ok(ClientOptions {
-            route: Arc::new(Route { broker, proxy, tls }),
+            routes,
             client_id,
             username: b.username.clone(),
             password,
@@ -53,6 +57,16 @@ impl ClientOptions {
             give_up_on_rejected_certificate: false,
         })
     }
+}
+
+/// One TLS setting for every node: they are one broker, with one CA.
+fn tls_for(b: &BrokerConfig) -> Result<Arc<rustls::ClientConfig>, String> {
+    let files = TlsFiles {
+        ca_file: b.ca_file.as_deref(),
+        cert_file: b.cert_file.as_deref(),
+        key_file: b.key_file.as_deref(),
+    };
+    tls::client_config(&files)
 }
 
 /// What `ClientOptions::for_broker` builds from, each with a digest: the settings, and the
@@ -89,6 +103,7 @@ fn settings_digest(b: &BrokerConfig) -> u64 {
     // Destructured, so a setting added to BrokerConfig cannot be left out.
     let BrokerConfig {
         url,
+        failover_urls,
         ca_file,
         cert_file,
         key_file,
@@ -100,6 +115,7 @@ fn settings_digest(b: &BrokerConfig) -> u64 {
     } = b;
     digest(&(
         url,
+        failover_urls,
         ca_file,
         cert_file,
         key_file,

@@ -79,7 +79,7 @@ impl Session {
             ..ClientOptions::for_broker(&settings.broker, client_id)
                 .map_err(|e| Failure::config(settings.name_source(e)))?
         };
-        let broker = opts.route.broker.to_string();
+        let broker = opts.routes[0].broker.to_string();
         let poll = Poll::new().map_err(|e| Failure::error(format!("poll: {e}")))?;
         let waker = Waker::new(poll.registry(), WAKER).map_err(|e| Failure::error(format!("waker: {e}")))?;
         let signals = Signals::install(poll.registry(), SIGNALS)
