@@ -250,6 +250,12 @@ class Agent:
             return f.read().count("connected to ")
 
     def stop(self):
+        """Stops the agent; when a measurement failed, shows the end of its log (the work
+        directory is about to be deleted)."""
+        if sys.exc_info()[0] is not None:
+            with open(self.log_path, errors="replace") as f:
+                tail = f.readlines()[-20:]
+            sys.stderr.write("the agent's last log lines:\n" + "".join("  " + line for line in tail))
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -260,7 +266,7 @@ class Agent:
         self.log.close()
 
 
-def wait_online(watcher, device, beats_wanted=2, timeout=60):
+def wait_online(watcher, device, beats_wanted=2, timeout=30):
     """Waits for the device's online status and live heartbeats; returns the last one's time."""
     online, beats = False, []
     end = time.monotonic() + timeout
@@ -534,7 +540,10 @@ def main():
     m = sub.add_parser("summary")
     m.add_argument("file")
     args = parser.parse_args()
-    {"burst": burst, "soak": soak, "summary": summary}[args.what](args)
+    try:
+        {"burst": burst, "soak": soak, "summary": summary}[args.what](args)
+    except (OSError, RuntimeError) as e:  # timeouts and refused connections included
+        sys.exit(f"tetherbench {args.what}: {e}")
 
 
 if __name__ == "__main__":
