@@ -73,11 +73,32 @@ fn vm_rss_kb(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// A reboot command that only writes down which command asked for it.
-fn counting_reboot(dir: &Path) -> (Value, std::path::PathBuf) {
-    let marker = dir.join("reboots");
-    let script = format!("echo \"$TETHER_COMMAND_ID\" >> '{}'", marker.display());
-    (json!({"reboot_command": ["/bin/sh", "-c", script]}), marker)
+/// A reboot command that only writes down which command asked for it, in `marker`; the boot
+/// id the agent reads is in `boot_id`.
+struct FakeReboot {
+    config: Value,
+    marker: std::path::PathBuf,
+    boot_id: std::path::PathBuf,
+}
+
+impl FakeReboot {
+    fn new(dir: &Path) -> FakeReboot {
+        let marker = dir.join("reboots");
+        let boot_id = dir.join("boot_id");
+        write_file(&boot_id, "11111111-1111-4111-8111-111111111111\n");
+        let script = format!("echo \"$TETHER_COMMAND_ID\" >> '{}'", marker.display());
+        FakeReboot { config: json!({"reboot_command": ["/bin/sh", "-c", script]}), marker, boot_id }
+    }
+
+    /// The agent's environment: where it reads the boot id.
+    fn env(&self) -> [(&str, &str); 1] {
+        [("TETHER_BOOT_ID_FILE", self.boot_id.to_str().unwrap())]
+    }
+
+    /// The system "reboots": a new boot id.
+    fn new_boot(&self) {
+        write_file(&self.boot_id, "22222222-2222-4222-8222-222222222222\n");
+    }
 }
 
 #[test]
@@ -85,15 +106,14 @@ fn a_burst_of_600_commands_runs_each_once_across_broker_and_agent_restarts() {
     let mut broker = Broker::start_default();
     let d = "dev-burst600";
     let dir = tempfile::tempdir().unwrap();
-    let boot_id = dir.path().join("boot_id");
-    write_file(&boot_id, "11111111-1111-4111-8111-111111111111\n");
-    let (reboot, marker) = counting_reboot(dir.path());
+    let reboot = FakeReboot::new(dir.path());
+    let marker = &reboot.marker;
     let mut config = broker.agent_config(d);
-    merge(&mut config, reboot);
+    merge(&mut config, reboot.config.clone());
     // A tiny outbox: before, its bound dropped final states, and their commands ran again.
     merge(&mut config, json!({"offline_buffer": {"max_messages": 10}}));
     let mut sub = Sub::new(&broker, &status_topic(d));
-    let mut agent = Agent::start_with_env(config, &[("TETHER_BOOT_ID_FILE", boot_id.to_str().unwrap())]);
+    let mut agent = Agent::start_with_env(config, &reboot.env());
     sub.expect_online(d, secs(15));
     // Results carry agent_uptime_s: a command run again after a restart would show a smaller one.
     std::thread::sleep(secs(3));
@@ -105,7 +125,7 @@ fn a_burst_of_600_commands_runs_each_once_across_broker_and_agent_restarts() {
     let reboot_topic = cmd_topic(d, "reboot", "r1");
     let ping_topics: Vec<String> = topics.iter().filter(|t| **t != reboot_topic).cloned().collect();
     let first = wait_all_final(&broker, d, &ping_topics, secs(60));
-    assert!(wait_until(secs(10), || read_to_string(&marker).lines().count() == 1), "the reboot did not run");
+    assert!(wait_until(secs(10), || read_to_string(marker).lines().count() == 1), "the reboot did not run");
 
     // The broker restarts, the agent is killed and restarts, the broker restarts again.
     drop(sub);
@@ -129,7 +149,7 @@ fn a_burst_of_600_commands_runs_each_once_across_broker_and_agent_restarts() {
         assert_eq!(after[topic], first[topic], "{topic}: its final state changed: it ran again");
     }
     assert_eq!(after[&reboot_topic]["status"], "failed", "{}", after[&reboot_topic]);
-    assert_eq!(read_to_string(&marker).lines().collect::<Vec<_>>(), ["r1"], "the reboot command ran again");
+    assert_eq!(read_to_string(marker).lines().collect::<Vec<_>>(), ["r1"], "the reboot command ran again");
     let inits = after.values().filter(|v| v["status"] == "init").count();
     assert_eq!(inits, 0, "commands left unanswered");
 }
@@ -239,19 +259,18 @@ fn garbage_on_a_known_commands_topic_changes_nothing() {
     let broker = Broker::start_default();
     let d = "dev-garbage";
     let dir = tempfile::tempdir().unwrap();
-    let boot_id = dir.path().join("boot_id");
-    write_file(&boot_id, "11111111-1111-4111-8111-111111111111\n");
-    let (reboot, marker) = counting_reboot(dir.path());
+    let reboot = FakeReboot::new(dir.path());
+    let marker = &reboot.marker;
     let mut config = broker.agent_config(d);
-    merge(&mut config, reboot);
+    merge(&mut config, reboot.config.clone());
     let mut sub = Sub::new(&broker, &format!("tether/{d}/#"));
-    let mut agent = Agent::start_with_env(config, &[("TETHER_BOOT_ID_FILE", boot_id.to_str().unwrap())]);
+    let mut agent = Agent::start_with_env(config, &reboot.env());
     sub.expect_online(d, secs(15));
 
     let reboot_topic = cmd_topic(d, "reboot", "r1");
     publish(&broker, &reboot_topic, &init(json!({})), true);
     sub.expect_json(&reboot_topic, "executing", secs(10), |v| v["status"] == "executing");
-    assert!(wait_until(secs(10), || read_to_string(&marker).contains("r1")), "the reboot did not run");
+    assert!(wait_until(secs(10), || read_to_string(marker).contains("r1")), "the reboot did not run");
     let ping_topic = cmd_topic(d, "ping", "p1");
     publish(&broker, &ping_topic, &init(json!({})), true);
     sub.expect_json(&ping_topic, "successful", secs(10), |v| v["status"] == "successful");
@@ -266,11 +285,11 @@ fn garbage_on_a_known_commands_topic_changes_nothing() {
 
     // The reboot happens: the next agent still confirms it.
     agent.term();
-    write_file(&boot_id, "22222222-2222-4222-8222-222222222222\n");
+    reboot.new_boot();
     agent.restart();
     let state = sub.expect_json(&reboot_topic, "the reboot confirmed", secs(15), is_final);
     assert_eq!(state["status"], "successful", "{state}");
-    assert_eq!(read_to_string(&marker).lines().count(), 1);
+    assert_eq!(read_to_string(marker).lines().count(), 1);
 }
 
 #[test]
@@ -306,12 +325,11 @@ fn a_final_state_lost_in_a_crash_is_published_by_the_next_start() {
     let mut broker = Broker::start_default();
     let d = "dev-lostfinal";
     let dir = tempfile::tempdir().unwrap();
-    let (reboot, marker) = counting_reboot(dir.path());
+    let reboot = FakeReboot::new(dir.path());
+    let marker = &reboot.marker;
     let mut config = broker.agent_config(d);
-    merge(&mut config, reboot);
-    let boot_id = dir.path().join("boot_id");
-    write_file(&boot_id, "11111111-1111-4111-8111-111111111111\n");
-    let env = [("TETHER_BOOT_ID_FILE", boot_id.to_str().unwrap())];
+    merge(&mut config, reboot.config.clone());
+    let env = reboot.env();
     let mut sub = Sub::new(&broker, &format!("tether/{d}/#"));
     let mut agent = Agent::start_with_env(config, &env);
     sub.expect_online(d, secs(15));
@@ -322,7 +340,7 @@ fn a_final_state_lost_in_a_crash_is_published_by_the_next_start() {
     broker.stop();
     // The "reboot" happens while the broker is away; the new agent settles it, then dies.
     agent.term();
-    write_file(&boot_id, "22222222-2222-4222-8222-222222222222\n");
+    reboot.new_boot();
     agent.restart();
     assert!(agent.wait_log("reboot/r1: successful", secs(10)), "the reboot was not settled");
     agent.kill9();
@@ -331,5 +349,5 @@ fn a_final_state_lost_in_a_crash_is_published_by_the_next_start() {
     let mut sub = Sub::new(&broker, &topic);
     let state = sub.expect_json(&topic, "the final state", secs(15), is_final);
     assert_eq!(state["status"], "successful", "{state}");
-    assert_eq!(read_to_string(&marker).lines().count(), 1, "the reboot command ran again");
+    assert_eq!(read_to_string(marker).lines().count(), 1, "the reboot command ran again");
 }

@@ -69,6 +69,12 @@ pub struct Record {
     offset: Option<u64>,
 }
 
+impl Record {
+    fn new(phase: Phase) -> Record {
+        Record { phase, acked: false, cleared: false, boot_id: None, state: None, offset: None }
+    }
+}
+
 /// One journal line.
 #[derive(Serialize, Deserialize)]
 struct Line {
@@ -169,14 +175,7 @@ impl Ledger {
         }
         if let Some(state) = line.state {
             let Some(phase) = phase_of(&state) else { return };
-            let record = self.records.entry(key).or_insert(Record {
-                phase,
-                acked: false,
-                cleared: false,
-                boot_id: None,
-                state: None,
-                offset: None,
-            });
+            let record = self.records.entry(key).or_insert_with(|| Record::new(phase));
             record.phase = phase;
             record.acked = line.acked;
             record.boot_id = line.boot_id.map(Into::into).or(record.boot_id.take());
@@ -217,14 +216,7 @@ impl Ledger {
         let start = self.pending.len();
         self.queue(&line);
         self.pending_states.push((key.clone(), start));
-        let record = self.records.entry(key.clone()).or_insert(Record {
-            phase,
-            acked: false,
-            cleared: false,
-            boot_id: None,
-            state: None,
-            offset: None,
-        });
+        let record = self.records.entry(key.clone()).or_insert_with(|| Record::new(phase));
         record.phase = phase;
         record.acked = false;
         record.cleared = false;
