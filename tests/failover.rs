@@ -71,3 +71,28 @@ fn every_url_of_the_list_is_checked_and_named_in_errors() {
         output_text(&out)
     );
 }
+
+#[test]
+fn a_late_will_that_shows_a_connected_device_offline_is_corrected() {
+    // On a cluster, a device that moved to another node can have its old connection's will
+    // published after its new "online": the device itself must put it right.
+    let broker = Broker::start_default();
+    let d = "dev-latewill";
+    let mut sub = Sub::new(&broker, &status_topic(d));
+    let mut agent = Agent::start(broker.agent_config(d));
+    let online = sub.expect_online(d, secs(15));
+    let late_will = json!({"online": false, "version": env!("CARGO_PKG_VERSION")});
+    publish_json(&broker, &status_topic(d), &late_will, true);
+    sub.expect_offline(d, secs(5));
+    let again = sub.expect_online(d, secs(5));
+    assert_eq!(again["since"], online["since"], "the same connection: {again}");
+    let mut late = Sub::new(&broker, &status_topic(d));
+    let retained = late.expect("the retained status", secs(5), |_| true);
+    assert_eq!(retained.json().unwrap()["online"], true, "{retained:?}");
+
+    // Its own clean stop is not undone.
+    drop(late);
+    agent.term();
+    sub.expect_offline(d, secs(5));
+    sub.expect_none("an online status after the stop", secs(2), |m| m.payload.contains("\"online\":true"));
+}

@@ -45,6 +45,8 @@ pub struct Agent {
     outbox: Outbox,
     heartbeat: Heartbeat,
     commands: Commands,
+    /// When the current connection came up (unix seconds), for the status's `since`.
+    online_since: u64,
     /// Set by SIGTERM.
     stop: Option<Stop>,
 }
@@ -94,6 +96,7 @@ impl Agent {
             outbox,
             heartbeat,
             commands,
+            online_since: 0,
             stop: None,
         })
     }
@@ -178,6 +181,9 @@ impl Agent {
                     log::info!("disconnected; {} message(s) waiting in the outbox", self.outbox.len());
                     self.outbox.on_disconnected();
                 }
+                Event::Message(publish) if publish.topic == self.topics.status() => {
+                    self.on_own_status(&publish.payload)
+                }
                 Event::Message(publish) => {
                     let mut ctx = Context {
                         outbox: &mut self.outbox,
@@ -206,18 +212,36 @@ impl Agent {
 
     fn on_connected(&mut self) {
         self.outbox.on_connected();
-        let status = Status {
-            online: true,
-            version: Some(crate::VERSION.into()),
-            arch: Some(crate::TARGET.into()),
-            since: Some(unix_seconds()),
-        };
-        self.client.publish(&self.topics.status(), &status.to_payload(), true, Some(ONLINE_TAG));
+        self.online_since = unix_seconds();
+        self.publish_online();
         for topic in self.commands.adverts() {
             self.client.publish(&topic, b"{}", true, None);
         }
         if !self.outbox.is_empty() {
             log::info!("sending {} queued message(s)", self.outbox.len());
+        }
+    }
+
+    fn publish_online(&mut self) {
+        let status = Status {
+            online: true,
+            version: Some(crate::VERSION.into()),
+            arch: Some(crate::TARGET.into()),
+            since: Some(self.online_since),
+        };
+        self.client.publish(&self.topics.status(), &status.to_payload(), true, Some(ONLINE_TAG));
+    }
+
+    /// The device's own status, read back. `{"online":false}` while it is connected is a will
+    /// published late: by a cluster node for a connection this device left for another node,
+    /// or by whoever may write there. Operators must not see a live device offline.
+    fn on_own_status(&mut self, payload: &[u8]) {
+        let says_offline = serde_json::from_slice::<Status>(payload).is_ok_and(|s| !s.online);
+        if says_offline && self.stop.is_none() && self.client.is_up() {
+            log::warn!(
+                "the broker shows this device offline while it is connected: publishing its status again"
+            );
+            self.publish_online();
         }
     }
 
@@ -319,7 +343,7 @@ fn client_options(config: &Config, topics: &Topics, commands: &Commands) -> Resu
         will: Some(Will { topic: topics.status(), payload: Status::offline().to_payload(), retain: true }),
         // Commands are retained: one lost on a dropped link comes again with the next
         // subscription, so QoS 0 loses nothing, and a burst of any size gets through.
-        subscriptions: vec![commands.filter()],
+        subscriptions: vec![commands.filter(), topics.status()],
         subscription_qos: mqttbytes::QoS::AtMostOnce,
         reconnect_min: Duration::from_secs(config.reconnect.min_s),
         reconnect_max: Duration::from_secs(config.reconnect.max_s),
