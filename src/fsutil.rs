@@ -49,22 +49,31 @@ pub fn overwrite_small(path: &Path, bytes: &[u8]) -> io::Result<()> {
 /// Creates `path` exclusively (0600), never through a link: a leftover from a crash is removed
 /// first (removing a link removes the link, not its target). A missing parent is made again.
 pub fn create_new(path: &Path) -> io::Result<File> {
-    let open = || {
-        OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(path)
-    };
-    match open() {
+    let new = OpenOptions::new().write(true).create_new(true).clone();
+    match open_private(path, &new) {
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
             fs::remove_file(path)?;
-            open()
+            open_private(path, &new)
         }
+        other => other,
+    }
+}
+
+/// Opens `path` to read and append, creating it (0600) if missing, never through a link: a
+/// journal. A missing parent is made again.
+pub fn open_append(path: &Path) -> io::Result<File> {
+    open_private(path, OpenOptions::new().read(true).append(true).create(true))
+}
+
+/// Opens with `options`, a file created 0600 and never through a link; a missing parent
+/// directory is made again (private) and the open tried once more.
+fn open_private(path: &Path, options: &OpenOptions) -> io::Result<File> {
+    let mut options = options.clone();
+    options.mode(0o600).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC);
+    match options.open(path) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             create_private_dir(parent(path))?;
-            open()
+            options.open(path)
         }
         other => other,
     }

@@ -56,17 +56,15 @@ struct RecentSet {
 const RECENT_REFUSALS: usize = 4096;
 
 impl RecentSet {
-    /// False when the request is in the set already.
-    fn insert(&mut self, topic: &str, payload: &[u8]) -> bool {
-        let entry = (hash(topic.as_bytes()), hash(payload));
-        if self.ring.contains(&entry) {
-            return false;
-        }
+    fn contains(&self, topic: &str, payload: &[u8]) -> bool {
+        self.ring.contains(&(hash(topic.as_bytes()), hash(payload)))
+    }
+
+    fn insert(&mut self, topic: &str, payload: &[u8]) {
         if self.ring.len() == RECENT_REFUSALS {
             self.ring.pop_front();
         }
-        self.ring.push_back(entry);
-        true
+        self.ring.push_back((hash(topic.as_bytes()), hash(payload)));
     }
 
     /// The operator cleared the topic: a request sent there again is a new one.
@@ -172,7 +170,7 @@ impl Commands {
     /// A command too big to read at all.
     pub fn on_oversized(&mut self, topic: &str, size: usize, outbox: &mut Outbox) {
         let Some((op_name, id)) = self.topics.parse_command(topic) else { return };
-        let known = Op::from_name(op_name).is_some_and(|op| self.ledger.get(&Key::new(op, id)).is_some());
+        let known = self.key_of(topic).is_some_and(|key| self.ledger.get(&key).is_some());
         if !known {
             self.refuse(topic, &size.to_le_bytes(), op_name, id, too_large(size), outbox);
         }
@@ -371,14 +369,14 @@ impl Commands {
         reason: String,
         outbox: &mut Outbox,
     ) {
-        if !outbox.has_room_for_refusal() {
-            return outbox.refusal_dropped();
-        }
-        if !self.refused.insert(topic, request) {
+        if self.refused.contains(topic, request) {
             return;
         }
-        log::warn!("command {}/{} refused: {}", Printable(op), Printable(id), Printable(&reason));
-        outbox.push(Kind::Refusal, topic.to_string(), CommandState::Failed { reason }.to_payload(), true);
+        let answer = CommandState::Failed { reason: reason.clone() }.to_payload();
+        if outbox.push(Kind::Refusal, topic.to_string(), answer, true) {
+            log::warn!("command {}/{} refused: {}", Printable(op), Printable(id), Printable(&reason));
+            self.refused.insert(topic, request);
+        }
     }
 
     fn finish(&mut self, key: &Key, state: CommandState, outbox: &mut Outbox) {

@@ -31,8 +31,8 @@ pub struct Heartbeat {
     next_due: Instant,
     /// None while a collection runs on a worker (it owns the collector then).
     collector: Option<Collector>,
-    /// A new config's collector settings, applied when the running collection returns.
-    pending_config: Option<HeartbeatConfig>,
+    /// The config changed while a collection ran: its collector is remade when it returns.
+    collector_stale: bool,
     workers: Workers<(Collector, protocol::Heartbeat)>,
     /// The seq of the latest collection started.
     last_seq: u64,
@@ -62,7 +62,7 @@ impl Heartbeat {
             interval: Duration::from_secs(config.interval_s),
             next_due: Instant::now(),
             collector: Some(Collector::new(config)),
-            pending_config: None,
+            collector_stale: false,
             workers: Workers::new(waker),
             last_seq,
             queued_seq: last_seq,
@@ -80,7 +80,7 @@ impl Heartbeat {
         }
         match &mut self.collector {
             Some(collector) => *collector = Collector::new(config),
-            None => self.pending_config = Some(config.clone()),
+            None => self.collector_stale = true,
         }
         self.config = config.clone();
     }
@@ -137,9 +137,9 @@ impl Heartbeat {
     pub fn on_wake(&mut self, outbox: &mut Outbox) -> Vec<u64> {
         let mut queued = Vec::new();
         while let Some((collector, heartbeat)) = self.workers.try_recv() {
-            self.collector = Some(match self.pending_config.take() {
-                Some(config) => Collector::new(&config),
-                None => collector,
+            self.collector = Some(match std::mem::take(&mut self.collector_stale) {
+                true => Collector::new(&self.config),
+                false => collector,
             });
             match serde_json::to_vec(&heartbeat) {
                 Ok(payload) => {

@@ -14,9 +14,9 @@
 
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Write};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::fsutil;
@@ -319,7 +319,7 @@ impl Ledger {
             return self.rewrite_from_memory();
         }
         if self.file.is_none() {
-            match open_journal(&self.path) {
+            match fsutil::open_append(&self.path) {
                 Ok(file) => self.file = Some(file),
                 // A link planted in its place: write a journal of our own over it.
                 Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return self.rewrite_from_memory(),
@@ -429,25 +429,6 @@ fn write_line(out: &mut Vec<u8>, line: &Line) {
     // A Line always encodes: its keys are strings and its values plain JSON.
     if serde_json::to_writer(&mut *out, line).is_ok() {
         out.push(b'\n');
-    }
-}
-
-fn open_journal(path: &Path) -> io::Result<File> {
-    let open = || {
-        OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(path)
-    };
-    match open() {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            fsutil::create_private_dir(path.parent().unwrap_or(Path::new(".")))?;
-            open()
-        }
-        other => other,
     }
 }
 

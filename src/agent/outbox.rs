@@ -165,13 +165,16 @@ impl Outbox {
     }
 
     /// Queues a message; it is sent by `pump` in order (heartbeats first), and a heartbeat is
-    /// stored on disk unless the broker takes it at once.
-    pub fn push(&mut self, kind: Kind, topic: String, payload: Vec<u8>, retain: bool) {
+    /// stored on disk unless the broker takes it at once. False for a refusal given up for want
+    /// of room (its request is read again once the queue has drained).
+    pub fn push(&mut self, kind: Kind, topic: String, payload: Vec<u8>, retain: bool) -> bool {
         if kind.replaces_unsent() {
             self.remove_unsent(&topic);
         }
-        if kind == Kind::Refusal && !self.has_room_for_refusal() {
-            return self.refusal_dropped();
+        let refusals = self.entries.iter().filter(|e| e.kind == Kind::Refusal).count();
+        if kind == Kind::Refusal && refusals >= MAX_REFUSALS {
+            self.refusals_dropped = true;
+            return false;
         }
         let mut entry = Entry {
             id: self.next_id,
@@ -192,6 +195,7 @@ impl Outbox {
         self.bytes += entry.size();
         self.entries.push_back(entry);
         self.enforce_bounds();
+        true
     }
 
     /// When the oldest message kept only in memory is due to be stored.
@@ -247,21 +251,11 @@ impl Outbox {
         Some((entry.kind, entry.topic))
     }
 
-    /// Whether another refusal may wait now (see `Kind::Refusal`).
-    pub fn has_room_for_refusal(&self) -> bool {
-        self.entries.iter().filter(|e| e.kind == Kind::Refusal).count() < MAX_REFUSALS
-    }
-
-    /// A refusal was not queued for want of room: its request is read again later.
-    pub fn refusal_dropped(&mut self) {
-        self.refusals_dropped = true;
-    }
-
     /// True once after refusals were dropped for room and the queue has drained: time to have
     /// the broker send the requests again (they are retained), to answer them now.
     pub fn take_refusals_to_redo(&mut self) -> bool {
-        let drained = self.online && self.entries.iter().all(|e| e.kind != Kind::Refusal);
-        if self.refusals_dropped && drained {
+        // The flag first: this runs every loop turn, the scan only after refusals were dropped.
+        if self.refusals_dropped && self.online && self.entries.iter().all(|e| e.kind != Kind::Refusal) {
             self.refusals_dropped = false;
             return true;
         }
