@@ -342,7 +342,8 @@ fn client_options(config: &Config, topics: &Topics, commands: &Commands) -> Resu
     Ok(ClientOptions {
         will: Some(Will { topic: topics.status(), payload: Status::offline().to_payload(), retain: true }),
         // Commands are retained: one lost on a dropped link comes again with the next
-        // subscription, so QoS 0 loses nothing, and a burst of any size gets through.
+        // subscription. QoS 0, because Mosquitto queues at most `max_queued_messages` QoS 1
+        // messages for a client (see docs/brokers.md for what it does at QoS 0).
         subscriptions: vec![commands.filter(), topics.status()],
         subscription_qos: mqttbytes::QoS::AtMostOnce,
         reconnect_min: Duration::from_secs(config.reconnect.min_s),

@@ -49,6 +49,11 @@ pub struct ClientOptions {
     pub will: Option<Will>,
     /// Subscribed on every connect.
     pub subscriptions: Vec<String>,
+    /// A retained message (topic, payload) published on every connect just before the
+    /// subscriptions, its topic subscribed after them: the broker sends it after the retained
+    /// messages of the others, so it marks the end of that burst, and, when missing, a burst
+    /// cut short (see tetherctl's `Session::retained`).
+    pub end_marker: Option<(String, Vec<u8>)>,
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
     /// Bigger incoming packets are skipped and reported as `Event::Oversized`.
@@ -552,8 +557,21 @@ impl Client {
         if self.opts.subscriptions.is_empty() {
             return;
         }
+        let marker = self.opts.end_marker.clone();
+        if let Some((topic, payload)) = &marker {
+            let mut publish =
+                v4::Publish::from_bytes(topic, QoS::AtMostOnce, Bytes::copy_from_slice(payload));
+            publish.retain = true;
+            self.send(&Packet::Publish(publish));
+        }
         let qos = self.opts.subscription_qos;
-        let filters = self.opts.subscriptions.iter().map(|f| v4::SubscribeFilter::new(f.clone(), qos));
+        let marker_topic = marker.map(|(topic, _)| topic);
+        let filters = self
+            .opts
+            .subscriptions
+            .iter()
+            .chain(marker_topic.iter())
+            .map(|f| v4::SubscribeFilter::new(f.clone(), qos));
         let mut subscribe = v4::Subscribe::new_many(filters);
         subscribe.pkid = self.ids.subscribe();
         self.send(&Packet::Subscribe(subscribe));
@@ -866,6 +884,7 @@ mod tests {
             connect_timeout: Duration::from_secs(10),
             will: None,
             subscriptions: vec![],
+            end_marker: None,
             reconnect_min: Duration::from_secs(1),
             reconnect_max: Duration::from_secs(2),
             max_packet: 1024,

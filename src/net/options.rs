@@ -50,6 +50,7 @@ impl ClientOptions {
             connect_timeout: Duration::from_secs(b.connect_timeout_s),
             will: None,
             subscriptions: Vec::new(),
+            end_marker: None,
             reconnect_min: Duration::from_secs(reconnect.min_s),
             reconnect_max: Duration::from_secs(reconnect.max_s),
             max_packet: DEFAULT_MAX_PACKET,

@@ -242,11 +242,13 @@ pub struct BrokerOpts {
     pub users: Vec<(String, String)>,
     /// Content of the ACL file.
     pub acl: Option<String>,
+    /// Lines for the top of the config, e.g. `max_queued_messages 0`.
+    pub settings: Vec<String>,
 }
 
 impl Default for BrokerOpts {
     fn default() -> Self {
-        BrokerOpts { allow_anonymous: true, users: Vec::new(), acl: None }
+        BrokerOpts { allow_anonymous: true, users: Vec::new(), acl: None, settings: Vec::new() }
     }
 }
 
@@ -261,6 +263,10 @@ impl BrokerOpts {
     }
     pub fn anonymous(mut self, allow: bool) -> Self {
         self.allow_anonymous = allow;
+        self
+    }
+    pub fn setting(mut self, line: &str) -> Self {
+        self.settings.push(line.into());
         self
     }
 }
@@ -354,6 +360,9 @@ impl Broker {
         if opts.acl.is_some() {
             conf += &format!("acl_file {}\n", d.join("acl").display());
         }
+        for line in &opts.settings {
+            conf += &format!("{line}\n");
+        }
         conf += &format!("\nlistener {} 127.0.0.1\n", p.plain);
         conf += &format!("\nlistener {} 127.0.0.1\n{}", p.mqtts, tls("", "server"));
         conf += &format!("\nlistener {} 127.0.0.1\nprotocol websockets\n", p.ws);
@@ -429,6 +438,13 @@ impl Broker {
     }
     pub fn log(&self) -> String {
         String::from_utf8_lossy(&fs::read(self.log_path()).unwrap_or_default()).into_owned()
+    }
+    /// Watches the lines the broker logs from now on.
+    pub fn watch_log(&self) -> LogWatch {
+        use std::io::Seek;
+        let mut file = fs::File::open(self.log_path()).unwrap();
+        file.seek(std::io::SeekFrom::End(0)).unwrap();
+        LogWatch { lines: std::io::BufReader::new(file), line: String::new() }
     }
     pub fn ca_file(&self) -> PathBuf {
         self.dir.path().join("ca.pem")
@@ -515,6 +531,44 @@ impl Drop for Broker {
 }
 
 /// Merges `patch` into `base`: objects key by key, anything else replaced (`null` removes a key).
+/// New lines of a broker's log, read as they come: fast enough to act in the middle of a burst.
+pub struct LogWatch {
+    lines: std::io::BufReader<fs::File>,
+    line: String,
+}
+
+impl LogWatch {
+    /// Waits for a line containing `needle`, polling every millisecond.
+    pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> bool {
+        use std::io::BufRead;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.lines.read_line(&mut self.line).unwrap() == 0 {
+                if Instant::now() >= deadline {
+                    return false;
+                }
+                thread::sleep(Duration::from_millis(1));
+            } else if self.line.ends_with('\n') {
+                if self.line.contains(needle) {
+                    self.line.clear();
+                    return true;
+                }
+                self.line.clear();
+            }
+        }
+    }
+}
+
+/// Stops process `pid` for `pause` as soon as the broker has its subscription: in the middle of
+/// the retained burst, which makes Mosquitto drop messages to it.
+pub fn stall_once_subscribed(log: &mut LogWatch, client_id: &str, pid: u32, pause: Duration) {
+    let needle = format!("Received SUBSCRIBE from {client_id}");
+    assert!(log.wait_for(&needle, secs(10)), "{client_id} never subscribed");
+    signal(pid, libc::SIGSTOP);
+    thread::sleep(pause);
+    signal(pid, libc::SIGCONT);
+}
+
 pub fn merge(base: &mut Value, patch: Value) {
     match (base, patch) {
         (Value::Object(b), Value::Object(p)) => {
@@ -937,6 +991,13 @@ impl Agent {
 
     pub fn log(&self) -> String {
         String::from_utf8_lossy(&fs::read(self.log_path()).unwrap_or_default()).into_owned()
+    }
+    /// Watches the lines the broker logs from now on.
+    pub fn watch_log(&self) -> LogWatch {
+        use std::io::Seek;
+        let mut file = fs::File::open(self.log_path()).unwrap();
+        file.seek(std::io::SeekFrom::End(0)).unwrap();
+        LogWatch { lines: std::io::BufReader::new(file), line: String::new() }
     }
 
     pub fn log_contains(&self, needle: &str) -> bool {

@@ -20,10 +20,11 @@ const SIGNALS: Token = Token(2);
 /// Retries while connecting come quickly: someone is waiting at the terminal.
 const RECONNECT_MIN: Duration = Duration::from_secs(1);
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
-/// Longest the broker may stay silent before the probe is back; a long burst of retained
-/// messages is fine as long as it keeps coming.
-const PROBE_SILENCE_LIMIT: Duration = Duration::from_secs(5);
-const PROBE_TAG: u64 = u64::MAX;
+/// How long the broker may stay silent before the end marker comes, read after read: a long
+/// burst of retained messages is fine as long as it keeps coming. See `Session::retained`.
+const MARKER_SILENCE_LIMITS: [Duration; 3] =
+    [Duration::from_secs(1), Duration::from_secs(2), Duration::from_secs(5)];
+const MARKER_PAYLOAD: &[u8] = b"end of the retained messages (tetherctl)";
 
 pub enum Input {
     Client(Event),
@@ -47,8 +48,8 @@ pub struct Session {
     signals: Signals,
     client: Client,
     interrupted: bool,
-    /// A topic of this session's own, subscribed with the others: see `retained`.
-    probe: String,
+    /// The topic of the end marker: see `retained`.
+    marker: String,
     settings: Settings,
 }
 
@@ -56,16 +57,12 @@ impl Session {
     /// Connects and subscribes; fails with exit 3 when the broker cannot be reached within the
     /// connect timeout (the client has logged why at each attempt), or 78 at once when the
     /// broker's certificate fails verification.
-    pub fn connect(
-        settings: &Settings,
-        mut subscriptions: Vec<String>,
-        mode: Mode,
-    ) -> Result<Session, Failure> {
+    pub fn connect(settings: &Settings, subscriptions: Vec<String>, mode: Mode) -> Result<Session, Failure> {
         let client_id = client_id();
-        let probe = format!("{}/_tetherctl/{client_id}", settings.topic_root);
-        subscriptions.push(probe.clone());
+        let marker = format!("{}/_tetherctl/end", settings.topic_root);
         let opts = ClientOptions {
             subscriptions,
+            end_marker: Some((marker.clone(), MARKER_PAYLOAD.to_vec())),
             connect_timeout: settings
                 .connect_timeout
                 .min(Duration::from_secs(settings.broker.connect_timeout_s)),
@@ -91,7 +88,7 @@ impl Session {
             signals,
             client,
             interrupted: false,
-            probe,
+            marker,
             settings: settings.clone(),
         };
 
@@ -114,6 +111,15 @@ impl Session {
 
     /// The next thing that happens: an event of the client, a signal, or `deadline` passing.
     pub fn next(&mut self, deadline: Option<Instant>) -> Result<Input, Failure> {
+        loop {
+            match self.next_with_marker(deadline)? {
+                Input::Client(Event::Message(p)) if p.topic == self.marker => {}
+                input => return Ok(input),
+            }
+        }
+    }
+
+    fn next_with_marker(&mut self, deadline: Option<Instant>) -> Result<Input, Failure> {
         loop {
             if let Some(why) = self.client.gave_up() {
                 let why = self.settings.name_source(why.to_string());
@@ -181,41 +187,58 @@ impl Session {
     }
 
     /// The messages retained on the session's subscriptions (and any published meanwhile), in
-    /// the order the broker sent them; an empty payload means the topic was cleared. Their end
-    /// is marked by a probe to the session's own topic, published now: the broker sends a
-    /// client's messages in order, so they all came before it. Fails rather than return a
-    /// part: when the probe does not come back, or the connection drops and the broker does
-    /// not send them all again in time.
+    /// the order the broker sent them; an empty payload means the topic was cleared. The end
+    /// marker, subscribed last, comes after them. Mosquitto drops QoS 0 messages to a client
+    /// that falls `max_queued_messages` behind, a burst's tail first: over WebSockets all but the
+    /// first 1000, over TCP those that come while a stalled reader is behind. The marker is
+    /// dropped with them, so when it does not come everything is read again; fails rather than
+    /// return a part when it never does.
     pub fn retained(&mut self) -> Result<Vec<Publish>, Failure> {
-        let probe = self.probe.clone();
-        // The client may refuse a publish for a moment (its send queue is full): try again.
-        let mut probe_sent = self.publish(&probe, b"probe", false, Some(PROBE_TAG));
+        let reads = MARKER_SILENCE_LIMITS.len();
+        for (read, silence) in MARKER_SILENCE_LIMITS.into_iter().enumerate() {
+            if read > 0 {
+                self.client.resubscribe();
+            }
+            if let Some(messages) = self.read_retained(silence)? {
+                return Ok(messages);
+            }
+            log::info!(
+                "no end marker after {} s of silence (read {} of {reads}): the broker may have dropped \
+                 messages to tetherctl; reading again",
+                silence.as_secs(),
+                read + 1
+            );
+        }
+        Err(Failure::error(format!(
+            "the end marker on {} never came ({reads} reads): the list would be incomplete. Does the \
+             broker's ACL let tetherctl publish and subscribe there? Mosquitto drops messages to a \
+             client that falls max_queued_messages behind, over WebSockets after 1000: for a large \
+             fleet, raise it above twice the number of devices (see docs/brokers.md)",
+            self.marker
+        )))
+    }
+
+    /// One read, up to the end marker; None after `silence` without it.
+    fn read_retained(&mut self, silence: Duration) -> Result<Option<Vec<Publish>>, Failure> {
         let mut messages = Vec::new();
         loop {
-            if !probe_sent {
-                probe_sent = self.publish(&probe, b"probe", false, Some(PROBE_TAG));
-            }
-            match self.next(Some(Instant::now() + PROBE_SILENCE_LIMIT))? {
-                Input::Client(Event::Message(p)) if p.topic == probe => return Ok(messages),
-                Input::Client(Event::Message(p)) => messages.push(p),
-                // Reconnected: the retained messages come again, and so must the probe.
-                Input::Client(Event::Connected) => {
-                    messages.clear();
-                    probe_sent = self.publish(&probe, b"probe", false, Some(PROBE_TAG));
+            match self.next_with_marker(Some(Instant::now() + silence))? {
+                // Only the copy sent on subscribing is flagged retained: another tetherctl
+                // publishing the marker meanwhile sends it live.
+                Input::Client(Event::Message(p)) if p.topic == self.marker => {
+                    if p.retain {
+                        return Ok(Some(messages));
+                    }
                 }
+                Input::Client(Event::Message(p)) => messages.push(p),
+                // Reconnected: the client subscribed again, the retained messages come again.
+                Input::Client(Event::Connected) => messages.clear(),
                 Input::Client(Event::Oversized { topic, size }) => {
                     log::warn!("{topic}: skipped a message of {size} bytes, too big")
                 }
                 Input::Client(_) => {}
                 Input::Interrupted => return Err(Failure::interrupted()),
-                Input::TimedOut => {
-                    return Err(Failure::error(format!(
-                        "the broker went silent for {} s before returning tetherctl's probe on {probe}: \
-                         the list would be incomplete (does the broker's ACL let tetherctl publish and \
-                         subscribe there?)",
-                        PROBE_SILENCE_LIMIT.as_secs()
-                    )))
-                }
+                Input::TimedOut => return Ok(None),
             }
         }
     }
