@@ -605,8 +605,13 @@ pub fn publish(broker: &Broker, topic: &str, payload: &[u8], retain: bool) {
 /// Publishes with QoS 1 as `creds` (user, password); an empty payload is a null message (with
 /// `retain`, it clears the retained message).
 pub fn publish_as(broker: &Broker, creds: Option<(&str, &str)>, topic: &str, payload: &[u8], retain: bool) {
+    publish_at(broker.ports.plain, creds, topic, payload, retain)
+}
+
+/// Publishes with QoS 1 to the broker (or cluster node) listening for plain MQTT on `port`.
+pub fn publish_at(port: u16, creds: Option<(&str, &str)>, topic: &str, payload: &[u8], retain: bool) {
     let mut cmd = Command::new("mosquitto_pub");
-    cmd.args(["-h", "127.0.0.1", "-p", &broker.ports.plain.to_string(), "-q", "1", "-t", topic]);
+    cmd.args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1", "-t", topic]);
     if let Some((u, p)) = creds {
         cmd.args(["-u", u, "-P", p]);
     }
@@ -663,6 +668,7 @@ impl Msg {
     }
 }
 
+pub mod cluster;
 pub mod raw;
 
 const PROBE_MARK: &str = "/_harness/probe/";
@@ -678,15 +684,16 @@ pub struct Sub {
     stderr: Arc<Mutex<String>>,
 }
 
-pub struct SubBuilder<'a> {
-    broker: &'a Broker,
+pub struct SubBuilder {
+    /// The broker's (or cluster node's) plain MQTT port.
+    port: u16,
     filters: Vec<String>,
     creds: Option<(String, String)>,
     probe_root: String,
     client_id: Option<String>,
 }
 
-impl<'a> SubBuilder<'a> {
+impl SubBuilder {
     /// Subscribe (and probe) with these credentials instead of the broker's admin ones.
     pub fn user(mut self, user: &str, password: &str) -> Self {
         self.creds = Some((user.into(), password.into()));
@@ -713,7 +720,7 @@ impl<'a> SubBuilder<'a> {
     pub fn start(self) -> Sub {
         let probe = format!("{}{}{}", self.probe_root, PROBE_MARK, unique());
         let mut cmd = Command::new("mosquitto_sub");
-        cmd.args(["-h", "127.0.0.1", "-p", &self.broker.ports.plain.to_string(), "-q", "1"]);
+        cmd.args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-q", "1"]);
         cmd.args(["-F", "%r %t %x"]);
         for f in &self.filters {
             cmd.args(["-t", f]);
@@ -766,7 +773,7 @@ impl<'a> SubBuilder<'a> {
                 panic!("mosquitto_sub {} exited: {status}: {}", sub.filter, sub.stderr.lock().unwrap());
             }
             assert!(Instant::now() < end, "mosquitto_sub {}: subscription not active after 15 s", sub.filter);
-            publish_as(self.broker, creds, &probe, b"probe", false);
+            publish_at(self.port, creds, &probe, b"probe", false);
             wait_until(Duration::from_millis(300), || probe_seen.load(Ordering::SeqCst));
         }
         sub
@@ -785,11 +792,18 @@ impl Sub {
         Sub::builder(broker, filter).start()
     }
 
-    pub fn builder<'a>(broker: &'a Broker, filter: &str) -> SubBuilder<'a> {
+    pub fn builder(broker: &Broker, filter: &str) -> SubBuilder {
+        let mut builder = Sub::builder_at(broker.ports.plain, filter);
+        builder.creds = broker.admin().map(|(u, p)| (u.to_string(), p.to_string()));
+        builder
+    }
+
+    /// Anonymous, on the broker or cluster node whose plain MQTT port is `port`.
+    pub fn builder_at(port: u16, filter: &str) -> SubBuilder {
         SubBuilder {
-            broker,
+            port,
             filters: vec![filter.into()],
-            creds: broker.admin().map(|(u, p)| (u.to_string(), p.to_string())),
+            creds: None,
             probe_root: "tether".into(),
             client_id: None,
         }

@@ -25,6 +25,11 @@ const RECONNECT_MAX: Duration = Duration::from_secs(5);
 const MARKER_SILENCE_LIMITS: [Duration; 3] =
     [Duration::from_secs(1), Duration::from_secs(2), Duration::from_secs(5)];
 const MARKER_PAYLOAD: &[u8] = b"end of the retained messages (tetherctl)";
+/// How long a read goes on after the end marker, until no retained message came for this
+/// long: brokers that stream retained messages after the SUBACK, in no particular order, send
+/// the marker early (aedes sends exact topics first: the marker is the first to come). Its
+/// stream has gaps of 40 ms at most under load.
+const SETTLE: Duration = Duration::from_millis(300);
 
 pub enum Input {
     Client(Event),
@@ -188,7 +193,8 @@ impl Session {
 
     /// The messages retained on the session's subscriptions (and any published meanwhile), in
     /// the order the broker sent them; an empty payload means the topic was cleared. The end
-    /// marker, subscribed last, comes after them. Mosquitto drops QoS 0 messages to a client
+    /// marker, subscribed last, comes after them on Mosquitto; `SETTLE` covers brokers that
+    /// send it early. Mosquitto drops QoS 0 messages to a client
     /// that falls `max_queued_messages` behind, a burst's tail first: over WebSockets all but the
     /// first 1000, over TCP those that come while a stalled reader is behind. The marker is
     /// dropped with them, so when it does not come everything is read again; fails rather than
@@ -218,27 +224,40 @@ impl Session {
         )))
     }
 
-    /// One read, up to the end marker; None after `silence` without it.
+    /// One read: until the end marker came and then no retained message for `SETTLE`; None
+    /// after `silence` without the marker.
     fn read_retained(&mut self, silence: Duration) -> Result<Option<Vec<Publish>>, Failure> {
         let mut messages = Vec::new();
+        let mut marker_seen = false;
+        let mut last_retained = Instant::now();
         loop {
-            match self.next_with_marker(Some(Instant::now() + silence))? {
+            let deadline = if marker_seen { last_retained + SETTLE } else { Instant::now() + silence };
+            match self.next_with_marker(Some(deadline))? {
                 // Only the copy sent on subscribing is flagged retained: another tetherctl
                 // publishing the marker meanwhile sends it live.
                 Input::Client(Event::Message(p)) if p.topic == self.marker => {
                     if p.retain {
-                        return Ok(Some(messages));
+                        marker_seen = true;
+                        last_retained = Instant::now();
                     }
                 }
-                Input::Client(Event::Message(p)) => messages.push(p),
+                Input::Client(Event::Message(p)) => {
+                    if p.retain {
+                        last_retained = Instant::now();
+                    }
+                    messages.push(p);
+                }
                 // Reconnected: the client subscribed again, the retained messages come again.
-                Input::Client(Event::Connected) => messages.clear(),
+                Input::Client(Event::Connected) => {
+                    messages.clear();
+                    marker_seen = false;
+                }
                 Input::Client(Event::Oversized { topic, size }) => {
                     log::warn!("{topic}: skipped a message of {size} bytes, too big")
                 }
                 Input::Client(_) => {}
                 Input::Interrupted => return Err(Failure::interrupted()),
-                Input::TimedOut => return Ok(None),
+                Input::TimedOut => return Ok(marker_seen.then_some(messages)),
             }
         }
     }
