@@ -95,7 +95,8 @@ usage: tetherctl [OPTIONS] COMMAND [ARGS]
 commands:";
 
 const FOOTER: &str = r#"connection (a flag wins over its environment variable, which wins over the --config file):
-  --broker URL           wss://, ws://, mqtts:// or mqtt://            TETHER_BROKER
+  --broker URL[,URL...]  wss://, ws://, mqtts:// or mqtt://; several:  TETHER_BROKER
+                         the nodes of one cluster, tried in turn.
   --ca FILE              CA certificate(s) to trust (PEM); default:    TETHER_CA
                          the system's. The broker's certificate is always verified.
   --cert FILE --key FILE client certificate and key (mutual TLS)      TETHER_CERT TETHER_KEY

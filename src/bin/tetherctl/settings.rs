@@ -107,6 +107,17 @@ struct ConfigFile {
 }
 
 /// `env` looks up an environment variable (a parameter so tests need not change the process's).
+/// The broker settings of the config file (or defaults) with the nodes of `urls`, a
+/// comma-separated list: the nodes of one cluster, tried in turn like the agent's.
+fn with_urls(file_broker: Option<BrokerConfig>, urls: &str) -> BrokerConfig {
+    let mut nodes = urls.split(',').map(str::trim).filter(|u| !u.is_empty()).map(String::from);
+    let first = nodes.next().unwrap_or_default();
+    let mut broker = file_broker.unwrap_or_else(|| BrokerConfig::new(first.clone()));
+    broker.url = first;
+    broker.failover_urls = nodes.collect();
+    broker
+}
+
 pub fn resolve(flags: &ConnFlags, env: &dyn Fn(&str) -> Option<String>) -> Result<Settings, Failure> {
     let mut sources = Vec::new();
     // The flag's value, else the variable's; remembers which one for error messages.
@@ -124,11 +135,14 @@ pub fn resolve(flags: &ConnFlags, env: &dyn Fn(&str) -> Option<String>) -> Resul
         Some(path) => load(Path::new(path))?,
         None => ConfigFile::default(),
     };
-    let url = pick("broker.url", &flags.broker, "--broker", "TETHER_BROKER")
-        .or_else(|| file.broker.as_ref().map(|b| b.url.clone()))
-        .ok_or_else(|| Failure::usage("no broker given: use --broker URL, TETHER_BROKER or --config FILE"))?;
-    let mut broker = file.broker.unwrap_or_else(|| BrokerConfig::new(url.clone()));
-    broker.url = url;
+    let given = pick("broker.url", &flags.broker, "--broker", "TETHER_BROKER");
+    let mut broker = match (given, file.broker) {
+        (Some(urls), file_broker) => with_urls(file_broker, &urls),
+        (None, Some(file_broker)) => file_broker,
+        (None, None) => {
+            return Err(Failure::usage("no broker given: use --broker URL, TETHER_BROKER or --config FILE"))
+        }
+    };
     let ca = pick("broker.ca_file", &flags.ca, "--ca", "TETHER_CA");
     let cert = pick("broker.cert_file", &flags.cert, "--cert", "TETHER_CERT");
     let key = pick("broker.key_file", &flags.key, "--key", "TETHER_KEY");
@@ -173,6 +187,25 @@ mod tests {
         let vars: HashMap<String, String> =
             vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         move |k| vars.get(k).cloned()
+    }
+
+    #[test]
+    fn a_list_of_urls_names_the_nodes_of_one_cluster_and_replaces_the_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("ctl.json");
+        std::fs::write(&config, r#"{"broker":{"url":["mqtt://f1:1883","mqtt://f2:1883"]}}"#).unwrap();
+        let from_file = ConnFlags { config: Some(config.to_str().unwrap().into()), ..Default::default() };
+        let s = resolve(&from_file, &env(&[])).unwrap();
+        assert_eq!(
+            (s.broker.url.as_str(), s.broker.failover_urls.as_slice()),
+            ("mqtt://f1:1883", &["mqtt://f2:1883".to_string()][..])
+        );
+
+        let flags =
+            ConnFlags { broker: Some("mqtt://a:1883, mqtt://b:1883,mqtt://c:1883".into()), ..from_file };
+        let s = resolve(&flags, &env(&[])).unwrap();
+        assert_eq!(s.broker.url, "mqtt://a:1883");
+        assert_eq!(s.broker.failover_urls, ["mqtt://b:1883", "mqtt://c:1883"]);
     }
 
     #[test]
