@@ -1,11 +1,14 @@
 //! Signed requests against the real OpenSSH tools: keys made by `ssh-keygen`, requests signed by
-//! `ssh-keygen -Y sign`, device signatures checked by `ssh-keygen -Y verify`.
+//! `ssh-keygen -Y sign` and by `ssh-agent`, device signatures checked by `ssh-keygen -Y verify`.
 //! A missing tool fails the test, saying which: these tests prove the format is OpenSSH's own.
 
 use serde_json::{json, Map, Value};
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+use tether::trust::signer::{sign_with_key_file, Agent};
 use tether::trust::{
     check_request, verify_init, Addressed, AgeLimit, AuthorizedKeys, DeviceKey, PublicKey, Refusal, Request,
     SshSig, Verified, CLOCK_SANE_AFTER, DEVICE_NAMESPACE, REQUEST_NAMESPACE,
@@ -203,6 +206,99 @@ fn old_future_and_misaddressed_requests_are_refused() {
     let verified =
         verify_init(&init(&old, &openssh_sign(&key, REQUEST_NAMESPACE, &old, &[])), &keys).unwrap();
     assert_eq!(check_request(&verified.request, REBOOT, 600, WEEK), Ok(()));
+}
+
+/// `ssh-agent -D -a SOCKET`, killed when dropped.
+struct SshAgent {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl SshAgent {
+    fn start(dir: &Path) -> SshAgent {
+        let socket = dir.join("agent.sock");
+        let child = Command::new("ssh-agent")
+            .arg("-D")
+            .arg("-a")
+            .arg(&socket)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run ssh-agent ({e}): these tests need OpenSSH's ssh-agent"));
+        let agent = SshAgent { child, socket };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !agent.socket.exists() {
+            assert!(Instant::now() < deadline, "ssh-agent did not make {}", agent.socket.display());
+            thread::sleep(Duration::from_millis(20));
+        }
+        agent
+    }
+
+    fn add(&self, key: &Path) {
+        run(Command::new("ssh-add").arg("-q").arg(key).env("SSH_AUTH_SOCK", &self.socket));
+    }
+}
+
+impl Drop for SshAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn ssh_agent_signs_with_every_key_type() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = SshAgent::start(dir.path());
+    let mut lines = Vec::new();
+    for (name, type_args) in KEY_TYPES {
+        let key = keygen(dir.path(), name, type_args);
+        agent.add(&key);
+        lines.push(public_line(&key));
+    }
+    let keys = AuthorizedKeys::parse(&lines.join("\n"));
+    let mut client = Agent::connect(&agent.socket).unwrap();
+    let identities = client.identities().unwrap();
+    let comments: Vec<&str> = identities.iter().map(|i| i.comment.as_str()).collect();
+    assert_eq!(comments, ["ed25519", "ecdsa", "rsa"]);
+    let text = request("reboot", NOW);
+    for identity in &identities {
+        assert!(identity.is_supported());
+        let sig = client.sign_sshsig(&identity.key_blob, REQUEST_NAMESPACE, text.as_bytes()).unwrap();
+        let verified = accept(&text, &sig, &keys).unwrap_or_else(|r| panic!("{}: {r}", identity.comment));
+        assert_eq!(verified.signer.comment, identity.comment);
+    }
+    let stranger = DeviceKey::load(&DeviceKey::generate().unwrap()).unwrap();
+    let refused = client.sign_sshsig(stranger.public_blob(), REQUEST_NAMESPACE, text.as_bytes()).unwrap_err();
+    assert!(refused.starts_with("ssh-agent refused"), "{refused}");
+}
+
+#[test]
+fn key_files_sign_through_ssh_keygen_passphrase_or_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = request("reboot", NOW);
+    for (name, key, keys) in operators(dir.path()) {
+        let sig = sign_with_key_file(&key, REQUEST_NAMESPACE, text.as_bytes()).unwrap();
+        assert_eq!(accept(&text, &sig, &keys).unwrap().signer.comment, name);
+    }
+    let missing =
+        sign_with_key_file(&dir.path().join("nothing"), REQUEST_NAMESPACE, text.as_bytes()).unwrap_err();
+    assert!(missing.starts_with("ssh-keygen -Y sign -f "), "{missing}");
+
+    // ssh-keygen asks for the passphrase; SSH_ASKPASS stands in for the operator at the terminal.
+    let protected = dir.path().join("protected");
+    run(Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "secret words", "-C", "protected", "-f"])
+        .arg(&protected));
+    let askpass = dir.path().join("askpass");
+    fs::write(&askpass, "#!/bin/sh\necho 'secret words'\n").unwrap();
+    run(Command::new("chmod").arg("755").arg(&askpass));
+    std::env::set_var("SSH_ASKPASS", &askpass);
+    std::env::set_var("SSH_ASKPASS_REQUIRE", "force");
+    let sig = sign_with_key_file(&protected, REQUEST_NAMESPACE, text.as_bytes());
+    std::env::remove_var("SSH_ASKPASS_REQUIRE");
+    std::env::remove_var("SSH_ASKPASS");
+    let keys = AuthorizedKeys::parse(&public_line(&protected));
+    assert_eq!(accept(&text, &sig.unwrap(), &keys).unwrap().signer.comment, "protected");
 }
 
 #[test]

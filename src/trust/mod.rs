@@ -2,14 +2,15 @@
 //! (OpenSSH's SSHSIG, namespace `tether`, so `ssh-keygen -Y sign` alone makes a valid one) and
 //! the device checks them against its authorized_keys; the device signs its answers with a
 //! key of its own (namespace `tether-device`), which the very same code, or
-//! `ssh-keygen -Y verify`, checks. Functions on bytes: files, clocks and topics are the
-//! caller's.
+//! `ssh-keygen -Y verify`, checks. Apart from `signer` (the operator's side, which talks to
+//! ssh-agent or runs ssh-keygen), functions on bytes: files, clocks and topics are the caller's.
 
 mod authorized_keys;
 mod base64;
 mod device_key;
 mod key;
 mod request;
+pub mod signer;
 mod sshsig;
 mod wire;
 
