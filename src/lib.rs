@@ -11,6 +11,7 @@ pub mod protocol;
 pub mod random;
 pub mod signals;
 pub mod text;
+pub mod trust;
 pub mod worker;
 
 /// The agent's version, as in Cargo.toml.
