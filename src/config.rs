@@ -28,6 +28,21 @@ pub struct Config {
     pub offline_buffer: OfflineBufferConfig,
     pub reboot_command: Vec<String>,
     pub log_level: Option<String>,
+    pub trust: TrustConfig,
+}
+
+/// Who may ask the device for what: docs/protocol.md, "Signed requests".
+#[derive(Debug, Clone, Serialize)]
+pub struct TrustConfig {
+    /// Operators' public keys, OpenSSH format, with `ops="..."` restrictions; re-read on SIGHUP.
+    pub authorized_keys: PathBuf,
+    /// Ops that run without a signature: they reveal nothing the heartbeat does not publish.
+    pub unsigned_ops: Vec<String>,
+    /// A signed request older than this is refused (while the device's clock is sane).
+    pub max_age_s: u64,
+    /// An OpenSSH ed25519 private key provisioned with the image; else the agent makes one in
+    /// `state_dir` at its first start.
+    pub device_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -96,6 +111,17 @@ impl Default for HeartbeatConfig {
             disks: vec!["/".into()],
             processes: Vec::new(),
             custom: BTreeMap::new(),
+        }
+    }
+}
+
+impl Default for TrustConfig {
+    fn default() -> Self {
+        TrustConfig {
+            authorized_keys: "/etc/tether/authorized_keys".into(),
+            unsigned_ops: vec!["ping".into(), "heartbeat".into()],
+            max_age_s: 7 * DAY_S,
+            device_key: None,
         }
     }
 }
@@ -316,6 +342,30 @@ impl OfflineBufferConfig {
     }
 }
 
+impl TrustConfig {
+    fn read(mut s: Section) -> Result<TrustConfig, ConfigError> {
+        let defaults = TrustConfig::default();
+        let ops_key = s.key("unsigned_ops");
+        let trust = TrustConfig {
+            authorized_keys: s.path("authorized_keys")?.unwrap_or(defaults.authorized_keys),
+            unsigned_ops: s.words("unsigned_ops")?.unwrap_or(defaults.unsigned_ops),
+            max_age_s: s.number("max_age_s", SECONDS, 60..=365 * DAY_S, defaults.max_age_s)?,
+            device_key: s.path("device_key")?,
+        };
+        s.finish()?;
+        if let Some(unknown) =
+            trust.unsigned_ops.iter().find(|op| crate::protocol::Op::from_name(op).is_none())
+        {
+            let known: Vec<&str> = crate::protocol::OPS.iter().map(|spec| spec.name).collect();
+            return Err(ConfigError(format!(
+                "{ops_key}: unknown op \"{unknown}\" (the ops are {})",
+                known.join(", ")
+            )));
+        }
+        Ok(trust)
+    }
+}
+
 /// An argv must start with the program: "[]" or "[\"\"]" would run nothing.
 fn check_argv(key: &str, argv: &[String]) -> Result<(), ConfigError> {
     match argv.first() {
@@ -362,6 +412,7 @@ impl Config {
                 .unwrap_or_default(),
             reboot_command: s.words("reboot_command")?.unwrap_or_else(|| vec!["/sbin/reboot".into()]),
             log_level: s.text("log_level")?,
+            trust: s.section("trust")?.map(TrustConfig::read).transpose()?.unwrap_or_default(),
         };
         s.finish()?;
         let broker = broker.ok_or_else(|| {
@@ -673,6 +724,14 @@ mod tests {
             (
                 json!({"offline_buffer": {"max_bytes": 0}}),
                 "offline_buffer.max_bytes: must be a whole number of bytes from 1 to 268435456, got 0",
+            ),
+            (
+                json!({"trust": {"unsigned_ops": ["ping", "rebot"]}}),
+                "trust.unsigned_ops: unknown op \"rebot\" (the ops are ping, heartbeat, config, reboot)",
+            ),
+            (
+                json!({"trust": {"max_age_s": 5}}),
+                "trust.max_age_s: must be a whole number of seconds from 60 to 31536000, got 5",
             ),
         ] {
             assert_eq!(error_of(patch.clone()), message, "{patch}");

@@ -227,6 +227,11 @@ pub struct Status {
     /// Unix seconds when this connection came up.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub since: Option<u64>,
+    /// The device key's OpenSSH public line, `ssh-ed25519 AAAA...`: what signs its answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
 }
 
 impl Status {
@@ -238,6 +243,8 @@ impl Status {
             version: Some(crate::VERSION.to_string()),
             arch: Some(crate::TARGET.to_string()),
             since: None,
+            key: None,
+            fingerprint: None,
         }
     }
 

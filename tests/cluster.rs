@@ -44,7 +44,7 @@ fn online(devices: &[Value], id: &str) -> bool {
 fn commands_run_once(agent: &Agent) -> usize {
     let mut started = std::collections::BTreeMap::new();
     for line in agent.log().lines() {
-        if let Some(rest) = line.split("command ").nth(1).and_then(|r| r.strip_suffix(": executing")) {
+        if let Some((rest, _)) = line.split("command ").nth(1).and_then(|r| r.split_once(": executing")) {
             *started.entry(rest.to_string()).or_insert(0) += 1;
         }
     }

@@ -17,11 +17,10 @@ fn start(broker: &Broker, device: &str, patch: Value) -> (Agent, Sub) {
 }
 
 /// Publishes a command (retained `{"status":"init", ...params}`); returns its topic.
+/// Sends a request the way tetherctl does: signed by the tests' operator.
 fn send(broker: &Broker, device: &str, op: &str, id: &str, params: Value) -> String {
     let topic = cmd_topic(device, op, id);
-    let mut payload = json!({"status": "init"});
-    merge(&mut payload, params);
-    publish_json(broker, &topic, &payload, true);
+    publish(broker, &topic, &signed_init(device, op, id, params), true);
     topic
 }
 

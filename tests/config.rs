@@ -343,7 +343,7 @@ fn config_command_shows_custom_command_arguments_only_when_public() {
     assert_eq!(hb["custom"]["modem"], 3, "the command did not run with its arguments: {hb}");
 
     let topic = cmd_topic(d, "config", "c1");
-    publish_json(&broker, &topic, &json!({"status": "init"}), true);
+    publish(&broker, &topic, &signed_init(d, "config", "c1", json!({})), true);
     let state = sub.expect_json(&topic, "successful", secs(15), |v| v["status"] == "successful");
     let custom = &state["result"]["heartbeat"]["custom"];
     assert_eq!(custom["modem"]["command"], json!(["/bin/sh", "…"]), "result: {state}");

@@ -119,7 +119,7 @@ fn a_burst_of_600_commands_runs_each_once_across_broker_and_agent_restarts() {
     std::thread::sleep(secs(3));
 
     let mut burst = pings(d, (0..600).map(|i| format!("p{i:04}")));
-    burst.insert(300, (cmd_topic(d, "reboot", "r1"), init(json!({}))));
+    burst.insert(300, (cmd_topic(d, "reboot", "r1"), signed_init(d, "reboot", "r1", json!({}))));
     let topics: Vec<String> = burst.iter().map(|(t, _)| t.clone()).collect();
     RawClient::connect(broker.ports.plain, "operator").publish_all(&burst, true);
     let reboot_topic = cmd_topic(d, "reboot", "r1");
@@ -268,7 +268,7 @@ fn garbage_on_a_known_commands_topic_changes_nothing() {
     sub.expect_online(d, secs(15));
 
     let reboot_topic = cmd_topic(d, "reboot", "r1");
-    publish(&broker, &reboot_topic, &init(json!({})), true);
+    publish(&broker, &reboot_topic, &signed_init(d, "reboot", "r1", json!({})), true);
     sub.expect_json(&reboot_topic, "executing", secs(10), |v| v["status"] == "executing");
     assert!(wait_until(secs(10), || read_to_string(marker).contains("r1")), "the reboot did not run");
     let ping_topic = cmd_topic(d, "ping", "p1");
@@ -334,7 +334,7 @@ fn a_final_state_lost_in_a_crash_is_published_by_the_next_start() {
     let mut agent = Agent::start_with_env(config, &env);
     sub.expect_online(d, secs(15));
     let topic = cmd_topic(d, "reboot", "r1");
-    publish(&broker, &topic, &init(json!({})), true);
+    publish(&broker, &topic, &signed_init(d, "reboot", "r1", json!({})), true);
     sub.expect_json(&topic, "executing", secs(10), |v| v["status"] == "executing");
     drop(sub);
     broker.stop();

@@ -17,6 +17,7 @@ use super::heartbeat::Heartbeat;
 use super::identity;
 use super::ledger::{Key, Ledger, Phase};
 use super::outbox::{Kind, Outbox};
+use super::trust::Trust;
 use crate::config::Config;
 use crate::fsutil::error_text;
 use crate::protocol::{
@@ -30,6 +31,7 @@ pub struct Context<'a> {
     pub outbox: &'a mut Outbox,
     pub heartbeat: &'a mut Heartbeat,
     pub config: &'a Config,
+    pub trust: &'a Trust,
 }
 
 pub struct Commands {
@@ -119,10 +121,10 @@ impl Commands {
                     },
                 };
                 log_state(&key, &state, "from before the restart");
-                self.ledger.set_state(&key, state, None);
+                self.ledger.set_state(&key, state, None, None);
             }
             if let Some(state) = self.ledger.state(&key) {
-                outbox.push(Kind::CommandState, self.topic(&key), state.to_payload(), true);
+                outbox.push(Kind::CommandState, self.topic(&key), self.state_payload(&key, &state), true);
             }
         }
         // A failure is logged; the states are written at the next successful flush.
@@ -154,7 +156,11 @@ impl Commands {
             let reason = format!("unknown op \"{op_name}\" (this agent runs: {})", names.join(", "));
             return self.refuse(topic, payload, op_name, id, reason, ctx.outbox);
         };
-        if let Err(reason) = key.op.spec().check_params(&request) {
+        let admitted = match ctx.trust.admit(op_name, id, request) {
+            Ok(admitted) => admitted,
+            Err(reason) => return self.refuse(topic, payload, op_name, id, reason, ctx.outbox),
+        };
+        if let Err(reason) = key.op.spec().check_params(&admitted.params) {
             return self.refuse(topic, payload, op_name, id, reason, ctx.outbox);
         }
         if self.ledger.is_full() {
@@ -164,7 +170,7 @@ impl Commands {
             );
             return self.refuse(topic, payload, op_name, id, reason, ctx.outbox);
         }
-        self.execute(key, ctx);
+        self.execute(key, admitted.by, ctx);
     }
 
     /// A command too big to read at all.
@@ -243,7 +249,7 @@ impl Commands {
         // The request again (the broker lost our answer): say again where it stands.
         log::info!("command {}/{} already handled: not run again", key.op.name(), Printable(&key.id));
         if let Some(state) = self.ledger.state(key) {
-            outbox.push(Kind::CommandState, self.topic(key), state.to_payload(), true);
+            outbox.push(Kind::CommandState, self.topic(key), self.state_payload(key, &state), true);
         }
     }
 
@@ -276,8 +282,8 @@ impl Commands {
         }
     }
 
-    fn execute(&mut self, key: Key, ctx: &mut Context) {
-        log::info!("command {}/{}: executing", key.op.name(), Printable(&key.id));
+    fn execute(&mut self, key: Key, by: String, ctx: &mut Context) {
+        log::info!("command {}/{}: executing (by {by})", key.op.name(), Printable(&key.id));
         let outcome = match key.op {
             Op::Ping => self.ping(),
             Op::Config => match ctx.config.redacted_json() {
@@ -286,7 +292,7 @@ impl Commands {
             },
             Op::Heartbeat => {
                 // Answered once the heartbeat is queued, so it reaches the broker first.
-                self.mark_executing(&key, None, ctx.outbox);
+                self.mark_executing(&key, None, by.clone(), ctx.outbox);
                 match ctx.heartbeat.trigger(ctx.outbox) {
                     Ok(seq) => return self.awaiting_heartbeat.push((key, seq)),
                     Err(reason) => CommandState::Failed { reason },
@@ -297,16 +303,16 @@ impl Commands {
                     let reason = format!("a reboot is already under way (command {running})");
                     CommandState::Failed { reason }
                 } else {
-                    self.mark_executing(&key, Some(identity::boot_id()), ctx.outbox);
+                    self.mark_executing(&key, Some(identity::boot_id()), by.clone(), ctx.outbox);
                     return self.to_start.push((key, ctx.config.reboot_command.clone()));
                 }
             }
         };
-        self.finish(&key, outcome, ctx.outbox);
+        self.finish_asked(&key, outcome, Some(by), ctx.outbox);
     }
 
-    fn mark_executing(&mut self, key: &Key, boot_id: Option<String>, outbox: &mut Outbox) {
-        self.ledger.set_state(key, CommandState::Executing, boot_id);
+    fn mark_executing(&mut self, key: &Key, boot_id: Option<String>, by: String, outbox: &mut Outbox) {
+        self.ledger.set_state(key, CommandState::Executing, boot_id, Some(by));
         outbox.push(Kind::CommandState, self.topic(key), CommandState::Executing.to_payload(), true);
     }
 
@@ -380,9 +386,27 @@ impl Commands {
     }
 
     fn finish(&mut self, key: &Key, state: CommandState, outbox: &mut Outbox) {
+        self.finish_asked(key, state, None, outbox);
+    }
+
+    /// `by`: who asked, when the command is recorded for the first time with its final state.
+    fn finish_asked(&mut self, key: &Key, state: CommandState, by: Option<String>, outbox: &mut Outbox) {
         log_state(key, &state, "");
-        outbox.push(Kind::CommandState, self.topic(key), state.to_payload(), true);
-        self.ledger.set_state(key, state, None);
+        self.ledger.set_state(key, state.clone(), None, by);
+        let payload = self.state_payload(key, &state);
+        outbox.push(Kind::CommandState, self.topic(key), payload, true);
+    }
+
+    /// A command's state as published: a final state says who asked.
+    fn state_payload(&self, key: &Key, state: &CommandState) -> Vec<u8> {
+        let by = self.ledger.get(key).and_then(|record| record.by.as_deref());
+        match (state.is_final(), by, serde_json::to_value(state)) {
+            (true, Some(by), Ok(Value::Object(mut fields))) => {
+                fields.insert("by".into(), Value::String(by.into()));
+                serde_json::to_vec(&fields).unwrap_or_else(|_| state.to_payload())
+            }
+            _ => state.to_payload(),
+        }
     }
 
     fn topic(&self, key: &Key) -> String {

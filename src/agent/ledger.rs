@@ -63,6 +63,8 @@ pub struct Record {
     pub cleared: bool,
     /// The boot a reboot was started in.
     pub boot_id: Option<Box<str>>,
+    /// Who asked: the signer (`comment SHA256:...`) or "unsigned"; in the final state.
+    pub by: Option<Box<str>>,
     /// The state while it may have to be sent again; dropped once the broker has it.
     state: Option<CommandState>,
     /// Where the record's latest state line starts in the journal, once written.
@@ -71,7 +73,7 @@ pub struct Record {
 
 impl Record {
     fn new(phase: Phase) -> Record {
-        Record { phase, acked: false, cleared: false, boot_id: None, state: None, offset: None }
+        Record { phase, acked: false, cleared: false, boot_id: None, by: None, state: None, offset: None }
     }
 }
 
@@ -84,6 +86,8 @@ struct Line {
     state: Option<CommandState>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     boot_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    by: Option<String>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     acked: bool,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -158,7 +162,7 @@ impl Ledger {
         let records: Vec<OldRecord> = serde_json::from_slice(&bytes).unwrap_or_default();
         for r in records {
             if let Some(op) = Op::from_name(&r.op) {
-                self.set_state(&Key::new(op, &r.id), r.state, r.boot_id);
+                self.set_state(&Key::new(op, &r.id), r.state, r.boot_id, None);
             }
         }
         self.rewrite = true;
@@ -179,6 +183,7 @@ impl Ledger {
             record.phase = phase;
             record.acked = line.acked;
             record.boot_id = line.boot_id.map(Into::into).or(record.boot_id.take());
+            record.by = line.by.map(Into::into).or(record.by.take());
             record.offset = offset;
             record.state = (!line.acked).then_some(state);
         } else if line.acked {
@@ -202,14 +207,16 @@ impl Ledger {
         self.records.len() >= MAX_OPEN_COMMANDS
     }
 
-    /// Records a command's new state (written at the next `flush`).
-    pub fn set_state(&mut self, key: &Key, state: CommandState, boot_id: Option<String>) {
+    /// Records a command's new state (written at the next `flush`); `boot_id` and `by`, once
+    /// given, stay with the command.
+    pub fn set_state(&mut self, key: &Key, state: CommandState, boot_id: Option<String>, by: Option<String>) {
         let Some(phase) = phase_of(&state) else { return };
         let line = Line {
             op: key.op,
             id: key.id.to_string(),
             state: Some(state),
             boot_id,
+            by,
             acked: false,
             forget: false,
         };
@@ -221,6 +228,7 @@ impl Ledger {
         record.acked = false;
         record.cleared = false;
         record.boot_id = line.boot_id.map(Into::into).or(record.boot_id.take());
+        record.by = line.by.map(Into::into).or(record.by.take());
         record.state = line.state;
     }
 
@@ -240,6 +248,7 @@ impl Ledger {
             id: key.id.to_string(),
             state: None,
             boot_id: None,
+            by: None,
             acked: true,
             forget: false,
         };
@@ -268,6 +277,7 @@ impl Ledger {
             id: key.id.to_string(),
             state: None,
             boot_id: None,
+            by: None,
             acked: false,
             forget: true,
         };
@@ -362,6 +372,7 @@ impl Ledger {
                 id: key.id.to_string(),
                 state: Some(state),
                 boot_id: record.boot_id.as_deref().map(str::to_string),
+                by: record.by.as_deref().map(str::to_string),
                 acked: record.acked,
                 forget: false,
             };
@@ -446,10 +457,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (a, b, c) = (Key::new(Op::Ping, "a"), Key::new(Op::Reboot, "b"), Key::new(Op::Ping, "c"));
         let mut ledger = Ledger::open(dir.path());
-        ledger.set_state(&a, CommandState::Executing, None);
-        ledger.set_state(&a, ok(json!({"n": 1})), None);
-        ledger.set_state(&b, CommandState::Executing, Some("boot-1".into()));
-        ledger.set_state(&c, ok(json!(2)), None);
+        ledger.set_state(&a, CommandState::Executing, None, None);
+        ledger.set_state(&a, ok(json!({"n": 1})), None, None);
+        ledger.set_state(&b, CommandState::Executing, Some("boot-1".into()), None);
+        ledger.set_state(&c, ok(json!(2)), None, None);
         ledger.flush().unwrap();
         ledger.mark_cleared(&a); // cleared before the broker acknowledged: kept
         ledger.mark_acked(&a);
@@ -473,7 +484,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let a = Key::new(Op::Ping, "a");
         let mut ledger = Ledger::open(dir.path());
-        ledger.set_state(&a, ok(json!(1)), None);
+        ledger.set_state(&a, ok(json!(1)), None, None);
         ledger.flush().unwrap();
         let path = dir.path().join(JOURNAL_FILE);
         let mut torn = std::fs::read(&path).unwrap();
@@ -482,7 +493,7 @@ mod tests {
 
         let mut ledger = Ledger::open(dir.path());
         assert_eq!(ledger.len(), 1);
-        ledger.set_state(&Key::new(Op::Ping, "c"), ok(json!(3)), None);
+        ledger.set_state(&Key::new(Op::Ping, "c"), ok(json!(3)), None, None);
         ledger.flush().unwrap();
         let reopened = Ledger::open(dir.path());
         assert_eq!(reopened.len(), 2);
@@ -494,11 +505,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut ledger = Ledger::open(dir.path());
         let keep = Key::new(Op::Config, "keep");
-        ledger.set_state(&keep, ok(json!({"kept": true})), None);
+        ledger.set_state(&keep, ok(json!({"kept": true})), None, None);
         ledger.mark_acked(&keep);
         for i in 0..2000 {
             let k = Key::new(Op::Ping, &format!("id-{i}"));
-            ledger.set_state(&k, ok(json!(i)), None);
+            ledger.set_state(&k, ok(json!(i)), None, None);
             ledger.mark_acked(&k);
             ledger.mark_cleared(&k);
             ledger.flush().unwrap();

@@ -6,6 +6,7 @@ mod heartbeat;
 pub mod identity;
 mod ledger;
 mod outbox;
+mod trust;
 
 use mio::{Events, Poll, Token, Waker};
 use std::path::PathBuf;
@@ -17,9 +18,11 @@ use crate::net::client::{Client, ClientOptions, Event, Will};
 use crate::net::options::BrokerInputs;
 use crate::protocol::{Status, Topics};
 use crate::signals::{Signal, Signals};
+use crate::trust::DeviceKey;
 use commands::{Commands, Context};
 use heartbeat::Heartbeat;
 use outbox::{Kind, Outbox};
+use trust::Trust;
 
 const BROKER: Token = Token(0);
 const WAKER: Token = Token(1);
@@ -45,6 +48,10 @@ pub struct Agent {
     outbox: Outbox,
     heartbeat: Heartbeat,
     commands: Commands,
+    trust: Trust,
+    /// Signs the device's answers; in its status for operators to pin. None when it could not
+    /// be read or made (the agent runs on, its answers unsigned).
+    device_key: Option<Arc<DeviceKey>>,
     /// When the current connection came up (unix seconds), for the status's `since`.
     online_since: u64,
     /// Set by SIGTERM.
@@ -78,12 +85,17 @@ impl Agent {
             .map_err(|e| format!("outbox in {}: {e}", config.state_dir.display()))?;
         let heartbeat =
             Heartbeat::new(&config.heartbeat, topics.heartbeat(), &config.state_dir, Arc::clone(&waker));
+        let trust = Trust::new(topics.device(), &config.trust);
+        let device_key = trust::device_key(&config.trust, &config.state_dir)
+            .map_err(|e| log::error!("{e}: this device's answers will not be signed"))
+            .ok();
         let mut commands = Commands::new(topics.clone(), &config.state_dir, Arc::clone(&waker));
         commands.recover(&mut outbox);
         // Read before the options: a file replaced in between makes the next SIGHUP reconnect
         // once for nothing, rather than miss a change.
         let broker_inputs = BrokerInputs::read(&config.broker);
-        let client = Client::new(client_options(&config, &topics, &commands)?, waker, BROKER);
+        let client =
+            Client::new(client_options(&config, &topics, &commands, device_key.as_deref())?, waker, BROKER);
         log::info!("tether-agent {} ({}) starting as device {device}", crate::VERSION, crate::TARGET);
         Ok(Agent {
             config_path,
@@ -96,6 +108,8 @@ impl Agent {
             outbox,
             heartbeat,
             commands,
+            trust,
+            device_key,
             online_since: 0,
             stop: None,
         })
@@ -189,6 +203,7 @@ impl Agent {
                         outbox: &mut self.outbox,
                         heartbeat: &mut self.heartbeat,
                         config: &self.config,
+                        trust: &self.trust,
                     };
                     self.commands.on_message(&publish.topic, &publish.payload, &mut ctx);
                 }
@@ -223,12 +238,8 @@ impl Agent {
     }
 
     fn publish_online(&mut self) {
-        let status = Status {
-            online: true,
-            version: Some(crate::VERSION.into()),
-            arch: Some(crate::TARGET.into()),
-            since: Some(self.online_since),
-        };
+        let status = Status { online: true, since: Some(self.online_since), ..Status::offline() };
+        let status = trust::with_key(status, self.device_key.as_deref());
         self.client.publish(&self.topics.status(), &status.to_payload(), true, Some(ONLINE_TAG));
     }
 
@@ -266,7 +277,7 @@ impl Agent {
             changed.push("reconnect settings");
         }
         if !changed.is_empty() {
-            match client_options(&new, &self.topics, &self.commands) {
+            match client_options(&new, &self.topics, &self.commands, self.device_key.as_deref()) {
                 Ok(opts) => {
                     log::info!("{} changed: reconnecting", changed.join(", "));
                     self.client.reconfigure(opts);
@@ -280,6 +291,7 @@ impl Agent {
         let _ = crate::logging::set_config_level(new.log_level.as_deref());
         self.heartbeat.reconfigure(&new.heartbeat);
         self.outbox.set_limits(new.offline_buffer.clone());
+        self.trust.reload(&new.trust);
         self.config = new;
         log::info!("config reloaded");
     }
@@ -301,7 +313,7 @@ impl Agent {
     fn send_offline_status(&mut self) {
         let Some(stop) = &mut self.stop else { return };
         if stop.offline == OfflineStatus::Unsent && self.client.can_publish() {
-            let payload = Status::offline().to_payload();
+            let payload = trust::with_key(Status::offline(), self.device_key.as_deref()).to_payload();
             if self.client.publish(&self.topics.status(), &payload, true, Some(OFFLINE_TAG)) {
                 stop.offline = OfflineStatus::Sent;
             }
@@ -338,9 +350,15 @@ impl Agent {
 }
 
 /// Everything the MQTT client needs from the config; fails on unreadable TLS or password files.
-fn client_options(config: &Config, topics: &Topics, commands: &Commands) -> Result<ClientOptions, String> {
+fn client_options(
+    config: &Config,
+    topics: &Topics,
+    commands: &Commands,
+    device_key: Option<&DeviceKey>,
+) -> Result<ClientOptions, String> {
+    let offline = trust::with_key(Status::offline(), device_key);
     Ok(ClientOptions {
-        will: Some(Will { topic: topics.status(), payload: Status::offline().to_payload(), retain: true }),
+        will: Some(Will { topic: topics.status(), payload: offline.to_payload(), retain: true }),
         // Commands are retained: one lost on a dropped link comes again with the next
         // subscription. QoS 0, because Mosquitto queues at most `max_queued_messages` QoS 1
         // messages for a client (see docs/brokers.md for what it does at QoS 0).

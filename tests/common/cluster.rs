@@ -72,6 +72,7 @@ impl Cluster {
             "heartbeat": { "interval_s": 1, "disks": ["/"] },
             "reconnect": { "min_s": 1, "max_s": 2 },
             "reboot_command": ["/bin/false"],
+            "trust": { "authorized_keys": operator_authorized_keys(self.dir.path()) },
         })
     }
 

@@ -494,6 +494,7 @@ impl Broker {
             "heartbeat": { "interval_s": 1, "disks": ["/"] },
             "reconnect": { "min_s": 1, "max_s": 2 },
             "reboot_command": ["/bin/false"],
+            "trust": { "authorized_keys": operator_authorized_keys(self.dir.path()) },
         })
     }
 
@@ -567,6 +568,34 @@ pub fn stall_once_subscribed(log: &mut LogWatch, client_id: &str, pid: u32, paus
     signal(pid, libc::SIGSTOP);
     thread::sleep(pause);
     signal(pid, libc::SIGCONT);
+}
+
+/// The tests' operator: an ed25519 key every agent the harness configures trusts (see
+/// `operator_authorized_keys`), so that tests sign requests the way tetherctl does.
+pub fn operator_key() -> &'static tether::trust::DeviceKey {
+    static KEY: std::sync::OnceLock<tether::trust::DeviceKey> = std::sync::OnceLock::new();
+    KEY.get_or_init(|| {
+        let pkcs8 = tether::trust::DeviceKey::generate().expect("an ed25519 key");
+        tether::trust::DeviceKey::load(&pkcs8).expect("the key just made")
+    })
+}
+
+/// An authorized_keys file in `dir` trusting `operator_key()` for every op; its path.
+pub fn operator_authorized_keys(dir: &Path) -> PathBuf {
+    let path = dir.join("authorized_keys");
+    if !path.exists() {
+        fs::write(&path, format!("{}\n", operator_key().openssh_public("test-operator"))).unwrap();
+    }
+    path
+}
+
+/// A retained init for `op`/`id` on `device`, signed by `operator_key()` now, as tetherctl
+/// sends it.
+pub fn signed_init(device: &str, op: &str, id: &str, params: Value) -> Vec<u8> {
+    let params = params.as_object().cloned().unwrap_or_default();
+    let text = tether::trust::Request::new(device, op, id, unix_s(), params).to_text();
+    let sig = operator_key().sign_sshsig(tether::trust::REQUEST_NAMESPACE, text.as_bytes());
+    json!({"status": "init", "request": text, "sig": sig}).to_string().into_bytes()
 }
 
 pub fn merge(base: &mut Value, patch: Value) {

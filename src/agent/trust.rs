@@ -1,0 +1,143 @@
+//! Who may ask this device for what (docs/protocol.md, "Signed requests and answers"): the
+//! operators' keys in `trust.authorized_keys`, the ops that run unsigned, and the device's own
+//! key, made at first start, that signs its answers.
+
+use serde_json::{Map, Value};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::config::TrustConfig;
+use crate::fsutil;
+use crate::protocol::Status;
+use crate::text::Printable;
+use crate::trust::{check_request, verify_init, Addressed, AgeLimit, AuthorizedKeys, DeviceKey, Refusal};
+
+/// The device key made at first start, when none is provisioned.
+const DEVICE_KEY_FILE: &str = "device_key";
+
+pub struct Trust {
+    device: String,
+    config: TrustConfig,
+    operators: AuthorizedKeys,
+}
+
+/// A request that may run: its parameters (from the signed text when signed) and who asked.
+pub struct Admitted {
+    pub params: Map<String, Value>,
+    pub by: String,
+}
+
+/// Who asked, for an unsigned request.
+pub const UNSIGNED: &str = "unsigned";
+
+impl Trust {
+    pub fn new(device: &str, config: &TrustConfig) -> Trust {
+        Trust { device: device.to_string(), config: config.clone(), operators: read_operators(config) }
+    }
+
+    /// SIGHUP: the trust settings and the operators' keys, read again.
+    pub fn reload(&mut self, config: &TrustConfig) {
+        self.config = config.clone();
+        self.operators = read_operators(config);
+    }
+
+    /// Whether the request in `init` (the keys of a retained init besides `status`) may run as
+    /// `op`/`id` here, or why not.
+    pub fn admit(&self, op: &str, id: &str, init: Map<String, Value>) -> Result<Admitted, String> {
+        let verified = match verify_init(&init, &self.operators) {
+            Ok(verified) => verified,
+            Err(Refusal::Unsigned) => return self.admit_unsigned(op, init),
+            Err(refusal) => return Err(refusal.to_string()),
+        };
+        let at = Addressed { device: &self.device, op, id };
+        let limit =
+            AgeLimit { max_age_s: self.config.max_age_s, clock_sane_after: crate::trust::CLOCK_SANE_AFTER };
+        check_request(&verified.request, at, unix_now(), limit).map_err(|refusal| refusal.to_string())?;
+        Ok(Admitted { params: verified.request.params, by: verified.signer.to_string() })
+    }
+
+    fn admit_unsigned(&self, op: &str, params: Map<String, Value>) -> Result<Admitted, String> {
+        if self.config.unsigned_ops.iter().any(|allowed| allowed == op) {
+            return Ok(Admitted { params, by: UNSIGNED.into() });
+        }
+        let setup = if self.operators.is_empty() {
+            format!(
+                "; no operator key is trusted yet: put operators' SSH public keys in {}",
+                self.config.authorized_keys.display()
+            )
+        } else {
+            String::new()
+        };
+        Err(format!(
+            "unsigned request: \"{}\" needs a signature (trust.unsigned_ops: {}){setup}",
+            Printable(op),
+            self.config.unsigned_ops.join(", ")
+        ))
+    }
+}
+
+fn read_operators(config: &TrustConfig) -> AuthorizedKeys {
+    let path = &config.authorized_keys;
+    match fsutil::read_optional(path) {
+        Ok(Some(bytes)) => {
+            let keys = AuthorizedKeys::parse(&String::from_utf8_lossy(&bytes));
+            log::info!("trusting {} operator key(s) from {}", keys.len(), path.display());
+            keys
+        }
+        Ok(None) => {
+            log::info!(
+                "no {}: only unsigned ops ({}) will run",
+                path.display(),
+                config.unsigned_ops.join(", ")
+            );
+            AuthorizedKeys::default()
+        }
+        Err(e) => {
+            log::error!(
+                "cannot read {}: {}: no signed request will run",
+                path.display(),
+                fsutil::error_text(&e)
+            );
+            AuthorizedKeys::default()
+        }
+    }
+}
+
+/// The device's key: the provisioned one, else the one made at first start in `state_dir`
+/// (0600, written atomically), made now if missing.
+pub fn device_key(config: &TrustConfig, state_dir: &Path) -> Result<Arc<DeviceKey>, String> {
+    let (path, provisioned) = match &config.device_key {
+        Some(path) => (path.clone(), true),
+        None => (state_dir.join(DEVICE_KEY_FILE), false),
+    };
+    let existing = fsutil::read_optional(&path)
+        .map_err(|e| format!("device key {}: {}", path.display(), fsutil::error_text(&e)))?;
+    let pkcs8 = match existing {
+        Some(pkcs8) => pkcs8,
+        None if provisioned => return Err(format!("trust.device_key {}: no such file", path.display())),
+        None => {
+            let pkcs8 = DeviceKey::generate()?;
+            fsutil::write_atomic(&path, &pkcs8)
+                .map_err(|e| format!("device key {}: {}", path.display(), fsutil::error_text(&e)))?;
+            log::info!("made this device's key in {}", path.display());
+            pkcs8
+        }
+    };
+    let key = DeviceKey::load(&pkcs8).map_err(|e| format!("device key {}: {e}", path.display()))?;
+    log::info!("device key {}", key.fingerprint());
+    Ok(Arc::new(key))
+}
+
+/// Puts the device's public key in a status it publishes, so operators can pin it.
+pub fn with_key(mut status: Status, key: Option<&DeviceKey>) -> Status {
+    if let Some(key) = key {
+        status.key = Some(key.openssh_public(""));
+        status.fingerprint = Some(key.fingerprint());
+    }
+    status
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}

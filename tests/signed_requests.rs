@@ -1,0 +1,231 @@
+//! Trust on a broker the device need not trust (docs/protocol.md, "Signed requests and
+//! answers"): through a real Mosquitto and the real agent, a request runs only when signed by a
+//! key in the device's authorized_keys and allowed its op (ping and heartbeat may come
+//! unsigned); every refusal names its cause; the final state says who asked; the device shows
+//! the key it made at its first start.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Command;
+use tether::trust::{DeviceKey, Request, REQUEST_NAMESPACE};
+
+/// Agent `device` with these `trust` settings, online, and a watch on its topics.
+fn online_trusting(broker: &Broker, device: &str, trust: Value) -> (Agent, Sub) {
+    let mut config = broker.agent_config(device);
+    merge(&mut config, json!({ "trust": trust }));
+    let mut sub = Sub::new(broker, &format!("tether/{device}/#"));
+    let agent = Agent::start(config);
+    sub.expect_online(device, secs(15));
+    (agent, sub)
+}
+
+fn final_state(sub: &mut Sub, topic: &str) -> Value {
+    sub.expect_json(topic, "a final state", secs(15), |v| {
+        v["status"] == "successful" || v["status"] == "failed"
+    })
+}
+
+/// A request signed by `key`, with `request` as the signed text's fields.
+fn signed_by(key: &DeviceKey, request: &Request) -> Vec<u8> {
+    let text = request.to_text();
+    let sig = key.sign_sshsig(REQUEST_NAMESPACE, text.as_bytes());
+    json!({"status": "init", "request": text, "sig": sig}).to_string().into_bytes()
+}
+
+fn request(device: &str, op: &str, id: &str) -> Request {
+    Request::new(device, op, id, unix_s(), Default::default())
+}
+
+fn other_key() -> DeviceKey {
+    DeviceKey::load(&DeviceKey::generate().unwrap()).unwrap()
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e} (is openssh-client installed?)"));
+    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// What docs/protocol.md shows a third party: `ssh-keygen -Y sign` and `mosquitto_pub` alone.
+#[test]
+fn a_request_made_with_ssh_keygen_and_mosquitto_pub_runs_and_says_who_asked() {
+    let broker = Broker::start_default();
+    let d = "dev-sshkeygen";
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("ops_key");
+    run(Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "alice@ops", "-f"])
+        .arg(&key));
+    let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+    let authorized = dir.path().join("authorized_keys");
+    write_file(&authorized, &public);
+    let (_agent, mut sub) = online_trusting(&broker, d, json!({"authorized_keys": authorized}));
+
+    let topic = cmd_topic(d, "config", "c1");
+    let script = documented_example()
+        .replace("~/.ssh/id_ed25519", key.to_str().unwrap())
+        .replace("dev1", d)
+        .replace("mosquitto_pub ", &format!("mosquitto_pub -p {} ", broker.ports.plain));
+    run(Command::new("sh").args(["-euc", &script]).current_dir(dir.path()));
+
+    let state = final_state(&mut sub, &topic);
+    assert_eq!(state["status"], "successful", "{state}");
+    let fingerprint = run(Command::new("ssh-keygen").args(["-l", "-f"]).arg(key.with_extension("pub")));
+    let fingerprint = fingerprint.split_whitespace().nth(1).unwrap_or_default().to_string();
+    assert_eq!(state["by"], format!("alice@ops {fingerprint}"), "{state}");
+}
+
+#[test]
+fn only_ping_and_heartbeat_run_unsigned_unless_configured() {
+    let broker = Broker::start_default();
+    let d = "dev-unsigned";
+    let mut sub = Sub::new(&broker, &format!("tether/{d}/#"));
+    let _agent = Agent::start(broker.agent_config(d));
+    sub.expect_online(d, secs(15));
+
+    let ping = cmd_topic(d, "ping", "p1");
+    publish_json(&broker, &ping, &json!({"status": "init"}), true);
+    let state = final_state(&mut sub, &ping);
+    assert_eq!(
+        (state["status"].as_str(), state["by"].as_str()),
+        (Some("successful"), Some("unsigned")),
+        "{state}"
+    );
+
+    let config = cmd_topic(d, "config", "c1");
+    publish_json(&broker, &config, &json!({"status": "init"}), true);
+    let state = final_state(&mut sub, &config);
+    assert_eq!(state["status"], "failed", "{state}");
+    let reason = state["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("unsigned") && reason.contains("needs a signature"), "{reason}");
+}
+
+/// Each way a request can fail to be trusted is refused, with its own reason, and nothing runs.
+#[test]
+fn every_refusal_names_its_cause() {
+    let broker = Broker::start_default();
+    let d = "dev-refusals";
+    let dir = tempfile::tempdir().unwrap();
+    let restricted = other_key();
+    let authorized = dir.path().join("authorized_keys");
+    write_file(
+        &authorized,
+        &format!(
+            "{}\nops=\"ping\" {}\n",
+            operator_key().openssh_public("ops@example"),
+            restricted.openssh_public("ci@build")
+        ),
+    );
+    let (agent, mut sub) =
+        online_trusting(&broker, d, json!({"authorized_keys": authorized, "max_age_s": 86400}));
+
+    let tampered = {
+        let mut init: Value = serde_json::from_slice(&signed_init(d, "config", "t1", json!({}))).unwrap();
+        let text = init["request"].as_str().unwrap().replace("\"t1\"", "\"t9\"");
+        init["request"] = json!(text);
+        init.to_string().into_bytes()
+    };
+    let mut old = request(d, "config", "o1");
+    old.issued -= 2 * 86400;
+    let cases: Vec<(&str, &str, Vec<u8>, &str)> = vec![
+        ("config", "u1", signed_by(&other_key(), &request(d, "config", "u1")), "unknown key SHA256:"),
+        ("config", "r1", signed_by(&restricted, &request(d, "config", "r1")), "is not allowed op \"config\""),
+        ("config", "t9", tampered, "bad signature"),
+        ("config", "o1", signed_by(operator_key(), &old), "too old"),
+        (
+            "config",
+            "d1",
+            signed_init("dev-elsewhere", "config", "d1", json!({})),
+            "signed for another device",
+        ),
+        ("config", "i2", signed_init(d, "config", "i1", json!({})), "signed for another id"),
+        ("reboot", "x1", signed_init(d, "config", "x1", json!({})), "signed for another op"),
+        (
+            "config",
+            "m1",
+            b"{\"status\":\"init\",\"request\":\"{}\",\"sig\":\"nope\"}".to_vec(),
+            "malformed signature",
+        ),
+    ];
+    for (op, id, payload, reason) in &cases {
+        let topic = cmd_topic(d, op, id);
+        publish(&broker, &topic, payload, true);
+        let state = final_state(&mut sub, &topic);
+        assert_eq!(state["status"], "failed", "{op}/{id}: {state}");
+        let said = state["reason"].as_str().unwrap_or_default();
+        assert!(said.contains(reason), "{op}/{id}: wanted \"{reason}\" in \"{said}\"");
+    }
+    // The restricted key may run what it is allowed.
+    let topic = cmd_topic(d, "ping", "r2");
+    publish(&broker, &topic, &signed_by(&restricted, &request(d, "ping", "r2")), true);
+    let state = final_state(&mut sub, &topic);
+    assert_eq!(state["status"], "successful", "{state}");
+    assert!(state["by"].as_str().unwrap_or_default().starts_with("ci@build SHA256:"), "{state}");
+    let started =
+        agent.log().lines().filter(|l| l.contains("command config/") && l.contains("executing")).count();
+    assert_eq!(started, 0, "nothing refused was started:\n{}", agent.log());
+}
+
+#[test]
+fn operators_keys_are_read_again_on_sighup() {
+    let broker = Broker::start_default();
+    let d = "dev-rotate";
+    let dir = tempfile::tempdir().unwrap();
+    let authorized = dir.path().join("authorized_keys");
+    let (agent, mut sub) = online_trusting(&broker, d, json!({"authorized_keys": authorized}));
+
+    let first = cmd_topic(d, "config", "c1");
+    publish(&broker, &first, &signed_init(d, "config", "c1", json!({})), true);
+    let state = final_state(&mut sub, &first);
+    assert!(state["reason"].as_str().unwrap_or_default().contains("unknown key"), "{state}");
+
+    write_file(&authorized, &operator_key().openssh_public("ops@example"));
+    agent.signal(libc::SIGHUP);
+    assert!(agent.wait_log("trusting 1 operator key(s)", secs(10)), "{}", agent.log());
+    let second = cmd_topic(d, "config", "c2");
+    publish(&broker, &second, &signed_init(d, "config", "c2", json!({})), true);
+    assert_eq!(final_state(&mut sub, &second)["status"], "successful");
+}
+
+#[test]
+fn the_device_makes_its_key_once_and_shows_it_in_its_status() {
+    let broker = Broker::start_default();
+    let d = "dev-key";
+    let mut sub = Sub::new(&broker, &status_topic(d));
+    let mut agent = Agent::start(broker.agent_config(d));
+    let status = sub.expect_online(d, secs(15));
+    let key = status["key"].as_str().unwrap_or_default().to_string();
+    assert!(key.starts_with("ssh-ed25519 AAAA"), "{status}");
+    assert!(status["fingerprint"].as_str().unwrap_or_default().starts_with("SHA256:"), "{status}");
+
+    let file = agent.state_dir().join("device_key");
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "{}", file.display());
+    assert_same_fingerprint(&key, status["fingerprint"].as_str().unwrap_or_default(), agent.dir());
+
+    agent.kill9();
+    sub.expect_offline(d, secs(30));
+    agent.restart();
+    let again = sub.expect_online(d, secs(15));
+    assert_eq!(again["key"], json!(key), "the same key after a restart");
+}
+
+/// The shell lines docs/protocol.md gives for signing a request with OpenSSH alone.
+fn documented_example() -> String {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/protocol.md")).unwrap();
+    let after = doc.split("With OpenSSH and Mosquitto's clients alone:").nth(1).expect("the example");
+    let block = after.split("```sh\n").nth(1).and_then(|b| b.split("```").next()).expect("its sh block");
+    block.to_string()
+}
+
+/// The status's fingerprint is the one `ssh-keygen -l` gives for its key.
+fn assert_same_fingerprint(key: &str, fingerprint: &str, dir: &Path) {
+    let public = dir.join("device.pub");
+    write_file(&public, key);
+    let listed = run(Command::new("ssh-keygen").args(["-l", "-f"]).arg(&public));
+    assert!(listed.contains(fingerprint), "{listed} vs {fingerprint}");
+}
