@@ -247,6 +247,20 @@ impl Status {
     }
 }
 
+/// The device's key, which signs its answers, as its retained status carries it beside the
+/// fields of `Status` (agents older than signed answers send neither). A type of its own, read
+/// from the same payload, so that every place that makes a `Status` keeps compiling; flatten
+/// it into `Status` to publish it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct StatusKey {
+    /// The public key as an OpenSSH line, `ssh-ed25519 AAAA...`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// `SHA256:...`, for people: a reader computes it from `key` rather than believe it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 pub struct Heartbeat {
     pub seq: u64,
