@@ -22,6 +22,9 @@ fn ctl(args: &[&str]) -> Output {
     for (key, _) in std::env::vars().filter(|(k, _)| k.starts_with("TETHER_") || k == "RUST_LOG") {
         cmd.env_remove(key);
     }
+    // Devices met in earlier tests had other keys: each run meets them anew.
+    let known_devices = tempfile::tempdir().unwrap();
+    cmd.env("TETHER_KNOWN_DEVICES", known_devices.path().join("known_devices"));
     cmd.output().unwrap()
 }
 

@@ -6,6 +6,7 @@
 
 mod common;
 
+use common::ssh::{keygen, public_line, SshAgent};
 use common::*;
 use serde_json::{json, Value};
 use std::os::unix::fs::PermissionsExt;
@@ -217,7 +218,7 @@ fn the_device_makes_its_key_once_and_shows_it_in_its_status() {
 /// The shell lines docs/protocol.md gives for signing a request with OpenSSH alone.
 fn documented_example() -> String {
     let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/protocol.md")).unwrap();
-    let after = doc.split("With OpenSSH and Mosquitto's clients alone:").nth(1).expect("the example");
+    let after = doc.split("with OpenSSH and Mosquitto's clients alone").nth(1).expect("the example");
     let block = after.split("```sh\n").nth(1).and_then(|b| b.split("```").next()).expect("its sh block");
     block.to_string()
 }
@@ -228,4 +229,57 @@ fn assert_same_fingerprint(key: &str, fingerprint: &str, dir: &Path) {
     write_file(&public, key);
     let listed = run(Command::new("ssh-keygen").args(["-l", "-f"]).arg(&public));
     assert!(listed.contains(fingerprint), "{listed} vs {fingerprint}");
+}
+
+fn tetherctl(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tetherctl"));
+    cmd.args(args).stdin(std::process::Stdio::null());
+    for (key, _) in std::env::vars().filter(|(k, _)| k.starts_with("TETHER_") || k == "RUST_LOG") {
+        cmd.env_remove(key);
+    }
+    cmd.env_remove("SSH_AUTH_SOCK").envs(env.iter().copied()).output().unwrap()
+}
+
+/// The whole loop with the real agent: tetherctl signs with the key in ssh-agent, the device
+/// runs the op and signs its answer, tetherctl pins the device's key and believes the answer;
+/// when the device comes back with another key (its state wiped), tetherctl stops (exit 4)
+/// until the key is forgotten.
+#[test]
+fn tetherctl_and_the_device_trust_each_other_through_the_broker_only() {
+    let broker = Broker::start_default();
+    let d = "dev-e2e";
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path(), "alice", &["-t", "ed25519"]);
+    let ssh_agent = SshAgent::start(dir.path());
+    ssh_agent.add(&key);
+    let authorized = dir.path().join("authorized_keys");
+    write_file(&authorized, &public_line(&key));
+    let (mut agent, _sub) = online_trusting(&broker, d, json!({"authorized_keys": authorized}));
+
+    let known = dir.path().join("known_devices");
+    let env = [("SSH_AUTH_SOCK", ssh_agent.socket_text()), ("TETHER_KNOWN_DEVICES", known.to_str().unwrap())];
+    let url = broker.url(Listener::Plain);
+    let out = tetherctl(&["--broker", &url, "cmd", d, "config"], &env);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let answer: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(answer["status"], "successful", "{answer}");
+    assert_eq!(answer["result"]["device_id"], d, "{answer}");
+    assert!(stderr.contains("signed its answer"), "{stderr}");
+    assert!(read_to_string(&known).starts_with(&format!("{d} ssh-ed25519 ")), "the device's key is pinned");
+
+    agent.kill9();
+    std::fs::remove_file(agent.state_dir().join("device_key")).unwrap();
+    agent.restart();
+    let mut status = Sub::new(&broker, &status_topic(d));
+    status.expect_online(d, secs(15));
+    let out = tetherctl(&["--broker", &url, "cmd", d, "config"], &env);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "a new device key stops tetherctl: {stderr}");
+    assert!(stderr.contains("known-devices forget"), "{stderr}");
+
+    let forget = tetherctl(&["known-devices", "forget", d], &env);
+    assert_eq!(forget.status.code(), Some(0), "{}", String::from_utf8_lossy(&forget.stderr));
+    let out = tetherctl(&["--broker", &url, "cmd", d, "ping"], &env);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
 }

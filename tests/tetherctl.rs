@@ -1,15 +1,24 @@
-//! `tetherctl` end to end: the real binary against a real Mosquitto and the real agent.
+//! `tetherctl` end to end: the real binary against a real Mosquitto and the real agent, or a
+//! device the test plays where the agent does not sign yet.
 
 mod common;
 
+use common::raw::RawClient;
+use common::ssh::{self, SshAgent};
 use common::*;
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
+use tether::trust::{
+    check_request, verify_init, Addressed, AgeLimit, Answer as TrustAnswer, AuthorizedKeys, DeviceKey,
+    Outcome, Refusal, Verified, CLOCK_SANE_AFTER, UNSIGNED_BY,
+};
 
 const CTL_BIN: &str = env!("CARGO_BIN_EXE_tetherctl");
 const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -40,8 +49,17 @@ fn ctl_command(args: &[&str], env: &[(&str, &str)]) -> Command {
     for (key, _) in std::env::vars().filter(|(k, _)| k.starts_with("TETHER_") || k == "RUST_LOG") {
         cmd.env_remove(key);
     }
+    // Not the user's keys: each run signs with what the test gives it, and meets devices anew.
+    cmd.env_remove("SSH_AUTH_SOCK").env("TETHER_KNOWN_DEVICES", fresh_known_devices());
     cmd.envs(env.iter().copied());
     cmd
+}
+
+/// A known_devices file no run has used, under the build's scratch directory.
+fn fresh_known_devices() -> PathBuf {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("known_devices-{}-{n}", std::process::id()))
 }
 
 fn stdout(out: &Output) -> String {
@@ -486,6 +504,7 @@ fn devices_lists_ten_thousand_devices_completely() {
             format!("{}%", (i * 7) % 100),
             format!("{}%", (i * 3) % 100),
             VERSION.into(),
+            "-".into(),
         ];
         assert_eq!(row, &expected, "row {i}");
         assert!(row[2].ends_with('s') || row[2].ends_with('m'), "heartbeat age: {row:?}");
@@ -778,7 +797,7 @@ fn help_for_every_command_and_usage_errors_exit_64() {
     let out = ctl(&["help"]);
     assert_exit(&out, 0, "help");
     assert_eq!(out.stdout, ctl(&["--help"]).stdout, "help and --help say the same");
-    for command in ["devices", "watch", "cmd", "cmds", "ops", "completions", "help"] {
+    for command in ["devices", "watch", "cmd", "cmds", "ops", "known-devices", "completions", "help"] {
         assert!(stdout(&out).contains(&format!("\n  {command} ")), "{command} in the help: {}", stdout(&out));
         for args in [vec!["help", command], vec![command, "--help"]] {
             let one = ctl(&args);
@@ -823,6 +842,7 @@ printf '%s\n' "${{COMPREPLY[@]}}""#,
     );
     let out = Command::new("bash")
         .args(["--norc", "-c", &program, "bash", line])
+        .env("TETHER_KNOWN_DEVICES", fresh_known_devices())
         .envs(env.iter().copied())
         .output()
         .unwrap();
@@ -844,6 +864,8 @@ fn bash_completes_commands_options_devices_and_ops() {
         ["--ca", "--cert", "--config", "--connect-timeout", "--clear"]
     );
     assert_eq!(complete(&format!("{CTL_BIN} cmd dev1 ping --q"), &[]), ["--queue"]);
+    assert_eq!(complete(&format!("{CTL_BIN} known-devices f"), &[]), ["forget"]);
+    assert_eq!(complete(&format!("{CTL_BIN} cmd dev1 reboot --i"), &[]), ["--identity"]);
     assert!(complete(&format!("{CTL_BIN} devices --q"), &[]).is_empty(), "devices takes no --queue");
     let dir = tempfile::tempdir().unwrap();
     write_file(&dir.path().join("ca-bundle.pem"), "");
@@ -881,4 +903,371 @@ fn the_agents_config_file_is_a_tetherctl_config_and_errors_name_what_the_user_ga
     let out = ctl(&["--broker", &mqtts, "--password-file", password.to_str().unwrap(), "devices"]);
     assert_exit(&out, 78, "a password without a user name");
     assert!(stderr(&out).contains("--password-file needs --username"), "{}", stderr(&out));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Signed requests and answers. The test plays the device: a raw MQTT client with a device key,
+// which checks what tetherctl sends as an agent would and answers as the test chooses.
+
+const WEEK: AgeLimit = AgeLimit { max_age_s: 7 * 86_400, clock_sane_after: CLOCK_SANE_AFTER };
+
+/// A device as the broker sees it: its retained status presents `key` (unless made without
+/// one), and it reads the requests on its command topics.
+struct FakeDevice {
+    id: &'static str,
+    key: DeviceKey,
+    client: RawClient,
+    port: u16,
+}
+
+/// A request as the device receives it.
+struct Incoming {
+    topic: String,
+    op: String,
+    id: String,
+    init: Map<String, Value>,
+}
+
+impl Incoming {
+    fn at(&self) -> Addressed<'_> {
+        Addressed { device: "dev1", op: &self.op, id: &self.id }
+    }
+}
+
+fn device_key() -> DeviceKey {
+    DeviceKey::load(&DeviceKey::generate().unwrap()).unwrap()
+}
+
+impl FakeDevice {
+    fn start(broker: &Broker) -> FakeDevice {
+        let port = broker.ports.plain;
+        let mut client = RawClient::connect(port, "fake-dev1");
+        client.subscribe(&["tether/dev1/cmd/+/+"]);
+        let mut device = FakeDevice { id: "dev1", key: device_key(), client, port };
+        device.publish_status(true);
+        device
+    }
+
+    /// Retains the device's status, with its key or as an agent older than device keys.
+    fn publish_status(&mut self, with_key: bool) {
+        let mut status = json!({"online": true, "version": VERSION});
+        if with_key {
+            status["key"] = json!(self.key.openssh_public(""));
+            status["fingerprint"] = json!(self.key.fingerprint());
+        }
+        let mut publisher = RawClient::connect(self.port, "fake-dev1-status");
+        publisher.publish_all(&[(status_topic(self.id), status.to_string().into_bytes())], true);
+    }
+
+    /// A new key, as a re-flashed device (or someone passing for it) would present.
+    fn change_key(&mut self) {
+        self.key = device_key();
+        self.publish_status(true);
+    }
+
+    fn next_request(&mut self) -> Incoming {
+        let deadline = Instant::now() + secs(20);
+        while let Some(m) = self.client.next(deadline.saturating_duration_since(Instant::now())) {
+            let Ok(Value::Object(init)) = serde_json::from_slice::<Value>(&m.payload) else { continue };
+            let parts: Vec<&str> = m.topic.split('/').collect();
+            if init.get("status") == Some(&json!("init")) && parts.len() == 5 {
+                return Incoming { op: parts[3].into(), id: parts[4].into(), topic: m.topic, init };
+            }
+        }
+        panic!("no request for dev1 within 20 s");
+    }
+
+    /// The request's signer, checked as an agent checks it: by `keys`, for this device, op and
+    /// id, and fresh.
+    fn verify(&self, request: &Incoming, keys: &AuthorizedKeys) -> Verified {
+        let verified = verify_init(&request.init, keys).unwrap_or_else(|r| panic!("{r}: {:?}", request.init));
+        let at = request.at();
+        check_request(&verified.request, at, unix_s(), WEEK).unwrap_or_else(|r| panic!("{r}"));
+        assert_eq!(verified.request.params, Map::new());
+        verified
+    }
+
+    fn answer(&mut self, request: &Incoming, state: Map<String, Value>) {
+        let payload = Value::Object(state).to_string().into_bytes();
+        self.client.publish_all(&[(request.topic.clone(), payload)], true);
+    }
+
+    /// The device's signed answer, successful, saying who asked.
+    fn signed(&self, request: &Incoming, by: &str) -> Map<String, Value> {
+        let result = json!({"boot_id": "b-1"});
+        TrustAnswer::new(request.at(), Outcome::Successful(result), by).signed_state(&self.key)
+    }
+}
+
+/// tetherctl in the background, for the test to play the device meanwhile.
+fn ctl_in_background(args: &[&str], env: &[(&str, &str)]) -> thread::JoinHandle<Output> {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    thread::spawn(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        ctl_env(&args, &env)
+    })
+}
+
+/// Sends `cmd dev1 reboot` with `env`; the device checks the request against `keys` and
+/// answers it, signed. Returns who signed, and tetherctl's output.
+fn signed_reboot(
+    broker: &Broker,
+    device: &mut FakeDevice,
+    keys: &AuthorizedKeys,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> (Verified, Output) {
+    let url = broker.url(Listener::Plain);
+    let ctl = ctl_in_background(&[&["--broker", url.as_str(), "cmd", "dev1", "reboot"], extra].concat(), env);
+    let request = device.next_request();
+    let verified = device.verify(&request, keys);
+    device.answer(&request, device.signed(&request, &verified.signer.to_string()));
+    let out = ctl.join().unwrap();
+    assert_exit(&out, 0, "a signed reboot, answered");
+    (verified, out)
+}
+
+#[test]
+fn cmd_signs_with_the_first_key_in_ssh_agent_that_devices_accept_and_prints_the_signed_answer() {
+    let broker = Broker::start_default();
+    let mut device = FakeDevice::start(&broker);
+    let dir = tempfile::tempdir().unwrap();
+    let agent = SshAgent::start(dir.path());
+    // Devices refuse P-384: tetherctl passes over it.
+    agent.add(&ssh::keygen(dir.path(), "p384", &["-t", "ecdsa", "-b", "384"]));
+    let alice = ssh::keygen(dir.path(), "alice", &["-t", "ed25519"]);
+    agent.add(&alice);
+    let keys = AuthorizedKeys::parse(&ssh::public_line(&alice));
+
+    let (verified, out) =
+        signed_reboot(&broker, &mut device, &keys, &[], &[("SSH_AUTH_SOCK", agent.socket_text())]);
+    assert_eq!(verified.signer.comment, "alice");
+    let answer: Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", stdout(&out)));
+    assert_eq!(answer, json!({"status": "successful", "result": {"boot_id": "b-1"}}));
+    let by = format!("dev1 signed its answer: it ran reboot for alice {}", verified.signer.fingerprint);
+    assert!(stderr(&out).contains(&by), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("unsigned"), "{}", stderr(&out));
+    assert_eq!(retained(&broker, "tether/dev1/cmd/reboot/+"), vec![], "the answer read is cleared");
+}
+
+#[test]
+fn cmd_signs_with_a_key_file_a_pub_whose_key_is_in_ssh_agent_or_a_passphrase_protected_file() {
+    let broker = Broker::start_default();
+    let mut device = FakeDevice::start(&broker);
+    let dir = tempfile::tempdir().unwrap();
+    let file = ssh::keygen(dir.path(), "file", &["-t", "ecdsa", "-b", "256"]);
+    let (first, second) = (
+        ssh::keygen(dir.path(), "first", &["-t", "ed25519"]),
+        ssh::keygen(dir.path(), "second", &["-t", "rsa"]),
+    );
+    let protected = ssh::keygen_with_passphrase(dir.path(), "protected", &["-t", "ed25519"], "open sesame");
+    let lines: Vec<String> =
+        [&file, &first, &second, &protected].iter().map(|k| ssh::public_line(k)).collect();
+    let keys = AuthorizedKeys::parse(&lines.join("\n"));
+    let agent = SshAgent::start(dir.path());
+    agent.add(&first);
+    agent.add(&second);
+    let (verified, _) = signed_reboot(&broker, &mut device, &keys, &["-i", file.to_str().unwrap()], &[]);
+    assert_eq!(verified.signer.comment, "file");
+    // A .pub picks its key out of ssh-agent, the first one or not.
+    let second_pub = second.with_extension("pub");
+    let via_agent =
+        [("SSH_AUTH_SOCK", agent.socket_text()), ("TETHER_IDENTITY", second_pub.to_str().unwrap())];
+    let (verified, _) = signed_reboot(&broker, &mut device, &keys, &[], &via_agent);
+    assert_eq!(verified.signer.comment, "second");
+    // The flag wins over the variable.
+    let (verified, _) =
+        signed_reboot(&broker, &mut device, &keys, &["--identity", file.to_str().unwrap()], &via_agent);
+    assert_eq!(verified.signer.comment, "file");
+
+    let askpass = ssh::askpass(dir.path(), "open sesame");
+    let prompted = [("SSH_ASKPASS", askpass.to_str().unwrap()), ("SSH_ASKPASS_REQUIRE", "force")];
+    let (verified, _) =
+        signed_reboot(&broker, &mut device, &keys, &["-i", protected.to_str().unwrap()], &prompted);
+    assert_eq!(verified.signer.comment, "protected");
+
+    // A wrong passphrase: said, and nothing sent.
+    let wrong = ssh::askpass(dir.path(), "wrong guess");
+    let url = broker.url(Listener::Plain);
+    let out = ctl_env(
+        &["--broker", &url, "cmd", "dev1", "reboot", "-i", protected.to_str().unwrap()],
+        &[("SSH_ASKPASS", wrong.to_str().unwrap()), ("SSH_ASKPASS_REQUIRE", "force")],
+    );
+    assert_exit(&out, 1, "a wrong passphrase");
+    let err = stderr(&out);
+    let said = format!("cannot sign the request with --identity {}: ssh-keygen", protected.display());
+    assert!(err.contains(&said) && err.contains("nothing was sent"), "{err}");
+    assert_eq!(retained(&broker, "tether/dev1/cmd/#"), vec![], "nothing published");
+}
+
+#[test]
+fn cmd_without_an_identity_sends_the_request_unsigned_and_says_so_for_ops_that_need_one() {
+    let broker = Broker::start_default();
+    let mut device = FakeDevice::start(&broker);
+    let url = broker.url(Listener::Plain);
+    for (op, noted) in [("reboot", true), ("ping", false)] {
+        let ctl = ctl_in_background(&["--broker", &url, "cmd", "dev1", op], &[]);
+        let request = device.next_request();
+        assert_eq!(request.init, json!({"status": "init"}).as_object().cloned().unwrap(), "{op}: unsigned");
+        assert_eq!(verify_init(&request.init, &AuthorizedKeys::default()).unwrap_err(), Refusal::Unsigned);
+        device.answer(&request, device.signed(&request, UNSIGNED_BY));
+        let out = ctl.join().unwrap();
+        assert_exit(&out, 0, op);
+        let err = stderr(&out);
+        let note = format!("sending {op} unsigned (no -i FILE or TETHER_IDENTITY, and no ssh-agent");
+        assert_eq!(err.matches(&note).count(), usize::from(noted), "{op}: {err}");
+        assert!(err.contains(&format!("it ran {op} for an unsigned request")), "{op}: {err}");
+    }
+}
+
+#[test]
+fn first_contact_records_the_device_key_and_a_changed_key_stops_tetherctl_until_forgotten() {
+    let broker = Broker::start_default();
+    let mut device = FakeDevice::start(&broker);
+    let url = broker.url(Listener::Plain);
+    let dir = tempfile::tempdir().unwrap();
+    let known_devices = dir.path().join("tether").join("known_devices");
+    let file = known_devices.to_str().unwrap();
+    let with_file = [("TETHER_KNOWN_DEVICES", file)];
+    let first = device.key.fingerprint();
+
+    let out = ctl_env(&["--broker", &url, "devices", "--json"], &with_file);
+    assert_exit(&out, 0, "devices, meeting dev1");
+    let devices: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(devices[0]["fingerprint"], json!(first), "{devices}");
+    assert!(stderr(&out).contains(&format!("dev1 is a new device: recorded its key {first} in {file}")));
+    let recorded = std::fs::read_to_string(&known_devices).unwrap();
+    assert_eq!(recorded, format!("dev1 {}\n", device.key.openssh_public("")));
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!((mode(&known_devices), mode(known_devices.parent().unwrap())), (0o600, 0o700));
+    let out = ctl_env(&["--broker", &url, "devices"], &with_file);
+    assert_exit(&out, 0, "devices, dev1 known");
+    assert!(!stderr(&out).contains("new device"), "{}", stderr(&out));
+    let short: String = first.chars().take(15).collect();
+    assert!(stdout(&out).lines().nth(1).unwrap().ends_with(&format!(" {short}")), "{}", stdout(&out));
+
+    device.change_key();
+    let second = device.key.fingerprint();
+    let out = ctl_env(&["--broker", &url, "cmd", "dev1", "reboot"], &with_file);
+    assert_exit(&out, 4, "cmd to a device whose key changed");
+    let err = stderr(&out);
+    assert!(err.contains("THE KEY OF DEVICE dev1 HAS CHANGED!") && err.contains("nothing was sent"), "{err}");
+    assert!(err.contains(&first) && err.contains(&second), "both fingerprints: {err}");
+    assert_eq!(retained(&broker, "tether/dev1/cmd/#"), vec![], "nothing sent");
+    let out = ctl_env(&["--broker", &url, "devices"], &with_file);
+    assert_exit(&out, 4, "devices with a changed key");
+    assert!(stdout(&out).lines().nth(1).unwrap().ends_with(" CHANGED"), "{}", stdout(&out));
+    assert!(stderr(&out).contains("HAS CHANGED!"), "{}", stderr(&out));
+
+    // The command the warning gives, as given.
+    let accept =
+        err.lines().map(str::trim).find(|l| l.starts_with("tetherctl ")).expect("the command to run");
+    assert_eq!(accept, "tetherctl known-devices forget dev1");
+    let words: Vec<&str> = accept.split_whitespace().skip(1).collect();
+    let out = ctl_env(&words, &with_file);
+    assert_exit(&out, 0, accept);
+    assert_eq!(stdout(&out), "forgot the key of dev1\n");
+    let ctl = ctl_in_background(&["--broker", &url, "cmd", "dev1", "reboot"], &with_file);
+    let request = device.next_request();
+    device.answer(&request, device.signed(&request, UNSIGNED_BY));
+    let out = ctl.join().unwrap();
+    assert_exit(&out, 0, "cmd after forgetting the old key");
+    assert!(stderr(&out).contains(&format!("dev1 is a new device: recorded its key {second}")));
+    let out = ctl_env(&["known-devices"], &with_file);
+    assert_eq!(stdout(&out), format!("dev1 {second}\n"));
+    let out = ctl_env(&["--known-devices", file, "known-devices", "forget", "dev2"], &[]);
+    assert_exit(&out, 1, "forgetting a device never met");
+    assert!(stderr(&out).contains("no key is recorded for dev2"), "{}", stderr(&out));
+}
+
+/// Makes a final state that is not the device's answer to the request.
+type Forge<'a> = &'a dyn Fn(&FakeDevice, &Incoming) -> Map<String, Value>;
+
+#[test]
+fn forged_answers_are_rejected_and_their_result_not_shown() {
+    let broker = Broker::start_default();
+    let mut device = FakeDevice::start(&broker);
+    let url = broker.url(Listener::Plain);
+    let dir = tempfile::tempdir().unwrap();
+    let known_devices = dir.path().join("known_devices");
+    let with_file = [("TETHER_KNOWN_DEVICES", known_devices.to_str().unwrap())];
+    let stranger = device_key();
+    let forgeries: [(&str, Forge, &str); 4] = [
+        (
+            "signed by another key",
+            &|_, req| {
+                TrustAnswer::new(req.at(), Outcome::Successful(json!({"boot_id": "forged"})), "x")
+                    .signed_state(&stranger)
+            },
+            "signed by another key",
+        ),
+        (
+            "signed by the device for another id",
+            &|device, req| {
+                let other = Addressed { id: "1-other", ..req.at() };
+                TrustAnswer::new(other, Outcome::Successful(json!({"boot_id": "forged"})), "x")
+                    .signed_state(&device.key)
+            },
+            "signed as the answer for id \"1-other\"",
+        ),
+        (
+            "unsigned, from a device whose key is known",
+            &|_, _| {
+                json!({"status": "successful", "result": {"boot_id": "forged"}}).as_object().cloned().unwrap()
+            },
+            "the answer is not signed",
+        ),
+        (
+            "a signed failure relabelled successful",
+            &|device, req| {
+                let mut state =
+                    TrustAnswer::new(req.at(), Outcome::Failed("no".into()), "x").signed_state(&device.key);
+                state.insert("status".into(), json!("successful"));
+                state.insert("result".into(), json!({"boot_id": "forged"}));
+                state
+            },
+            "for status \"failed\", not \"successful\"",
+        ),
+    ];
+    for (what, forge, why) in forgeries {
+        let ctl = ctl_in_background(&["--broker", &url, "cmd", "dev1", "reboot"], &with_file);
+        let request = device.next_request();
+        device.answer(&request, forge(&device, &request));
+        let out = ctl.join().unwrap();
+        assert_exit(&out, 5, what);
+        assert!(!stdout(&out).contains("forged"), "{what}: the result is not shown: {}", stdout(&out));
+        let err = stderr(&out);
+        assert!(err.contains("REJECTED a forged answer") && err.contains(why), "{what}: {err}");
+        assert!(err.contains(&device.key.fingerprint()), "{what}: names the device's key: {err}");
+    }
+
+    // The genuine answer to the same kind of request is shown.
+    let ctl = ctl_in_background(&["--broker", &url, "cmd", "dev1", "reboot"], &with_file);
+    let request = device.next_request();
+    device.answer(&request, device.signed(&request, UNSIGNED_BY));
+    let out = ctl.join().unwrap();
+    assert_exit(&out, 0, "the genuine answer");
+    assert_eq!(serde_json::from_slice::<Value>(&out.stdout).unwrap()["result"], json!({"boot_id": "b-1"}));
+}
+
+#[test]
+fn a_device_without_a_key_is_answered_with_a_warning() {
+    let broker = Broker::start_default();
+    let mut device = FakeDevice::start(&broker);
+    device.publish_status(false);
+    let url = broker.url(Listener::Plain);
+    let ctl = ctl_in_background(&["--broker", &url, "cmd", "dev1", "ping"], &[]);
+    let request = device.next_request();
+    device.answer(
+        &request,
+        json!({"status": "successful", "result": {"old": true}}).as_object().cloned().unwrap(),
+    );
+    let out = ctl.join().unwrap();
+    assert_exit(&out, 0, "an answer from an agent without a key");
+    assert_eq!(serde_json::from_slice::<Value>(&out.stdout).unwrap()["result"], json!({"old": true}));
+    let err = stderr(&out);
+    assert_eq!(err.matches("has no device key").count(), 1, "{err}");
 }

@@ -2,12 +2,13 @@
 //! `ssh-keygen -Y sign` and by `ssh-agent`, device signatures checked by `ssh-keygen -Y verify`.
 //! A missing tool fails the test, saying which: these tests prove the format is OpenSSH's own.
 
+mod common;
+
+use common::ssh::{askpass, keygen, keygen_with_passphrase, output_of, public_line, run, SshAgent};
 use serde_json::{json, Map, Value};
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::process::Command;
 use tether::trust::signer::{sign_with_key_file, Agent};
 use tether::trust::{
     check_request, verify_init, Addressed, AgeLimit, AuthorizedKeys, DeviceKey, PublicKey, Refusal, Request,
@@ -24,35 +25,6 @@ const KEY_TYPES: &[(&str, &[&str])] = &[
     ("ecdsa", &["-t", "ecdsa", "-b", "256"]),
     ("rsa", &["-t", "rsa", "-b", "3072"]),
 ];
-
-/// Runs an OpenSSH tool, which must succeed.
-fn run(command: &mut Command) -> Output {
-    let output = output_of(command);
-    assert!(output.status.success(), "{command:?} failed: {}", String::from_utf8_lossy(&output.stderr));
-    output
-}
-
-/// Runs an OpenSSH tool, which must exist.
-fn output_of(command: &mut Command) -> Output {
-    command.output().unwrap_or_else(|e| {
-        panic!(
-            "cannot run {:?} ({e}): these tests need OpenSSH's ssh-keygen, ssh-agent and ssh-add \
-             (Debian: apt-get install openssh-client)",
-            command.get_program()
-        )
-    })
-}
-
-/// Makes a passphrase-less key `DIR/NAME` (and `NAME.pub`) commented `NAME`.
-fn keygen(dir: &Path, name: &str, type_args: &[&str]) -> PathBuf {
-    let path = dir.join(name);
-    run(Command::new("ssh-keygen").args(["-q", "-N", "", "-C", name, "-f"]).arg(&path).args(type_args));
-    path
-}
-
-fn public_line(key: &Path) -> String {
-    fs::read_to_string(key.with_extension("pub")).unwrap().trim().to_string()
-}
 
 /// `ssh-keygen -Y sign -n NAMESPACE -f KEY` over `message`, as an operator would run it.
 fn openssh_sign(key: &Path, namespace: &str, message: &str, extra: &[&str]) -> String {
@@ -208,43 +180,6 @@ fn old_future_and_misaddressed_requests_are_refused() {
     assert_eq!(check_request(&verified.request, REBOOT, 600, WEEK), Ok(()));
 }
 
-/// `ssh-agent -D -a SOCKET`, killed when dropped.
-struct SshAgent {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl SshAgent {
-    fn start(dir: &Path) -> SshAgent {
-        let socket = dir.join("agent.sock");
-        let child = Command::new("ssh-agent")
-            .arg("-D")
-            .arg("-a")
-            .arg(&socket)
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot run ssh-agent ({e}): these tests need OpenSSH's ssh-agent"));
-        let agent = SshAgent { child, socket };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !agent.socket.exists() {
-            assert!(Instant::now() < deadline, "ssh-agent did not make {}", agent.socket.display());
-            thread::sleep(Duration::from_millis(20));
-        }
-        agent
-    }
-
-    fn add(&self, key: &Path) {
-        run(Command::new("ssh-add").arg("-q").arg(key).env("SSH_AUTH_SOCK", &self.socket));
-    }
-}
-
-impl Drop for SshAgent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn ssh_agent_signs_with_every_key_type() {
     let dir = tempfile::tempdir().unwrap();
@@ -285,14 +220,8 @@ fn key_files_sign_through_ssh_keygen_passphrase_or_not() {
     assert!(missing.starts_with("ssh-keygen -Y sign -f "), "{missing}");
 
     // ssh-keygen asks for the passphrase; SSH_ASKPASS stands in for the operator at the terminal.
-    let protected = dir.path().join("protected");
-    run(Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "secret words", "-C", "protected", "-f"])
-        .arg(&protected));
-    let askpass = dir.path().join("askpass");
-    fs::write(&askpass, "#!/bin/sh\necho 'secret words'\n").unwrap();
-    run(Command::new("chmod").arg("755").arg(&askpass));
-    std::env::set_var("SSH_ASKPASS", &askpass);
+    let protected = keygen_with_passphrase(dir.path(), "protected", &["-t", "ed25519"], "secret words");
+    std::env::set_var("SSH_ASKPASS", askpass(dir.path(), "secret words"));
     std::env::set_var("SSH_ASKPASS_REQUIRE", "force");
     let sig = sign_with_key_file(&protected, REQUEST_NAMESPACE, text.as_bytes());
     std::env::remove_var("SSH_ASKPASS_REQUIRE");

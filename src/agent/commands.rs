@@ -24,6 +24,7 @@ use crate::protocol::{
     CommandState, Op, Topics, MAX_COMMAND_BYTES, MAX_COMMAND_ID_BYTES, MAX_OPEN_COMMANDS, OPS,
 };
 use crate::text::Printable;
+use crate::trust::{Addressed, Answer, DeviceKey, Outcome};
 use crate::worker::Workers;
 
 /// What the commands need from the rest of the agent.
@@ -36,6 +37,8 @@ pub struct Context<'a> {
 
 pub struct Commands {
     topics: Topics,
+    /// The device key that signs final states; None when it could not be read or made.
+    signer: Option<Arc<DeviceKey>>,
     ledger: Ledger,
     started: Instant,
     workers: Workers<(Key, CommandState)>,
@@ -84,9 +87,15 @@ fn hash(bytes: &[u8]) -> u64 {
 }
 
 impl Commands {
-    pub fn new(topics: Topics, state_dir: &std::path::Path, waker: Arc<mio::Waker>) -> Commands {
+    pub fn new(
+        topics: Topics,
+        state_dir: &std::path::Path,
+        waker: Arc<mio::Waker>,
+        signer: Option<Arc<DeviceKey>>,
+    ) -> Commands {
         Commands {
             topics,
+            signer,
             ledger: Ledger::open(state_dir),
             started: Instant::now(),
             workers: Workers::new(waker),
@@ -378,7 +387,7 @@ impl Commands {
         if self.refused.contains(topic, request) {
             return;
         }
-        let answer = CommandState::Failed { reason: reason.clone() }.to_payload();
+        let answer = self.answer_payload(op, id, Outcome::Failed(reason.clone()), NOBODY);
         if outbox.push(Kind::Refusal, topic.to_string(), answer, true) {
             log::warn!("command {}/{} refused: {}", Printable(op), Printable(id), Printable(&reason));
             self.refused.insert(topic, request);
@@ -397,16 +406,27 @@ impl Commands {
         outbox.push(Kind::CommandState, self.topic(key), payload, true);
     }
 
-    /// A command's state as published: a final state says who asked.
+    /// A command's state as published: a final state says who asked, signed by the device.
     fn state_payload(&self, key: &Key, state: &CommandState) -> Vec<u8> {
-        let by = self.ledger.get(key).and_then(|record| record.by.as_deref());
-        match (state.is_final(), by, serde_json::to_value(state)) {
-            (true, Some(by), Ok(Value::Object(mut fields))) => {
-                fields.insert("by".into(), Value::String(by.into()));
-                serde_json::to_vec(&fields).unwrap_or_else(|_| state.to_payload())
-            }
-            _ => state.to_payload(),
-        }
+        let outcome = match state {
+            CommandState::Successful { result } => Outcome::Successful(result.clone()),
+            CommandState::Failed { reason } => Outcome::Failed(reason.clone()),
+            _ => return state.to_payload(),
+        };
+        let by = self.ledger.get(key).and_then(|record| record.by.as_deref()).unwrap_or(NOBODY);
+        self.answer_payload(key.op.name(), &key.id, outcome, by)
+    }
+
+    /// A final state: the outcome, who asked, and the answer text signed by the device key
+    /// (docs/protocol.md, "The answer"); unsigned when the device has no key.
+    fn answer_payload(&self, op: &str, id: &str, outcome: Outcome, by: &str) -> Vec<u8> {
+        let answer = Answer::new(Addressed { device: self.topics.device(), op, id }, outcome, by);
+        let state = match &self.signer {
+            Some(key) => answer.signed_state(key),
+            None => answer.readable_state(),
+        };
+        serde_json::to_vec(&state)
+            .unwrap_or_else(|_| br#"{"status":"failed","reason":"cannot encode"}"#.to_vec())
     }
 
     fn topic(&self, key: &Key) -> String {
@@ -427,6 +447,10 @@ fn log_state(key: &Key, state: &CommandState, note: &str) {
     let note = if note.is_empty() { String::new() } else { format!(" ({note})") };
     log::info!("command {}/{}: {}{detail}{note}", key.op.name(), Printable(&key.id), state.word());
 }
+
+/// `by` for an answer to nobody the device could name: a refused request, or a command recorded
+/// before signed requests.
+const NOBODY: &str = "unknown";
 
 fn too_large(size: usize) -> String {
     format!("payload too large: {size} bytes (limit {MAX_COMMAND_BYTES})")

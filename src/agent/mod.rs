@@ -89,7 +89,8 @@ impl Agent {
         let device_key = trust::device_key(&config.trust, &config.state_dir)
             .map_err(|e| log::error!("{e}: this device's answers will not be signed"))
             .ok();
-        let mut commands = Commands::new(topics.clone(), &config.state_dir, Arc::clone(&waker));
+        let mut commands =
+            Commands::new(topics.clone(), &config.state_dir, Arc::clone(&waker), device_key.clone());
         commands.recover(&mut outbox);
         // Read before the options: a file replaced in between makes the next SIGHUP reconnect
         // once for nothing, rather than miss a change.

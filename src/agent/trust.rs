@@ -28,9 +28,6 @@ pub struct Admitted {
     pub by: String,
 }
 
-/// Who asked, for an unsigned request.
-pub const UNSIGNED: &str = "unsigned";
-
 impl Trust {
     pub fn new(device: &str, config: &TrustConfig) -> Trust {
         Trust { device: device.to_string(), config: config.clone(), operators: read_operators(config) }
@@ -59,7 +56,7 @@ impl Trust {
 
     fn admit_unsigned(&self, op: &str, params: Map<String, Value>) -> Result<Admitted, String> {
         if self.config.unsigned_ops.iter().any(|allowed| allowed == op) {
-            return Ok(Admitted { params, by: UNSIGNED.into() });
+            return Ok(Admitted { params, by: crate::trust::UNSIGNED_BY.into() });
         }
         let setup = if self.operators.is_empty() {
             format!(

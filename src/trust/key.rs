@@ -63,6 +63,19 @@ impl PublicKey {
         Ok(PublicKey { blob: blob.to_vec(), kind })
     }
 
+    /// From `TYPE BASE64 [comment]`, as in a .pub file or a device's status; the type must be
+    /// the key's own.
+    pub fn from_openssh(line: &str) -> Result<PublicKey, KeyError> {
+        let mut fields = line.split_whitespace();
+        let (key_type, encoded) = fields.next().zip(fields.next()).ok_or(KeyError::Malformed)?;
+        let blob = base64::decode(encoded.as_bytes()).ok_or(KeyError::Malformed)?;
+        let key = PublicKey::from_blob(&blob)?;
+        if key.key_type() != key_type {
+            return Err(KeyError::Malformed);
+        }
+        Ok(key)
+    }
+
     pub fn blob(&self) -> &[u8] {
         &self.blob
     }
@@ -205,6 +218,11 @@ mod tests {
         assert_eq!(key.key_type(), ED25519);
         assert!(key.to_openssh().starts_with("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAI"));
         assert!(key.fingerprint().starts_with("SHA256:") && key.fingerprint().len() == 7 + 43);
+        assert_eq!(PublicKey::from_openssh(&format!("{} dev1", key.to_openssh())), Ok(key.clone()));
+        let mislabelled = key.to_openssh().replace(ED25519, RSA);
+        for bad in ["", "ssh-ed25519", "ssh-ed25519 %%%%", &mislabelled] {
+            assert_eq!(PublicKey::from_openssh(bad), Err(KeyError::Malformed), "{bad}");
+        }
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! `ssh-keygen -Y verify`, checks. Apart from `signer` (the operator's side, which talks to
 //! ssh-agent or runs ssh-keygen), functions on bytes: files, clocks and topics are the caller's.
 
+mod answer;
 mod authorized_keys;
 mod base64;
 mod device_key;
@@ -16,6 +17,7 @@ mod wire;
 
 use std::fmt;
 
+pub use answer::{verify_answer, Answer, AnswerRefusal, Outcome, ANSWER_VERSION, UNSIGNED_BY};
 pub use authorized_keys::{AuthorizedKey, AuthorizedKeys};
 pub use device_key::DeviceKey;
 pub use key::{fingerprint, KeyError, PublicKey};

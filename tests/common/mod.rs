@@ -699,6 +699,7 @@ impl Msg {
 
 pub mod cluster;
 pub mod raw;
+pub mod ssh;
 
 const PROBE_MARK: &str = "/_harness/probe/";
 

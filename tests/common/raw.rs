@@ -149,6 +149,9 @@ impl RawClient {
             match self.stream.read(&mut chunk) {
                 Ok(0) => panic!("the broker closed the connection"),
                 Ok(n) => self.inbuf.extend_from_slice(&chunk[..n]),
+                // A read with a timeout returns EINTR after the process was stopped and
+                // continued, even with no signal handler.
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e)
                     if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
                 {

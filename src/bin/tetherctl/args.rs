@@ -30,11 +30,27 @@ pub struct Args {
 
 #[derive(Debug, PartialEq)]
 pub enum Command {
-    Devices { json: bool },
-    Watch { device: Option<String>, json: bool },
+    Devices {
+        json: bool,
+    },
+    Watch {
+        device: Option<String>,
+        json: bool,
+    },
     Cmd(CmdRequest),
-    Cmds { device: String, json: bool, clear: Option<Clear> },
-    Ops { device: String, json: bool },
+    Cmds {
+        device: String,
+        json: bool,
+        clear: Option<Clear>,
+    },
+    Ops {
+        device: String,
+        json: bool,
+    },
+    /// Lists known_devices, or forgets the keys of these devices.
+    KnownDevices {
+        forget: Vec<String>,
+    },
 }
 
 #[derive(Debug, PartialEq)]
@@ -108,6 +124,8 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed, Failure> 
             ("--topic-root", v) => conn.topic_root = v,
             ("--config", v) => conn.config = v,
             ("--connect-timeout", Some(v)) => conn.connect_timeout = Some(seconds(&name, &v)?),
+            ("-i" | "--identity", v) => conn.identity = v,
+            ("--known-devices", v) => conn.known_devices = v,
             ("-v" | "--verbose", _) => verbose = true,
             ("-h" | "--help", _) => help = true,
             ("-V" | "--version", _) => version = true,
@@ -152,6 +170,10 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed, Failure> 
         ("watch", []) => Command::Watch { device: None, json },
         ("watch", [device]) => Command::Watch { device: Some(device_id(device)?), json },
         ("ops", [device]) => Command::Ops { device: device_id(device)?, json },
+        ("known-devices", []) => Command::KnownDevices { forget: vec![] },
+        ("known-devices", [action, devices @ ..]) if action == "forget" && !devices.is_empty() => {
+            Command::KnownDevices { forget: devices.iter().map(|d| device_id(d)).collect::<Result<_, _>>()? }
+        }
         ("cmds", [device, ids @ ..]) => {
             Command::Cmds { device: device_id(device)?, json, clear: opts.clear_selection(ids)? }
         }
@@ -302,6 +324,11 @@ mod tests {
             Command::Watch { device: Some("d1".into()), json: false }
         );
         assert_eq!(command("ops d1 --json"), Command::Ops { device: "d1".into(), json: true });
+        assert_eq!(command("known-devices"), Command::KnownDevices { forget: vec![] });
+        assert_eq!(
+            command("known-devices forget d1 d2"),
+            Command::KnownDevices { forget: vec!["d1".into(), "d2".into()] }
+        );
         let Command::Cmd(req) = command("cmd d1 ping --json={\"n\":1} --timeout 2.5 --queue") else {
             panic!("not cmd")
         };
@@ -341,6 +368,13 @@ mod tests {
         assert_eq!(args.conn.ca.as_deref(), Some("ca.pem"));
         assert_eq!(args.conn.topic_root.as_deref(), Some("r"));
         assert_eq!(args.conn.connect_timeout, Some(Duration::from_secs(3)));
+        let Ok(Parsed::Run(args)) = parse_line("cmd d1 reboot -i id_ed25519 --known-devices=kd") else {
+            panic!()
+        };
+        assert_eq!(args.conn.identity.as_deref(), Some("id_ed25519"));
+        assert_eq!(args.conn.known_devices.as_deref(), Some("kd"));
+        let Ok(Parsed::Run(args)) = parse_line("--identity k.pub devices") else { panic!() };
+        assert_eq!(args.conn.identity.as_deref(), Some("k.pub"));
         assert_eq!(parse_line("devices --help").ok(), Some(Parsed::Help(Some("devices"))));
         assert_eq!(parse_line("--help").ok(), Some(Parsed::Help(None)));
         assert_eq!(parse_line("help").ok(), Some(Parsed::Help(None)));
@@ -372,5 +406,9 @@ mod tests {
         assert!(usage_error("cmds d1 --clear a/b/c").contains("ID"));
         assert!(usage_error("devices --json=1").contains("takes no value"));
         assert!(usage_error("--json cmd d1 ping").contains("after `cmd`"));
+        assert!(usage_error("cmd d1 reboot -i").contains("-i needs a value"));
+        assert!(usage_error("known-devices forget").contains("usage: tetherctl known-devices"));
+        assert!(usage_error("known-devices d1").contains("usage: tetherctl known-devices"));
+        assert!(usage_error("known-devices forget d+").contains("DEVICE"));
     }
 }

@@ -2,22 +2,25 @@
 //! topic, so a device that is connecting right now still finds it; the device answers on the
 //! same topic; the final answer is printed and the topic cleared so nothing stays behind. A
 //! device without a retained status has never reported: the request is refused rather than
-//! left waiting for it, unless the operator asked for that (`--queue`).
+//! left waiting for it, unless the operator asked for that (`--queue`). The request is signed
+//! when there is a key to sign with (`sign`); the key the device's status presents is checked
+//! against known_devices before anything is sent, and the final answer must be signed by it.
 //! `tetherctl ops`: the ops a device advertises.
 
-use serde_json::Value;
+use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use tether::text::Printable;
 
 use tether::net::client::Event;
-use tether::protocol::{CommandState, Topics};
+use tether::protocol::{StatusKey, Topics};
+use tether::trust::{verify_answer, Addressed, AnswerRefusal, Outcome, PublicKey, UNSIGNED_BY};
 
 use crate::args::CmdRequest;
-use crate::format;
+use crate::known::{self, KnownDevices, Seen};
 use crate::session::{command_id, snapshot, Input, Mode, Session};
-use crate::settings::Settings;
-use crate::{exit, print, Failure};
+use crate::settings::{Settings, TrustSettings};
+use crate::{exit, format, print, sign, Failure};
 
 const REQUEST_TAG: u64 = 1;
 /// How long to wait for the broker to take a clearing or a re-sent request.
@@ -30,7 +33,6 @@ pub enum Answer {
     Executing,
     Final {
         successful: bool,
-        reason: Option<String>,
         payload: Value,
     },
     /// An empty payload: the retained request was cleared.
@@ -40,19 +42,16 @@ pub enum Answer {
 
 pub fn run(settings: &Settings, req: &CmdRequest) -> Result<u8, Failure> {
     let topics = Topics::new(&settings.topic_root, &req.device);
-    let topic = topics.command(&req.op, &command_id());
-    let request = CommandState::Init { params: req.params.clone() }.to_payload();
+    let id = command_id();
+    let topic = topics.command(&req.op, &id);
     let mut session = Session::connect(settings, vec![topic.clone(), topics.status()], Mode::Live)?;
-    let status = topics.status();
-    if !session.retained()?.iter().any(|m| m.topic == status && !m.payload.is_empty()) {
-        let never = format!("{} has never reported: no retained status on {status}", req.device);
-        if !req.queue {
+    let (request, device_key) = match prepare(settings, req, &id, &mut session) {
+        Ok(prepared) => prepared,
+        Err(failure) => {
             session.close();
-            let hint = "check the device id, or use --queue to leave the command for when it appears";
-            return Err(Failure { code: exit::NO_DEVICE, message: format!("{never}; {hint}") });
+            return Err(failure);
         }
-        eprintln!("tetherctl: {never}; the command waits for it (--queue)");
-    }
+    };
     log::debug!("request on {topic}");
     session.publish(&topic, &request, true, Some(REQUEST_TAG));
     let mut request_stored = false;
@@ -75,17 +74,20 @@ pub fn run(settings: &Settings, req: &CmdRequest) -> Result<u8, Failure> {
                         executing = true;
                     }
                     Answer::Malformed(why) => log::warn!("{}: malformed answer ({why})", Printable(&topic)),
-                    Answer::Final { successful, reason, payload } => {
-                        let text = serde_json::to_string_pretty(&payload).unwrap_or_default();
-                        print(&text)?;
-                        if let Some(reason) = reason {
-                            eprintln!("tetherctl: {} {} failed: {reason}", req.device, req.op);
-                        }
+                    Answer::Final { payload, .. } => {
+                        let asked = Addressed { device: &req.device, op: &req.op, id: &id };
+                        let code = match report(asked, &topic, device_key.as_ref(), &payload) {
+                            Ok(code) => code,
+                            Err(forged) => {
+                                session.close();
+                                return Err(forged);
+                            }
+                        };
                         if !session.publish_confirmed(&topic, b"", true, CONFIRM_WITHIN)? {
                             log::warn!("could not clear the retained answer on {topic}");
                         }
                         session.close();
-                        return Ok(if successful { exit::SUCCESS } else { exit::FAILED });
+                        return Ok(code);
                     }
                 }
             }
@@ -110,6 +112,117 @@ pub fn run(settings: &Settings, req: &CmdRequest) -> Result<u8, Failure> {
             }
         }
     }
+}
+
+/// What must hold before anything is sent: the device has reported (unless `--queue`), and its
+/// key is the one recorded. Then the request, signed if there is a key to sign with, and the
+/// key the device's answer must be signed with.
+fn prepare(
+    settings: &Settings,
+    req: &CmdRequest,
+    id: &str,
+    session: &mut Session,
+) -> Result<(Vec<u8>, Option<PublicKey>), Failure> {
+    let status = Topics::new(&settings.topic_root, &req.device).status();
+    let retained = session.retained()?;
+    let reported = retained.iter().filter(|m| m.topic == status && !m.payload.is_empty()).last();
+    if reported.is_none() {
+        let never = format!("{} has never reported: no retained status on {status}", req.device);
+        if !req.queue {
+            let hint = "check the device id, or use --queue to leave the command for when it appears";
+            return Err(Failure { code: exit::NO_DEVICE, message: format!("{never}; {hint}") });
+        }
+        eprintln!("tetherctl: {never}; the command waits for it (--queue)");
+    }
+    let device_key = device_key(&settings.trust, &req.device, reported.map(|m| &m.payload[..]))?;
+    let request = sign::init_payload(&settings.trust, req, id)?;
+    Ok((request, device_key))
+}
+
+/// The key the device's answer must be signed with: the one recorded (a status that presents
+/// another stops tetherctl here), else the status's, recorded now; None for a device without
+/// a key (an agent older than signed answers).
+fn device_key(
+    trust: &TrustSettings,
+    device: &str,
+    status: Option<&[u8]>,
+) -> Result<Option<PublicKey>, Failure> {
+    let mut known = KnownDevices::load(trust)?;
+    let presented: StatusKey = status.and_then(|p| serde_json::from_slice(p).ok()).unwrap_or_default();
+    match known.see(device, &presented) {
+        Seen::Known(key) => Ok(Some(key)),
+        Seen::New(key) => {
+            // A key that cannot be written down still checks this answer.
+            match known.save() {
+                Ok(()) => known::announce_new(&known, &[(device.to_string(), key.fingerprint())]),
+                Err(failure) => eprintln!("tetherctl: {}", failure.message),
+            }
+            Ok(Some(key))
+        }
+        Seen::NoKey => Ok(known.recorded(device)?.cloned()),
+        Seen::Unreadable { line, why } => Err(Failure::config(known.unreadable(device, line, &why))),
+        changed @ Seen::Changed { .. } => Err(Failure {
+            code: exit::KEY_CHANGED,
+            message: format!(
+                "the key of {device} has changed: nothing was sent to it.\n{}",
+                known::changed_key_warning(device, &changed, &known, trust)
+            ),
+        }),
+    }
+}
+
+/// Prints a final answer and returns the exit status it makes. With a key, only the answer
+/// text signed by it for exactly this command counts; anything else is rejected as forged.
+fn report(
+    asked: Addressed,
+    topic: &str,
+    device_key: Option<&PublicKey>,
+    state: &Value,
+) -> Result<u8, Failure> {
+    let Some(key) = device_key else {
+        eprintln!(
+            "tetherctl: warning: {} has no device key (an agent older than signed answers): its answer \
+             cannot be checked",
+            asked.device
+        );
+        return print_final(asked, state);
+    };
+    let fields = state.as_object().cloned().unwrap_or_default();
+    let answer = verify_answer(&fields, key, asked).map_err(|why| forged(asked, topic, key, why))?;
+    let asker = match answer.by.as_str() {
+        UNSIGNED_BY => "an unsigned request".to_string(),
+        signer => signer.to_string(),
+    };
+    eprintln!("tetherctl: {} signed its answer: it ran {} for {asker}", asked.device, asked.op);
+    let shown = match answer.outcome {
+        Outcome::Successful(result) => json!({"status": "successful", "result": result}),
+        Outcome::Failed(reason) => json!({"status": "failed", "reason": reason}),
+    };
+    print_final(asked, &shown)
+}
+
+fn forged(asked: Addressed, topic: &str, key: &PublicKey, why: AnswerRefusal) -> Failure {
+    Failure {
+        code: exit::FORGED_ANSWER,
+        message: format!(
+            "REJECTED a forged answer: {why}. It is not {device}'s answer to this command (its key is \
+             {}): the broker, or someone who can publish on it, may be forging device answers. Its \
+             result is not shown; it stays retained on {topic} for inspection (tetherctl cmds {device}).",
+            key.fingerprint(),
+            device = asked.device,
+        ),
+    }
+}
+
+/// The answer as JSON on stdout, and a failure's reason on stderr.
+fn print_final(asked: Addressed, state: &Value) -> Result<u8, Failure> {
+    print(&serde_json::to_string_pretty(state).unwrap_or_default())?;
+    if state.get("status").and_then(Value::as_str) == Some("successful") {
+        return Ok(exit::SUCCESS);
+    }
+    let reason = state.get("reason").and_then(Value::as_str).unwrap_or("(no reason given)");
+    eprintln!("tetherctl: {} {} failed: {reason}", asked.device, asked.op);
+    Ok(exit::FAILED)
 }
 
 /// Stops waiting: withdraws the request, or with `--queue` (or when the device has started it
@@ -156,13 +269,9 @@ pub fn classify(payload: &[u8]) -> Answer {
     match value.get("status").and_then(Value::as_str) {
         Some("init") => Answer::Request,
         Some("executing") => Answer::Executing,
-        Some(status @ ("successful" | "failed")) => Answer::Final {
-            successful: status == "successful",
-            reason: (status == "failed").then(|| {
-                value.get("reason").and_then(Value::as_str).unwrap_or("(no reason given)").to_string()
-            }),
-            payload: value,
-        },
+        Some(status @ ("successful" | "failed")) => {
+            Answer::Final { successful: status == "successful", payload: value }
+        }
         _ => Answer::Malformed(format!("no known status: {}", format::raw(payload))),
     }
 }
@@ -200,14 +309,14 @@ mod tests {
         assert!(matches!(classify(br#"{"status":"executing"}"#), Answer::Executing));
         assert!(matches!(
             classify(br#"{"status":"successful","result":{}}"#),
-            Answer::Final { successful: true, reason: None, .. }
+            Answer::Final { successful: true, .. }
         ));
-        let Answer::Final { successful: false, reason: Some(reason), .. } =
+        let Answer::Final { successful: false, payload } =
             classify(br#"{"status":"failed","reason":"nope"}"#)
         else {
             panic!("not failed")
         };
-        assert_eq!(reason, "nope");
+        assert_eq!(payload["reason"], "nope");
         assert!(matches!(classify(br#"{"status":"failed"}"#), Answer::Final { successful: false, .. }));
         assert!(matches!(classify(b"{oops"), Answer::Malformed(_)));
         assert!(matches!(classify(br#"{"status":5}"#), Answer::Malformed(_)));

@@ -44,6 +44,7 @@ _tetherctl() {
     case $command:${#operands[@]} in
         :0 | help:0) COMPREPLY=($(compgen -W "@COMMANDS@" -- "$cur")) ;;
         completions:0) COMPREPLY=($(compgen -W "bash" -- "$cur")) ;;
+        known-devices:0) COMPREPLY=($(compgen -W "forget" -- "$cur")) ;;
         watch:0 | ops:0 | cmd:0 | cmds:0)
             COMPREPLY=($(compgen -W "$("${ask[@]}" devices 2>/dev/null | tail -n +2 | cut -d ' ' -f 1)" -- "$cur")) ;;
         cmd:1) COMPREPLY=($(compgen -W "$("${ask[@]}" ops "${operands[0]}" 2>/dev/null)" -- "$cur")) ;;

@@ -17,7 +17,11 @@ pub const COMMANDS: &[CommandHelp] = &[
         options: &["--json"],
         about: "every device with a retained status or heartbeat: online, age of the last
 heartbeat, CPU, memory and first disk used, agent version (kept while the device
-is offline). Fails (exit 1) rather than show a list it cannot know is complete.",
+is offline), and KEY: the start of the fingerprint of the key the device signs
+its answers with (--json: \"fingerprint\", whole). A key met for the first time is
+recorded in known_devices; a device whose key differs from the one recorded is
+marked CHANGED, with a warning, and devices exits 4. Fails (exit 1) rather than
+show a list it cannot know is complete.",
     },
     CommandHelp {
         name: "watch",
@@ -35,7 +39,11 @@ of parameters. Progress goes to stderr. Waits S seconds (default 30); then the
 command is withdrawn, or with --queue kept (retained) for the device to run
 when it comes back, and its topic is printed. A DEVICE that has never reported
 (no retained status) is refused at once (exit 67), unless --queue: then the
-command waits for it.",
+command waits for it. The request is signed (see -i); when the device's status
+presents a key, it must be the one known_devices holds (else exit 4, nothing
+sent; a key met for the first time is recorded), and the answer must be signed
+by it for this very command (else exit 5: forged, its result not shown). Who
+asked, as the device saw it, goes to stderr.",
     },
     CommandHelp {
         name: "cmds",
@@ -55,6 +63,14 @@ cleared; an ID that is not there is an error and nothing is cleared.",
         about: "the ops DEVICE advertises",
     },
     CommandHelp {
+        name: "known-devices",
+        args: "[forget DEVICE...]",
+        options: &[],
+        about: "the device keys recorded so far (DEVICE FINGERPRINT), or forget DEVICE's, so
+that the key it presents next is recorded instead: how to accept a device's
+new key after checking its fingerprint on the device. Needs no broker.",
+    },
+    CommandHelp {
         name: "completions",
         args: "bash",
         options: &[],
@@ -67,7 +83,8 @@ or for yourself: source <(tetherctl completions bash) in ~/.bashrc",
 ];
 
 /// Connection options that take a file name, and those that take another value.
-pub const FILE_OPTIONS: &[&str] = &["--ca", "--cert", "--key", "--password-file", "--config"];
+pub const FILE_OPTIONS: &[&str] =
+    &["--ca", "--cert", "--key", "--password-file", "--config", "-i", "--identity", "--known-devices"];
 pub const VALUE_OPTIONS: &[&str] =
     &["--broker", "--username", "--proxy", "--topic-root", "--connect-timeout"];
 
@@ -83,6 +100,8 @@ pub const COMMON_OPTIONS: &[&str] = &[
     "--topic-root",
     "--config",
     "--connect-timeout",
+    "--identity",
+    "--known-devices",
     "--verbose",
     "--help",
 ];
@@ -108,6 +127,20 @@ const FOOTER: &str = r#"connection (a flag wins over its environment variable, w
                          tetherctl takes its "broker" and "topic_root"
   --connect-timeout S    give up connecting after S seconds (default 10)
 
+signing and device keys (flag, then environment, then the --config file's "identity" and
+"known_devices"):
+  -i, --identity FILE    sign requests with this key: a private key    TETHER_IDENTITY
+                         file (ssh-keygen asks for its passphrase), or a
+                         .pub whose key is in ssh-agent. Default: the
+                         first key in ssh-agent (SSH_AUTH_SOCK) of a type
+                         devices accept (ed25519, ECDSA P-256, RSA).
+                         Without any, requests go unsigned: devices run
+                         ping and heartbeat only, by default.
+  --known-devices FILE   the keys of the devices met so far (trust on  TETHER_KNOWN_DEVICES
+                         first use, like ssh's known_hosts); default:
+                         $XDG_CONFIG_HOME/tether/known_devices, else
+                         ~/.config/tether/known_devices
+
 other options:
   -v, --verbose          debug logging (default: warnings; RUST_LOG works too)
   -h, --help             this help
@@ -119,6 +152,11 @@ exit status:
        known complete; or another error
   2    cmd: no final answer within --timeout
   3    could not connect to the broker within --connect-timeout
+  4    cmd, devices: a device presents another key than the one known_devices holds
+       for it (cmd sent nothing); after checking, accept the new key with
+       tetherctl known-devices forget DEVICE
+  5    cmd: the answer is not signed by the device's key for this command: rejected
+       as forged, its result not shown
   64   bad command line
   67   cmd: the device has never reported (no retained status); see --queue
   78   bad connection settings (broker URL, certificate, key or password file, config
@@ -170,5 +208,6 @@ mod tests {
             assert!(c.options.iter().all(|o| c.args.contains(o)), "{}: options in the usage", c.name);
         }
         assert!(all.contains("exit status:") && all.contains("  67 "), "{all}");
+        assert!(all.contains("\n  4    ") && all.contains("\n  5    "), "{all}");
     }
 }

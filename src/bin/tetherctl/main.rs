@@ -8,8 +8,10 @@ mod completions;
 mod devices;
 mod format;
 mod help;
+mod known;
 mod session;
 mod settings;
+mod sign;
 mod watch;
 
 use std::io::Write;
@@ -23,6 +25,10 @@ pub mod exit {
     pub const FAILED: u8 = 1;
     pub const TIMED_OUT: u8 = 2;
     pub const NO_BROKER: u8 = 3;
+    /// The key a device presents is not the one known_devices holds for it.
+    pub const KEY_CHANGED: u8 = 4;
+    /// An answer not signed by the device's key for the command asked.
+    pub const FORGED_ANSWER: u8 = 5;
     pub const USAGE: u8 = 64;
     /// `cmd` to a device that has never reported (sysexits' "addressee unknown").
     pub const NO_DEVICE: u8 = 67;
@@ -101,12 +107,18 @@ fn run() -> Result<u8, Failure> {
         Parsed::Run(args) => args,
     };
     tether::logging::init(args.verbose.then_some("warn,tether=debug,tetherctl=debug"), Some("warn"));
-    let settings = settings::resolve(&args.conn, &|var| std::env::var(var).ok())?;
+    let env = |var: &str| std::env::var(var).ok();
+    // It needs no broker.
+    if let Command::KnownDevices { forget } = &args.command {
+        return known::run(&settings::resolve_trust(&args.conn, &env)?, forget);
+    }
+    let settings = settings::resolve(&args.conn, &env)?;
     match &args.command {
         Command::Devices { json } => devices::run(&settings, *json),
         Command::Watch { device, json } => watch::run(&settings, device.as_deref(), *json),
         Command::Cmd(request) => cmd::run(&settings, request),
         Command::Ops { device, json } => cmd::list_ops(&settings, device, *json),
         Command::Cmds { device, json, clear } => cmds::run(&settings, device, *json, clear.as_ref()),
+        Command::KnownDevices { forget } => known::run(&settings.trust, forget),
     }
 }

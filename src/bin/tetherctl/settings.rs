@@ -1,5 +1,6 @@
-//! Where to connect: each setting comes from its flag, else its environment variable, else the
-//! `--config` file (the agent's `broker` object plus `topic_root`), else its default.
+//! Where to connect, and with which key to sign: each setting comes from its flag, else its
+//! environment variable, else the `--config` file (the agent's `broker` object plus
+//! `topic_root`; an operator's file may add `identity` and `known_devices`), else its default.
 
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -26,6 +27,22 @@ pub struct ConnFlags {
     pub topic_root: Option<String>,
     pub config: Option<String>,
     pub connect_timeout: Option<Duration>,
+    pub identity: Option<String>,
+    pub known_devices: Option<String>,
+}
+
+/// Who signs requests, and where the keys of the devices seen so far are kept.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TrustSettings {
+    /// The key file to sign with, and how the user gave it (`--identity`, `TETHER_IDENTITY`,
+    /// `config FILE: identity`); None: the first key in ssh-agent that devices accept, if any.
+    pub identity: Option<(PathBuf, String)>,
+    /// None when there is no home directory to keep it in and none was given.
+    pub known_devices: Option<PathBuf>,
+    /// The options that point another tetherctl at the same known_devices file, for the
+    /// commands that warnings tell the user to run; empty when it comes from the environment
+    /// or is the default.
+    pub known_devices_options: Vec<String>,
 }
 
 #[derive(Clone)]
@@ -34,6 +51,7 @@ pub struct Settings {
     pub topic_root: String,
     /// How long tetherctl tries to reach the broker before it gives up (exit 3).
     pub connect_timeout: Duration,
+    pub trust: TrustSettings,
     /// The settings given by flag or environment: (config key, flag or variable name), so an
     /// error names what the user typed.
     sources: Vec<(&'static str, &'static str)>,
@@ -104,9 +122,91 @@ struct ConfigFile {
     broker: Option<BrokerConfig>,
     #[serde(default)]
     topic_root: Option<String>,
+    #[serde(default)]
+    identity: Option<String>,
+    #[serde(default)]
+    known_devices: Option<String>,
 }
 
-/// `env` looks up an environment variable (a parameter so tests need not change the process's).
+/// Takes each setting from its flag, else its environment variable, and remembers which, for
+/// error messages.
+struct Picker<'a> {
+    env: &'a dyn Fn(&str) -> Option<String>,
+    sources: Vec<(&'static str, &'static str)>,
+}
+
+impl Picker<'_> {
+    fn pick(
+        &mut self,
+        key: &'static str,
+        flag: &Option<String>,
+        flag_name: &'static str,
+        var: &'static str,
+    ) -> Option<String> {
+        if let Some(value) = flag.clone() {
+            self.sources.push((key, flag_name));
+            return Some(value);
+        }
+        let value = (self.env)(var).filter(|v| !v.is_empty())?;
+        self.sources.push((key, var));
+        Some(value)
+    }
+
+    /// The config file given, loaded (empty when none is).
+    fn config_file(&mut self, flags: &ConnFlags) -> Result<(Option<String>, ConfigFile), Failure> {
+        let path = self.pick("config", &flags.config, "--config", "TETHER_CONFIG");
+        let file = match &path {
+            Some(path) => load(Path::new(path))?,
+            None => ConfigFile::default(),
+        };
+        Ok((path, file))
+    }
+
+    fn trust(&mut self, flags: &ConnFlags, file: &ConfigFile, config_path: Option<&str>) -> TrustSettings {
+        let in_file = |key: &str| format!("config {}: {key}", config_path.unwrap_or_default());
+        let identity = match self.pick("identity", &flags.identity, "--identity", "TETHER_IDENTITY") {
+            Some(path) => Some((PathBuf::from(path), self.given_as("identity").to_string())),
+            None => file.identity.as_ref().map(|path| (PathBuf::from(path), in_file("identity"))),
+        };
+        let given =
+            self.pick("known_devices", &flags.known_devices, "--known-devices", "TETHER_KNOWN_DEVICES");
+        let (known_devices, known_devices_options) = match (given, &file.known_devices, config_path) {
+            (Some(path), ..) if self.given_as("known_devices") == "--known-devices" => {
+                (Some(PathBuf::from(&path)), vec!["--known-devices".into(), path])
+            }
+            (Some(path), ..) => (Some(PathBuf::from(path)), vec![]),
+            (None, Some(path), Some(config)) => {
+                (Some(PathBuf::from(path)), vec!["--config".into(), config.to_string()])
+            }
+            _ => (default_known_devices(self.env), vec![]),
+        };
+        TrustSettings { identity, known_devices, known_devices_options }
+    }
+
+    fn given_as(&self, key: &str) -> &'static str {
+        self.sources.iter().find(|(k, _)| *k == key).map_or("", |(_, given_as)| given_as)
+    }
+}
+
+/// `$XDG_CONFIG_HOME/tether/known_devices`, else `~/.config/tether/known_devices`, as ssh keeps
+/// `~/.ssh/known_hosts`.
+fn default_known_devices(env: &dyn Fn(&str) -> Option<String>) -> Option<PathBuf> {
+    let xdg = env("XDG_CONFIG_HOME").map(PathBuf::from).filter(|dir| dir.is_absolute());
+    let config_home =
+        xdg.or_else(|| env("HOME").filter(|h| !h.is_empty()).map(|h| Path::new(&h).join(".config")));
+    Some(config_home?.join("tether").join("known_devices"))
+}
+
+/// The trust settings alone, for commands that do not connect.
+pub fn resolve_trust(
+    flags: &ConnFlags,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<TrustSettings, Failure> {
+    let mut picker = Picker { env, sources: Vec::new() };
+    let (config_path, file) = picker.config_file(flags)?;
+    Ok(picker.trust(flags, &file, config_path.as_deref()))
+}
+
 /// The broker settings of the config file (or defaults) with the nodes of `urls`, a
 /// comma-separated list: the nodes of one cluster, tried in turn like the agent's.
 fn with_urls(file_broker: Option<BrokerConfig>, urls: &str) -> BrokerConfig {
@@ -118,24 +218,12 @@ fn with_urls(file_broker: Option<BrokerConfig>, urls: &str) -> BrokerConfig {
     broker
 }
 
+/// `env` looks up an environment variable (a parameter so tests need not change the process's).
 pub fn resolve(flags: &ConnFlags, env: &dyn Fn(&str) -> Option<String>) -> Result<Settings, Failure> {
-    let mut sources = Vec::new();
-    // The flag's value, else the variable's; remembers which one for error messages.
-    let mut pick = |key: &'static str, flag: &Option<String>, flag_name: &'static str, var: &'static str| {
-        if let Some(value) = flag.clone() {
-            sources.push((key, flag_name));
-            return Some(value);
-        }
-        let value = env(var).filter(|v| !v.is_empty())?;
-        sources.push((key, var));
-        Some(value)
-    };
-    let config_path = pick("config", &flags.config, "--config", "TETHER_CONFIG");
-    let file = match &config_path {
-        Some(path) => load(Path::new(path))?,
-        None => ConfigFile::default(),
-    };
-    let given = pick("broker.url", &flags.broker, "--broker", "TETHER_BROKER");
+    let mut picker = Picker { env, sources: Vec::new() };
+    let (config_path, file) = picker.config_file(flags)?;
+    let trust = picker.trust(flags, &file, config_path.as_deref());
+    let given = picker.pick("broker.url", &flags.broker, "--broker", "TETHER_BROKER");
     let mut broker = match (given, file.broker) {
         (Some(urls), file_broker) => with_urls(file_broker, &urls),
         (None, Some(file_broker)) => file_broker,
@@ -143,14 +231,14 @@ pub fn resolve(flags: &ConnFlags, env: &dyn Fn(&str) -> Option<String>) -> Resul
             return Err(Failure::usage("no broker given: use --broker URL, TETHER_BROKER or --config FILE"))
         }
     };
-    let ca = pick("broker.ca_file", &flags.ca, "--ca", "TETHER_CA");
-    let cert = pick("broker.cert_file", &flags.cert, "--cert", "TETHER_CERT");
-    let key = pick("broker.key_file", &flags.key, "--key", "TETHER_KEY");
+    let ca = picker.pick("broker.ca_file", &flags.ca, "--ca", "TETHER_CA");
+    let cert = picker.pick("broker.cert_file", &flags.cert, "--cert", "TETHER_CERT");
+    let key = picker.pick("broker.key_file", &flags.key, "--key", "TETHER_KEY");
     let password_file =
-        pick("broker.password_file", &flags.password_file, "--password-file", "TETHER_PASSWORD_FILE");
-    let username = pick("broker.username", &flags.username, "--username", "TETHER_USERNAME");
-    let proxy = pick("broker.proxy", &flags.proxy, "--proxy", "TETHER_PROXY");
-    let topic_root = pick("topic_root", &flags.topic_root, "--topic-root", "TETHER_TOPIC_ROOT");
+        picker.pick("broker.password_file", &flags.password_file, "--password-file", "TETHER_PASSWORD_FILE");
+    let username = picker.pick("broker.username", &flags.username, "--username", "TETHER_USERNAME");
+    let proxy = picker.pick("broker.proxy", &flags.proxy, "--proxy", "TETHER_PROXY");
+    let topic_root = picker.pick("topic_root", &flags.topic_root, "--topic-root", "TETHER_TOPIC_ROOT");
     broker.ca_file = ca.map(PathBuf::from).or(broker.ca_file.take());
     broker.cert_file = cert.map(PathBuf::from).or(broker.cert_file.take());
     broker.key_file = key.map(PathBuf::from).or(broker.key_file.take());
@@ -163,7 +251,8 @@ pub fn resolve(flags: &ConnFlags, env: &dyn Fn(&str) -> Option<String>) -> Resul
         broker,
         topic_root,
         connect_timeout: flags.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
-        sources,
+        trust,
+        sources: picker.sources,
         config_path,
     };
     settings.broker.validate().map_err(|e| Failure::config(settings.name_source(e.to_string())))?;
@@ -300,6 +389,46 @@ mod tests {
             ..Default::default()
         };
         assert!(message(bad_root, &[]).starts_with("--topic-root: \"+\""));
+    }
+
+    #[test]
+    fn identity_and_known_devices_come_from_flag_env_or_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("ctl.json");
+        std::fs::write(&config, r#"{"identity":"/k/file","known_devices":"/kd/file"}"#).unwrap();
+        let config = config.to_str().unwrap().to_string();
+        let from_file = ConnFlags { config: Some(config.clone()), ..Default::default() };
+        let t = resolve_trust(&from_file, &env(&[("HOME", "/home/u")])).unwrap();
+        assert_eq!(t.identity, Some(("/k/file".into(), format!("config {config}: identity"))));
+        assert_eq!(t.known_devices, Some("/kd/file".into()));
+        assert_eq!(t.known_devices_options, ["--config".to_string(), config.clone()]);
+
+        let vars = env(&[("TETHER_IDENTITY", "/k/env"), ("TETHER_KNOWN_DEVICES", "/kd/env")]);
+        let t = resolve_trust(&from_file, &vars).unwrap();
+        assert_eq!(t.identity, Some(("/k/env".into(), "TETHER_IDENTITY".into())));
+        assert_eq!((t.known_devices, t.known_devices_options), (Some("/kd/env".into()), vec![]));
+
+        let flags = ConnFlags {
+            identity: Some("/k/flag".into()),
+            known_devices: Some("/kd/flag".into()),
+            ..from_file
+        };
+        let t = resolve_trust(&flags, &vars).unwrap();
+        assert_eq!(t.identity, Some(("/k/flag".into(), "--identity".into())));
+        assert_eq!(t.known_devices_options, ["--known-devices", "/kd/flag"]);
+    }
+
+    #[test]
+    fn known_devices_live_in_the_users_config_directory_by_default() {
+        let default = |vars: &[(&str, &str)]| resolve_trust(&ConnFlags::default(), &env(vars)).unwrap();
+        let t = default(&[("HOME", "/home/u")]);
+        assert_eq!(t.known_devices, Some("/home/u/.config/tether/known_devices".into()));
+        assert_eq!((t.identity, t.known_devices_options.len()), (None, 0));
+        let xdg = default(&[("HOME", "/home/u"), ("XDG_CONFIG_HOME", "/xdg")]);
+        assert_eq!(xdg.known_devices, Some("/xdg/tether/known_devices".into()));
+        let relative = default(&[("HOME", "/home/u"), ("XDG_CONFIG_HOME", "rel")]);
+        assert_eq!(relative.known_devices, Some("/home/u/.config/tether/known_devices".into()));
+        assert_eq!(default(&[]).known_devices, None);
     }
 
     #[test]
