@@ -185,22 +185,28 @@ def wait_any(clients, timeout):
     return out
 
 
-def retained(port, topic_filter):
+def retained(port, topic_filter, settle_s=0.0):
     """The retained messages under `topic_filter` now: topic -> payload. A probe published
-    after subscribing marks the end of the retained replay."""
+    after subscribing marks the end of the retained replay on Mosquitto; brokers that stream
+    retained messages after the SUBACK (aedes) send the probe first: with `settle_s`, reading
+    goes on after the probe until no retained message came for that long."""
     probe = f"{ROOT}/_bench/snapshot/{os.getpid()}/{time.monotonic_ns()}"
     client = Mqtt(port, f"bench-snapshot-{os.getpid()}-{time.monotonic_ns()}")
     client.subscribe([topic_filter, probe])
     client.publish_all([(probe, b"end")], retain=False, qos=0)
     found = {}
+    probed, last_retained = False, time.monotonic()
     end = time.monotonic() + 60
     while time.monotonic() < end:
-        for m in wait_any([client], 1):
+        for m in wait_any([client], 0.05 if probed else 1):
             if m.topic == probe:
-                client.close()
-                return found
-            if m.retained:
+                probed = True
+            elif m.retained:
                 found[m.topic] = m.payload
+                last_retained = m.at
+        if probed and time.monotonic() - last_retained >= settle_s:
+            client.close()
+            return found
     raise TimeoutError(f"the snapshot of {topic_filter} did not end within 60 s")
 
 
