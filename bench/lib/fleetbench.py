@@ -286,6 +286,9 @@ def devices(args, port, ids, runs=3):
 def devices_once(args, port, ids):
     """`tetherctl devices --json` through the node on `port`: seconds, ids listed online, exit."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TETHER_") and k != "RUST_LOG"}
+    # Device keys pinned per broker, in the work dir: the user's own known_devices stays as it
+    # was, and the fleets of the two brokers (same ids, other keys) do not clash.
+    env["TETHER_KNOWN_DEVICES"] = os.path.join(args.work, f"known_devices-{port}")
     started = time.monotonic()
     out = subprocess.run([args.ctl_bin, "--broker", f"mqtt://127.0.0.1:{port}", "devices", "--json"],
                          stdin=subprocess.DEVNULL, capture_output=True, env=env, timeout=120)
