@@ -387,7 +387,14 @@ impl Commands {
         if self.refused.contains(topic, request) {
             return;
         }
-        let answer = self.answer_payload(op, id, Outcome::Failed(reason.clone()), NOBODY);
+        // A hostile op or id (up to 64 KiB) is not echoed into a signed answer: answering it
+        // would cost as much again in memory and on the broker. Such requests come from no
+        // tool that checks answers.
+        let answer = if op.len() <= MAX_OP_NAME_BYTES && id.len() <= MAX_COMMAND_ID_BYTES {
+            self.answer_payload(op, id, Outcome::Failed(reason.clone()), NOBODY)
+        } else {
+            CommandState::Failed { reason: reason.clone() }.to_payload()
+        };
         if outbox.push(Kind::Refusal, topic.to_string(), answer, true) {
             log::warn!("command {}/{} refused: {}", Printable(op), Printable(id), Printable(&reason));
             self.refused.insert(topic, request);
@@ -447,6 +454,9 @@ fn log_state(key: &Key, state: &CommandState, note: &str) {
     let note = if note.is_empty() { String::new() } else { format!(" ({note})") };
     log::info!("command {}/{}: {}{detail}{note}", key.op.name(), Printable(&key.id), state.word());
 }
+
+/// Longer than any op's name: not echoed in a signed refusal.
+const MAX_OP_NAME_BYTES: usize = 64;
 
 /// `by` for an answer to nobody the device could name: a refused request, or a command recorded
 /// before signed requests.
