@@ -11,7 +11,7 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::sleep;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 fn config(broker: &Broker, device: &str, patch: Value) -> Value {
     let mut c = broker.agent_config(device);
@@ -590,4 +590,30 @@ fn offline_of(online: &Value) -> Value {
     offline["online"] = json!(false);
     offline.as_object_mut().map(|fields| fields.remove("since"));
     offline
+}
+
+/// A retained `{"online":false}` the device never reads (here its ACL lets it write its status
+/// but not read it; on aedes, a late will its duplicate filter withholds) is put right within
+/// 12 heartbeat intervals: the agent publishes its online status again now and then.
+#[test]
+fn a_stale_offline_status_the_device_cannot_read_is_put_right() {
+    let d = "dev-blind";
+    let acl = format!(
+        "user operator\ntopic readwrite tether/#\nuser {d}\ntopic write tether/{d}/status\n\
+         topic write tether/{d}/heartbeat\ntopic readwrite tether/{d}/cmd/#\n"
+    );
+    let broker = Broker::start(BrokerOpts::default().anonymous(false).user(d, "pw").acl(&acl));
+    let password = broker.dir().join("device-password");
+    write_file(&password, "pw");
+    let mut config = broker.agent_config(d);
+    merge(&mut config, json!({"broker": {"username": d, "password_file": password}}));
+    let mut sub = Sub::new(&broker, &status_topic(d));
+    let _agent = Agent::start(config);
+    sub.expect_online(d, secs(15));
+
+    publish_json(&broker, &status_topic(d), &json!({"online": false}), true);
+    sub.expect_offline(d, secs(5));
+    let started = Instant::now();
+    sub.expect_online(d, secs(20));
+    println!("online again after {:?}", started.elapsed());
 }

@@ -33,6 +33,9 @@ const ONLINE_TAG: u64 = u64::MAX - 1;
 const OFFLINE_TAG: u64 = u64::MAX;
 /// How long a clean stop waits for the broker to take the offline status.
 const STOP_GRACE: Duration = Duration::from_secs(2);
+/// The online status is published again every this many heartbeat intervals (5 min at the
+/// default 25 s): see `Agent::on_status_timer`.
+const STATUS_REFRESH_BEATS: u32 = 12;
 /// Incoming packets bigger than this are skipped (commands are far smaller).
 const MAX_PACKET: usize = 256 * 1024;
 
@@ -54,6 +57,8 @@ pub struct Agent {
     device_key: Option<Arc<DeviceKey>>,
     /// When the current connection came up (unix seconds), for the status's `since`.
     online_since: u64,
+    /// When to publish the online status again, while connected.
+    status_refresh_at: Option<Instant>,
     /// Set by SIGTERM.
     stop: Option<Stop>,
 }
@@ -112,6 +117,7 @@ impl Agent {
             trust,
             device_key,
             online_since: 0,
+            status_refresh_at: None,
             stop: None,
         })
     }
@@ -157,6 +163,7 @@ impl Agent {
             self.heartbeat.next_deadline(),
             self.outbox.next_deadline(),
             self.stop.as_ref().map(|stop| stop.deadline),
+            self.status_refresh_at,
         ]
         .into_iter()
         .flatten()
@@ -166,6 +173,7 @@ impl Agent {
     fn on_timers(&mut self, now: Instant) {
         self.client.on_timer(self.poll.registry(), now);
         self.outbox.on_timer(now);
+        self.on_status_timer(now);
         if self.stop.is_none() {
             // A failure is logged where it happens; the next interval tries again.
             let _ = self.heartbeat.on_timer(now, &self.outbox);
@@ -195,6 +203,7 @@ impl Agent {
                 Event::Disconnected => {
                     log::info!("disconnected; {} message(s) waiting in the outbox", self.outbox.len());
                     self.outbox.on_disconnected();
+                    self.status_refresh_at = None;
                 }
                 Event::Message(publish) if publish.topic == self.topics.status() => {
                     self.on_own_status(&publish.payload)
@@ -230,12 +239,31 @@ impl Agent {
         self.outbox.on_connected();
         self.online_since = unix_seconds();
         self.publish_online();
+        self.status_refresh_at = Some(Instant::now() + self.status_refresh_interval());
         for topic in self.commands.adverts() {
             self.client.publish(&topic, b"{}", true, None);
         }
         if !self.outbox.is_empty() {
             log::info!("sending {} queued message(s)", self.outbox.len());
         }
+    }
+
+    /// The retained status can say offline while the device is connected without the device
+    /// ever reading it: a late will that a broker does not deliver back (aedes' duplicate
+    /// filter, docs/brokers.md), or an ACL that lets the device write its status but not read
+    /// it. Publishing it again now and then puts it right on any broker.
+    fn on_status_timer(&mut self, now: Instant) {
+        if self.status_refresh_at.is_none_or(|at| now < at) {
+            return;
+        }
+        self.status_refresh_at = Some(now + self.status_refresh_interval());
+        if self.client.is_up() && self.stop.is_none() {
+            self.publish_online();
+        }
+    }
+
+    fn status_refresh_interval(&self) -> Duration {
+        Duration::from_secs(self.config.heartbeat.interval_s) * STATUS_REFRESH_BEATS
     }
 
     fn publish_online(&mut self) {
