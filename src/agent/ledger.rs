@@ -20,6 +20,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::fsutil;
+use crate::memory::Drained;
 use crate::protocol::{CommandState, Op, MAX_OPEN_COMMANDS};
 
 const JOURNAL_FILE: &str = "commands.log";
@@ -305,8 +306,7 @@ impl Ledger {
         }
         let result = self.append();
         if result.is_err() && self.pending.len() > MAX_PENDING_BYTES {
-            self.pending.clear();
-            self.pending_states.clear();
+            self.clear_pending();
             self.rewrite = true;
         }
         result
@@ -342,7 +342,7 @@ impl Ledger {
         }
         self.file_len += self.pending.len() as u64;
         self.lines += self.pending.iter().filter(|&&b| b == b'\n').count();
-        self.pending.clear();
+        self.clear_pending();
         Ok(())
     }
 
@@ -380,11 +380,17 @@ impl Ledger {
                 }
             }
         }
-        self.pending.clear();
-        self.pending_states.clear();
+        self.clear_pending();
         self.rewrite = false;
         log::debug!("command ledger rewritten: {} command(s)", self.lines);
         Ok(())
+    }
+
+    fn clear_pending(&mut self) {
+        self.pending.clear();
+        self.pending_states.clear();
+        self.pending.release_if_empty();
+        self.pending_states.release_if_empty();
     }
 
     fn queue(&mut self, line: &Line) {
