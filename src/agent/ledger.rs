@@ -10,13 +10,14 @@
 //! A command is forgotten only when it can never come back: its final state was acknowledged
 //! by the broker and the operator has cleared the topic since. The ledger holds at most
 //! `MAX_OPEN_COMMANDS`; past that new requests are refused, nothing old is forgotten.
-//! Acknowledged final states are not kept in memory: their line's place in the journal is.
+//! A state is kept in memory only until its line is written: then the line's place in the
+//! journal stands in for it (a burst's results are not held in memory until acknowledged).
 
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::fsutil;
@@ -64,8 +65,9 @@ pub struct Record {
     pub cleared: bool,
     /// The boot a reboot was started in.
     pub boot_id: Option<Box<str>>,
-    /// The state while it may have to be sent again; dropped once the broker has it.
-    state: Option<CommandState>,
+    /// The state as JSON until its journal line is written (compact: a burst's results are
+    /// held here until the end of the loop turn).
+    state: Option<Box<[u8]>>,
     /// Where the record's latest state line starts in the journal, once written.
     offset: Option<u64>,
 }
@@ -181,11 +183,9 @@ impl Ledger {
             record.acked = line.acked;
             record.boot_id = line.boot_id.map(Into::into).or(record.boot_id.take());
             record.offset = offset;
-            record.state = (!line.acked).then_some(state);
         } else if line.acked {
             if let Some(record) = self.records.get_mut(&key) {
                 record.acked = true;
-                record.state = None;
             }
         }
     }
@@ -222,7 +222,7 @@ impl Ledger {
         record.acked = false;
         record.cleared = false;
         record.boot_id = line.boot_id.map(Into::into).or(record.boot_id.take());
-        record.state = line.state;
+        record.state = line.state.as_ref().map(|state| state.to_payload().into_boxed_slice());
     }
 
     /// The broker has the command's final state: it need not be sent again.
@@ -232,10 +232,6 @@ impl Ledger {
             return;
         }
         record.acked = true;
-        // Its line on disk stands in for it, unless that line is still waiting to be written.
-        if record.offset.is_some() && !self.pending_states.iter().any(|(k, _)| k == key) {
-            record.state = None;
-        }
         let line = Line {
             op: key.op,
             id: key.id.to_string(),
@@ -281,8 +277,8 @@ impl Ledger {
     /// The full state of a record, from memory or from its journal line.
     pub fn state(&self, key: &Key) -> Option<CommandState> {
         let record = self.records.get(key)?;
-        if let Some(state) = &record.state {
-            return Some(state.clone());
+        if let Some(json) = &record.state {
+            return serde_json::from_slice(json).ok();
         }
         let line = self.read_line(record.offset?).ok()?;
         serde_json::from_slice::<Line>(&line).ok()?.state
@@ -335,9 +331,7 @@ impl Ledger {
         for (key, start) in self.pending_states.drain(..) {
             if let Some(record) = self.records.get_mut(&key) {
                 record.offset = Some(self.file_len + start as u64);
-                if record.acked {
-                    record.state = None;
-                }
+                record.state = None;
             }
         }
         self.file_len += self.pending.len() as u64;
@@ -375,9 +369,7 @@ impl Ledger {
         for (key, offset) in placed {
             if let Some(record) = self.records.get_mut(&key) {
                 record.offset = Some(offset);
-                if record.acked {
-                    record.state = None;
-                }
+                record.state = None;
             }
         }
         self.clear_pending();
@@ -400,7 +392,8 @@ impl Ledger {
     fn read_line(&self, offset: u64) -> io::Result<Vec<u8>> {
         let file = match &self.file {
             Some(file) => file.try_clone()?,
-            None => File::open(&self.path)?,
+            // Never through a link planted in the journal's place: states are read back from it.
+            None => File::options().read(true).custom_flags(libc::O_NOFOLLOW).open(&self.path)?,
         };
         let mut line = Vec::new();
         let mut chunk = [0u8; 4096];
@@ -472,6 +465,29 @@ mod tests {
         assert!(c_rec.acked && c_rec.state.is_none(), "an acked state is read from the journal");
         assert_eq!(reopened.state(&c), Some(ok(json!(2))));
         assert_eq!(reopened.unacknowledged(), vec![(b, Phase::Executing)]);
+    }
+
+    /// A burst's states do not stay in memory until the broker has them: once written, the
+    /// journal line stands in for an unacknowledged state too, and a failed write keeps it.
+    #[test]
+    fn states_leave_memory_once_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (Key::new(Op::Ping, "a"), Key::new(Op::Reboot, "b"));
+        let mut ledger = Ledger::open(dir.path());
+        ledger.set_state(&a, ok(json!({"n": 1})), None);
+        assert!(ledger.get(&a).unwrap().state.is_some(), "not written yet: kept");
+        assert_eq!(ledger.state(&a), Some(ok(json!({"n": 1}))));
+        ledger.flush().unwrap();
+        assert!(ledger.get(&a).unwrap().state.is_none() && !ledger.get(&a).unwrap().acked);
+        assert_eq!(ledger.state(&a), Some(ok(json!({"n": 1}))), "read back from the journal");
+
+        std::fs::remove_file(dir.path().join(JOURNAL_FILE)).unwrap();
+        ledger.set_state(&b, CommandState::Executing, Some("boot-1".into()));
+        ledger.flush().unwrap(); // rewritten from memory and the deleted file, still open
+        assert_eq!(ledger.state(&a), Some(ok(json!({"n": 1}))));
+        assert_eq!(ledger.state(&b), Some(CommandState::Executing));
+        let reopened = Ledger::open(dir.path());
+        assert_eq!(reopened.unacknowledged(), vec![(a, Phase::Successful), (b, Phase::Executing)]);
     }
 
     #[test]
