@@ -5,6 +5,7 @@ pub mod agent;
 pub mod config;
 pub mod fsutil;
 pub mod logging;
+pub mod memory;
 pub mod metrics;
 pub mod net;
 pub mod protocol;

@@ -10,16 +10,18 @@
 //! A command is forgotten only when it can never come back: its final state was acknowledged
 //! by the broker and the operator has cleared the topic since. The ledger holds at most
 //! `MAX_OPEN_COMMANDS`; past that new requests are refused, nothing old is forgotten.
-//! Acknowledged final states are not kept in memory: their line's place in the journal is.
+//! A state is kept in memory only until its line is written: then the line's place in the
+//! journal stands in for it (a burst's results are not held in memory until acknowledged).
 
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::fsutil;
+use crate::memory::Drained;
 use crate::protocol::{CommandState, Op, MAX_OPEN_COMMANDS};
 
 const JOURNAL_FILE: &str = "commands.log";
@@ -65,8 +67,9 @@ pub struct Record {
     pub boot_id: Option<Box<str>>,
     /// Who asked: the signer (`comment SHA256:...`) or "unsigned"; in the final state.
     pub by: Option<Box<str>>,
-    /// The state while it may have to be sent again; dropped once the broker has it.
-    state: Option<CommandState>,
+    /// The state as JSON until its journal line is written (compact: a burst's results are
+    /// held here until the end of the loop turn).
+    state: Option<Box<[u8]>>,
     /// Where the record's latest state line starts in the journal, once written.
     offset: Option<u64>,
 }
@@ -185,11 +188,9 @@ impl Ledger {
             record.boot_id = line.boot_id.map(Into::into).or(record.boot_id.take());
             record.by = line.by.map(Into::into).or(record.by.take());
             record.offset = offset;
-            record.state = (!line.acked).then_some(state);
         } else if line.acked {
             if let Some(record) = self.records.get_mut(&key) {
                 record.acked = true;
-                record.state = None;
             }
         }
     }
@@ -229,7 +230,7 @@ impl Ledger {
         record.cleared = false;
         record.boot_id = line.boot_id.map(Into::into).or(record.boot_id.take());
         record.by = line.by.map(Into::into).or(record.by.take());
-        record.state = line.state;
+        record.state = line.state.as_ref().map(|state| state.to_payload().into_boxed_slice());
     }
 
     /// The broker has the command's final state: it need not be sent again.
@@ -239,10 +240,6 @@ impl Ledger {
             return;
         }
         record.acked = true;
-        // Its line on disk stands in for it, unless that line is still waiting to be written.
-        if record.offset.is_some() && !self.pending_states.iter().any(|(k, _)| k == key) {
-            record.state = None;
-        }
         let line = Line {
             op: key.op,
             id: key.id.to_string(),
@@ -290,8 +287,8 @@ impl Ledger {
     /// The full state of a record, from memory or from its journal line.
     pub fn state(&self, key: &Key) -> Option<CommandState> {
         let record = self.records.get(key)?;
-        if let Some(state) = &record.state {
-            return Some(state.clone());
+        if let Some(json) = &record.state {
+            return serde_json::from_slice(json).ok();
         }
         let line = self.read_line(record.offset?).ok()?;
         serde_json::from_slice::<Line>(&line).ok()?.state
@@ -315,8 +312,7 @@ impl Ledger {
         }
         let result = self.append();
         if result.is_err() && self.pending.len() > MAX_PENDING_BYTES {
-            self.pending.clear();
-            self.pending_states.clear();
+            self.clear_pending();
             self.rewrite = true;
         }
         result
@@ -345,14 +341,12 @@ impl Ledger {
         for (key, start) in self.pending_states.drain(..) {
             if let Some(record) = self.records.get_mut(&key) {
                 record.offset = Some(self.file_len + start as u64);
-                if record.acked {
-                    record.state = None;
-                }
+                record.state = None;
             }
         }
         self.file_len += self.pending.len() as u64;
         self.lines += self.pending.iter().filter(|&&b| b == b'\n').count();
-        self.pending.clear();
+        self.clear_pending();
         Ok(())
     }
 
@@ -386,16 +380,20 @@ impl Ledger {
         for (key, offset) in placed {
             if let Some(record) = self.records.get_mut(&key) {
                 record.offset = Some(offset);
-                if record.acked {
-                    record.state = None;
-                }
+                record.state = None;
             }
         }
-        self.pending.clear();
-        self.pending_states.clear();
+        self.clear_pending();
         self.rewrite = false;
         log::debug!("command ledger rewritten: {} command(s)", self.lines);
         Ok(())
+    }
+
+    fn clear_pending(&mut self) {
+        self.pending.clear();
+        self.pending_states.clear();
+        self.pending.release_if_empty();
+        self.pending_states.release_if_empty();
     }
 
     fn queue(&mut self, line: &Line) {
@@ -405,7 +403,8 @@ impl Ledger {
     fn read_line(&self, offset: u64) -> io::Result<Vec<u8>> {
         let file = match &self.file {
             Some(file) => file.try_clone()?,
-            None => File::open(&self.path)?,
+            // Never through a link planted in the journal's place: states are read back from it.
+            None => File::options().read(true).custom_flags(libc::O_NOFOLLOW).open(&self.path)?,
         };
         let mut line = Vec::new();
         let mut chunk = [0u8; 4096];
@@ -477,6 +476,29 @@ mod tests {
         assert!(c_rec.acked && c_rec.state.is_none(), "an acked state is read from the journal");
         assert_eq!(reopened.state(&c), Some(ok(json!(2))));
         assert_eq!(reopened.unacknowledged(), vec![(b, Phase::Executing)]);
+    }
+
+    /// A burst's states do not stay in memory until the broker has them: once written, the
+    /// journal line stands in for an unacknowledged state too, and a failed write keeps it.
+    #[test]
+    fn states_leave_memory_once_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (Key::new(Op::Ping, "a"), Key::new(Op::Reboot, "b"));
+        let mut ledger = Ledger::open(dir.path());
+        ledger.set_state(&a, ok(json!({"n": 1})), None, None);
+        assert!(ledger.get(&a).unwrap().state.is_some(), "not written yet: kept");
+        assert_eq!(ledger.state(&a), Some(ok(json!({"n": 1}))));
+        ledger.flush().unwrap();
+        assert!(ledger.get(&a).unwrap().state.is_none() && !ledger.get(&a).unwrap().acked);
+        assert_eq!(ledger.state(&a), Some(ok(json!({"n": 1}))), "read back from the journal");
+
+        std::fs::remove_file(dir.path().join(JOURNAL_FILE)).unwrap();
+        ledger.set_state(&b, CommandState::Executing, Some("boot-1".into()), None);
+        ledger.flush().unwrap(); // rewritten from memory and the deleted file, still open
+        assert_eq!(ledger.state(&a), Some(ok(json!({"n": 1}))));
+        assert_eq!(ledger.state(&b), Some(CommandState::Executing));
+        let reopened = Ledger::open(dir.path());
+        assert_eq!(reopened.unacknowledged(), vec![(a, Phase::Successful), (b, Phase::Executing)]);
     }
 
     #[test]

@@ -3,12 +3,13 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-/// musl's allocator keeps a little more memory with every worker thread the agent starts (one
-/// per heartbeat): `bench/soak` measured +50 % RSS after a round of 3,000 commands and 2,000
-/// heartbeats and +62 % after two. With dlmalloc the same soak ends +19 % after the first round
-/// and stays there.
+/// The C library's allocator keeps a little more memory with every worker thread the agent
+/// starts (one per heartbeat): `bench/soak` measured +50 % RSS after a round of 3,000 commands
+/// and 2,000 heartbeats and +62 % after two. dlmalloc alone stopped the creep but kept a burst's
+/// peak (+19 %); with big blocks on pages of their own (see `tether::memory`) the soak ends
+/// +7.5 % and stays there.
 #[global_allocator]
-static ALLOCATOR: dlmalloc::GlobalDlmalloc = dlmalloc::GlobalDlmalloc;
+static ALLOCATOR: tether::memory::Allocator = tether::memory::Allocator;
 
 use tether::agent::{identity, Agent};
 use tether::config::{Config, DEFAULT_CONFIG_PATH};

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use super::dial::{describe_io, Dialer, Route};
 use super::link::{Link, ReadEnd};
+use crate::memory::Drained;
 use crate::worker::Workers;
 
 /// A connection that stayed up this long resets the reconnect backoff.
@@ -170,7 +171,11 @@ impl Client {
     }
 
     pub fn next_event(&mut self) -> Option<Event> {
-        self.events.pop_front()
+        let event = self.events.pop_front();
+        if event.is_none() {
+            self.events.release_if_empty();
+        }
+        event
     }
 
     /// Replaces the options and starts over with a fresh connection.
@@ -436,6 +441,7 @@ impl Client {
         if let Err(e) = self.decode_packets(end != ReadEnd::Closed) {
             return self.fail(e);
         }
+        self.inbuf.release_if_empty();
         match end {
             ReadEnd::More => self.backlog = true,
             ReadEnd::WouldBlock => {}

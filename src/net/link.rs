@@ -2,6 +2,7 @@
 //! WebSocket on top. MQTT packets go in and come out as bytes; the pipe never blocks.
 
 use super::ws::{self, Decoded, Deframer};
+use crate::memory::Drained;
 use bytes::{Buf, BytesMut};
 use mio::net::TcpStream;
 use rustls::{ClientConnection, StreamOwned};
@@ -113,6 +114,7 @@ impl Link {
                 Err(e) => return Err(e),
             }
         }
+        self.out.release_if_empty();
         match self.stream.flush() {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
             other => other,

@@ -6,6 +6,7 @@
 //! binary payload streams straight into the MQTT decoder as it arrives, whatever its size, and
 //! the decoder skips oversized packets on its own (as it does over plain TCP and TLS).
 
+use crate::memory::Drained;
 use bytes::{BufMut, BytesMut};
 use std::io::{self, Cursor};
 use tungstenite::protocol::frame::coding::{Control, Data, OpCode};
@@ -97,6 +98,7 @@ impl Deframer {
             }
         };
         self.pending.drain(..pos);
+        self.pending.release_if_empty();
         result
     }
 
