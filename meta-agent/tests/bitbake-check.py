@@ -294,7 +294,9 @@ def run(work):
         for b in ("tether-agent", "tetherctl"):
             with open(os.path.join(fake_target, b), "w") as f:
                 f.write("#!/bin/sh\necho %s\n" % b)
-        rd = parse(src_bb)
+        keys = ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJ5xk0fake alice@ops",
+                'ops="ping,config" ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIK9fake ci@build']
+        rd = parse(src_bb, TETHER_AGENT_AUTHORIZED_KEYS="\\n".join(keys))
         rd.setVar("B", work)
         rd.setVar("CARGO_TARGET_SUBDIR", "some-triple/release")
         try:
@@ -303,7 +305,7 @@ def run(work):
             bb.utils.mkdirhier(rd.getVar("UNPACKDIR"))
             bb.fetch2.Fetch(files, rd).unpack(rd.getVar("UNPACKDIR"))
             bb.build.exec_func("do_install", rd)
-            check_image(rd.getVar("D"), with_ctl=True)
+            check_image(rd.getVar("D"), with_ctl=True, authorized_keys=keys)
         except Exception as e:  # noqa: BLE001
             check("tether-agent do_install runs", False, e)
 
@@ -408,7 +410,7 @@ def run(work):
             check("tether-agent-bin refuses a binary with %s" % what, said, messages.lines[-1] if messages.lines else e)
 
 
-def check_image(D, with_ctl, payload=None):
+def check_image(D, with_ctl, payload=None, authorized_keys=None):
     def mode(p):
         return stat.S_IMODE(os.stat(os.path.join(D, p)).st_mode)
 
@@ -435,6 +437,14 @@ def check_image(D, with_ctl, payload=None):
           and "EnvironmentFile=-/etc/default/tether-agent" in unit)
     if payload is not None:
         check("  /usr/bin/tether-agent is the binary from dist/", open(os.path.join(D, "usr/bin/tether-agent"), "rb").read() == payload)
+    keys_file = os.path.join(D, "etc/tether/authorized_keys")
+    if authorized_keys is None:
+        check("  no authorized_keys without TETHER_AGENT_AUTHORIZED_KEYS", not os.path.exists(keys_file))
+    else:
+        installed = open(keys_file).read() if os.path.exists(keys_file) else None
+        check("  TETHER_AGENT_AUTHORIZED_KEYS installed as /etc/tether/authorized_keys, one key a line, 0644",
+              installed == "\n".join(authorized_keys) + "\n" and mode("etc/tether/authorized_keys") == 0o644,
+              repr(installed))
 
 
 if __name__ == "__main__":
