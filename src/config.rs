@@ -727,7 +727,7 @@ mod tests {
             ),
             (
                 json!({"trust": {"unsigned_ops": ["ping", "rebot"]}}),
-                "trust.unsigned_ops: unknown op \"rebot\" (the ops are ping, heartbeat, config, reboot)",
+                "trust.unsigned_ops: unknown op \"rebot\" (the ops are ping, heartbeat, config, reboot, keys)",
             ),
             (
                 json!({"trust": {"max_age_s": 5}}),

@@ -24,6 +24,7 @@ pub enum Op {
     Heartbeat,
     Config,
     Reboot,
+    Keys,
 }
 
 /// The type a parameter's JSON value must have.
@@ -81,6 +82,16 @@ pub const OPS: &[OpSpec] = &[
         params: &[],
         changes_device: true,
         summary: "reboot the device; confirmed after it",
+    },
+    OpSpec {
+        op: Op::Keys,
+        name: "keys",
+        params: &[
+            ParamSpec { name: "authorized_keys", kind: ParamType::String, required: true },
+            ParamSpec { name: "force", kind: ParamType::Bool, required: false },
+        ],
+        changes_device: true,
+        summary: "replace the operators' keys the device trusts",
     },
 ];
 

@@ -74,7 +74,7 @@ fn advertises_the_supported_ops() {
     let broker = Broker::start_default();
     let (_agent, _sub) = start(&broker, "dev-ops", json!({}));
     let mut late = Sub::new(&broker, "tether/dev-ops/cmd/+");
-    for op in ["ping", "heartbeat", "config", "reboot"] {
+    for op in ["ping", "heartbeat", "config", "reboot", "keys"] {
         let topic = format!("tether/dev-ops/cmd/{op}");
         let m = late.expect(&format!("the advertisement of {op}"), secs(5), |m| m.topic == topic);
         assert!(m.retained, "{topic} is not retained");

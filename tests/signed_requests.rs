@@ -283,3 +283,49 @@ fn tetherctl_and_the_device_trust_each_other_through_the_broker_only() {
     let out = tetherctl(&["--broker", &url, "cmd", d, "ping"], &env);
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// Operators rotate without re-flashing: `keys` replaces authorized_keys atomically; the old
+/// key is refused at once, the new one runs; a set that would lock its sender out of `keys`,
+/// or with a line the device cannot honour, is refused and changes nothing, unless forced.
+#[test]
+fn keys_rotates_the_operators_and_will_not_lock_out_its_sender_unless_forced() {
+    let broker = Broker::start_default();
+    let d = "dev-keys";
+    let dir = tempfile::tempdir().unwrap();
+    let authorized = dir.path().join("authorized_keys");
+    let old_line = operator_key().openssh_public("old@ops");
+    write_file(&authorized, &old_line);
+    let (_agent, mut sub) = online_trusting(&broker, d, json!({"authorized_keys": authorized}));
+    let new_key = other_key();
+    let new_line = new_key.openssh_public("new@ops");
+    let send = |sub: &mut Sub, key: &DeviceKey, id: &str, params: Value| {
+        let request = Request::new(d, "keys", id, unix_s(), params.as_object().cloned().unwrap_or_default());
+        let topic = cmd_topic(d, "keys", id);
+        publish(&broker, &topic, &signed_by(key, &request), true);
+        final_state(sub, &topic)
+    };
+
+    let locked_out = send(&mut sub, operator_key(), "k1", json!({"authorized_keys": new_line}));
+    assert!(
+        locked_out["reason"].as_str().unwrap_or_default().contains("would not let the key"),
+        "{locked_out}"
+    );
+    let bad = send(
+        &mut sub,
+        operator_key(),
+        "k2",
+        json!({"authorized_keys": format!("{old_line}\nfrom=\"x\" {new_line}")}),
+    );
+    assert!(bad["reason"].as_str().unwrap_or_default().contains("line 2"), "{bad}");
+    assert_eq!(read_to_string(&authorized), old_line, "nothing replaced");
+
+    let rotated = send(&mut sub, operator_key(), "k3", json!({"authorized_keys": new_line, "force": true}));
+    assert_eq!(rotated["result"], json!({"keys": 1}), "{rotated}");
+    assert_eq!(read_to_string(&authorized), new_line);
+    let old = cmd_topic(d, "config", "c1");
+    publish(&broker, &old, &signed_init(d, "config", "c1", json!({})), true);
+    assert!(final_state(&mut sub, &old)["reason"].as_str().unwrap_or_default().contains("unknown key"));
+    let new = cmd_topic(d, "config", "c2");
+    publish(&broker, &new, &signed_by(&new_key, &request(d, "config", "c2")), true);
+    assert_eq!(final_state(&mut sub, &new)["status"], "successful");
+}

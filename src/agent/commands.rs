@@ -17,7 +17,7 @@ use super::heartbeat::Heartbeat;
 use super::identity;
 use super::ledger::{Key, Ledger, Phase};
 use super::outbox::{Kind, Outbox};
-use super::trust::Trust;
+use super::trust::{Admitted, Trust};
 use crate::config::Config;
 use crate::fsutil::error_text;
 use crate::protocol::{
@@ -32,7 +32,7 @@ pub struct Context<'a> {
     pub outbox: &'a mut Outbox,
     pub heartbeat: &'a mut Heartbeat,
     pub config: &'a Config,
-    pub trust: &'a Trust,
+    pub trust: &'a mut Trust,
 }
 
 pub struct Commands {
@@ -179,7 +179,7 @@ impl Commands {
             );
             return self.refuse(topic, payload, op_name, id, reason, ctx.outbox);
         }
-        self.execute(key, admitted.by, ctx);
+        self.execute(key, admitted, ctx);
     }
 
     /// A command too big to read at all.
@@ -291,9 +291,18 @@ impl Commands {
         }
     }
 
-    fn execute(&mut self, key: Key, by: String, ctx: &mut Context) {
+    fn execute(&mut self, key: Key, admitted: Admitted, ctx: &mut Context) {
+        let by = admitted.by;
         log::info!("command {}/{}: executing (by {by})", key.op.name(), Printable(&key.id));
         let outcome = match key.op {
+            Op::Keys => {
+                let text = admitted.params.get("authorized_keys").and_then(Value::as_str).unwrap_or_default();
+                let force = admitted.params.get("force").and_then(Value::as_bool).unwrap_or(false);
+                match ctx.trust.replace_keys(text, force, admitted.signer.as_deref()) {
+                    Ok(result) => CommandState::Successful { result },
+                    Err(reason) => CommandState::Failed { reason },
+                }
+            }
             Op::Ping => self.ping(),
             Op::Config => match ctx.config.redacted_json() {
                 Ok(result) => CommandState::Successful { result },

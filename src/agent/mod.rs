@@ -213,7 +213,7 @@ impl Agent {
                         outbox: &mut self.outbox,
                         heartbeat: &mut self.heartbeat,
                         config: &self.config,
-                        trust: &self.trust,
+                        trust: &mut self.trust,
                     };
                     self.commands.on_message(&publish.topic, &publish.payload, &mut ctx);
                 }

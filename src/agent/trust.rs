@@ -26,6 +26,8 @@ pub struct Trust {
 pub struct Admitted {
     pub params: Map<String, Value>,
     pub by: String,
+    /// The signer's public key blob; None when unsigned.
+    pub signer: Option<Vec<u8>>,
 }
 
 impl Trust {
@@ -51,12 +53,16 @@ impl Trust {
         let limit =
             AgeLimit { max_age_s: self.config.max_age_s, clock_sane_after: crate::trust::CLOCK_SANE_AFTER };
         check_request(&verified.request, at, unix_now(), limit).map_err(|refusal| refusal.to_string())?;
-        Ok(Admitted { params: verified.request.params, by: verified.signer.to_string() })
+        Ok(Admitted {
+            params: verified.request.params,
+            by: verified.signer.to_string(),
+            signer: Some(verified.signer.key.blob().to_vec()),
+        })
     }
 
     fn admit_unsigned(&self, op: &str, params: Map<String, Value>) -> Result<Admitted, String> {
         if self.config.unsigned_ops.iter().any(|allowed| allowed == op) {
-            return Ok(Admitted { params, by: crate::trust::UNSIGNED_BY.into() });
+            return Ok(Admitted { params, by: crate::trust::UNSIGNED_BY.into(), signer: None });
         }
         let setup = if self.operators.is_empty() {
             format!(
@@ -71,6 +77,30 @@ impl Trust {
             Printable(op),
             self.config.unsigned_ops.join(", ")
         ))
+    }
+}
+
+impl Trust {
+    /// The `keys` op: replaces authorized_keys with `text`, atomically, and trusts it from now
+    /// on. Refused when a line cannot be honoured exactly, or, unless `force`, when the new set
+    /// would not let `signer` send `keys` again (the fleet would be locked out of rotation).
+    pub fn replace_keys(&mut self, text: &str, force: bool, signer: Option<&[u8]>) -> Result<Value, String> {
+        let keys = AuthorizedKeys::parse_strict(text).map_err(|why| format!("not replaced: {why}"))?;
+        let sender_keeps_keys = signer.is_none_or(|blob| keys.find(blob).is_some_and(|k| k.allows("keys")));
+        if !force && !sender_keeps_keys {
+            return Err(
+                "not replaced: the new keys would not let the key that sent them send \"keys\" again \
+                        (send \"force\": true to do it anyway)"
+                    .into(),
+            );
+        }
+        let path = &self.config.authorized_keys;
+        fsutil::write_atomic(path, text.as_bytes())
+            .map_err(|e| format!("not replaced: {}: {}", path.display(), fsutil::error_text(&e)))?;
+        log::info!("authorized_keys replaced: trusting {} operator key(s)", keys.len());
+        let count = keys.len();
+        self.operators = keys;
+        Ok(serde_json::json!({ "keys": count }))
     }
 }
 

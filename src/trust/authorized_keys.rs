@@ -46,7 +46,27 @@ pub struct AuthorizedKeys {
 impl AuthorizedKeys {
     /// Reads the file's text; every line that is skipped is logged with its number.
     pub fn parse(text: &str) -> AuthorizedKeys {
+        let (keys, skipped) = AuthorizedKeys::parse_all(text);
+        for why in skipped {
+            log::warn!("{why}; this key is refused");
+        }
+        keys
+    }
+
+    /// A new set sent to the device: every line must be honoured exactly, or the whole set is
+    /// refused with the first line that cannot be.
+    pub fn parse_strict(text: &str) -> Result<AuthorizedKeys, String> {
+        let (keys, skipped) = AuthorizedKeys::parse_all(text);
+        match skipped.into_iter().next() {
+            Some(why) => Err(why),
+            None => Ok(keys),
+        }
+    }
+
+    /// The keys, and why each line that cannot be honoured is skipped.
+    fn parse_all(text: &str) -> (AuthorizedKeys, Vec<String>) {
         let mut keys = Vec::new();
+        let mut skipped = Vec::new();
         for (n, line) in text.lines().enumerate() {
             let line = line.trim();
             if line.is_empty() || line.starts_with('#') {
@@ -54,10 +74,10 @@ impl AuthorizedKeys {
             }
             match parse_line(line) {
                 Ok(key) => keys.push(key),
-                Err(why) => log::warn!("authorized_keys line {}: {why}; this key is refused", n + 1),
+                Err(why) => skipped.push(format!("authorized_keys line {}: {why}", n + 1)),
             }
         }
-        AuthorizedKeys { keys }
+        (AuthorizedKeys { keys }, skipped)
     }
 
     /// The first line with this key, as sshd uses it.
