@@ -265,18 +265,6 @@ impl Status {
     }
 }
 
-/// The device's key fields of a `Status`, for tools that read nothing else of it (tetherctl's
-/// known_devices); agents older than signed answers send neither.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct StatusKey {
-    /// The public key as an OpenSSH line, `ssh-ed25519 AAAA...`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub key: Option<String>,
-    /// `SHA256:...`, for people: a reader computes it from `key` rather than believe it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub fingerprint: Option<String>,
-}
-
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 pub struct Heartbeat {
     pub seq: u64,

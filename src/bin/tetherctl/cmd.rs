@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use tether::text::Printable;
 
 use tether::net::client::Event;
-use tether::protocol::{StatusKey, Topics};
+use tether::protocol::{Status, Topics};
 use tether::trust::{verify_answer, Addressed, AnswerRefusal, Outcome, PublicKey, UNSIGNED_BY};
 
 use crate::args::CmdRequest;
@@ -148,8 +148,8 @@ fn device_key(
     status: Option<&[u8]>,
 ) -> Result<Option<PublicKey>, Failure> {
     let mut known = KnownDevices::load(trust)?;
-    let presented: StatusKey = status.and_then(|p| serde_json::from_slice(p).ok()).unwrap_or_default();
-    match known.see(device, &presented) {
+    let presented: Option<Status> = status.and_then(|p| serde_json::from_slice(p).ok());
+    match known.see(device, presented.as_ref()) {
         Seen::Known(key) => Ok(Some(key)),
         Seen::New(key) => {
             // A key that cannot be written down still checks this answer.

@@ -7,9 +7,7 @@ use std::collections::BTreeMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 use tether::text::Printable;
 
-use tether::protocol::{
-    fleet_heartbeat_filter, fleet_status_filter, split_device_topic, Heartbeat, Status, StatusKey,
-};
+use tether::protocol::{fleet_heartbeat_filter, fleet_status_filter, split_device_topic, Heartbeat, Status};
 
 use crate::format::{self, table};
 use crate::known::{self, KnownDevices, Seen};
@@ -85,8 +83,8 @@ fn check_keys(settings: &Settings, fleet: &BTreeMap<String, Retained>) -> BTreeM
     let seen: BTreeMap<String, Seen> = fleet
         .iter()
         .map(|(id, retained)| {
-            let presented = retained.status.as_ref().and_then(|v| StatusKey::deserialize(v).ok());
-            (id.clone(), known.see(id, &presented.unwrap_or_default()))
+            let presented = retained.status.as_ref().and_then(|v| Status::deserialize(v).ok());
+            (id.clone(), known.see(id, presented.as_ref()))
         })
         .collect();
     let mut new = Vec::new();

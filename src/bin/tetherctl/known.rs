@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use tether::fsutil::{error_text, read_optional, write_atomic};
-use tether::protocol::StatusKey;
+use tether::protocol::Status;
 use tether::text::Printable;
 use tether::trust::PublicKey;
 
@@ -86,7 +86,7 @@ impl KnownDevices {
     }
 
     /// Compares the key `status` presents with the one recorded, recording it if there is none.
-    pub fn see(&mut self, device: &str, status: &StatusKey) -> Seen {
+    pub fn see(&mut self, device: &str, status: Option<&Status>) -> Seen {
         let Some(presented) = presented_key(device, status) else { return Seen::NoKey };
         match self.entries.get(device) {
             Some((_, Ok(recorded))) if *recorded == presented => Seen::Known(presented),
@@ -172,7 +172,8 @@ fn parse_line(line: &str) -> Option<(&str, Result<PublicKey, String>)> {
 }
 
 /// The key in a device's status; an unreadable one is said and ignored, like no key at all.
-fn presented_key(device: &str, status: &StatusKey) -> Option<PublicKey> {
+fn presented_key(device: &str, status: Option<&Status>) -> Option<PublicKey> {
+    let status = status?;
     let line = status.key.as_deref()?;
     match PublicKey::from_openssh(line) {
         Ok(key) => {
@@ -279,8 +280,12 @@ mod tests {
         DeviceKey::load(&DeviceKey::generate().unwrap()).unwrap().public_key().clone()
     }
 
-    fn status(key: &PublicKey) -> StatusKey {
-        StatusKey { key: Some(key.to_openssh()), fingerprint: Some(key.fingerprint()) }
+    fn status(key: &PublicKey) -> Option<Status> {
+        Some(Status {
+            key: Some(key.to_openssh()),
+            fingerprint: Some(key.fingerprint()),
+            ..Status::offline()
+        })
     }
 
     fn trust(path: PathBuf) -> TrustSettings {
@@ -293,13 +298,13 @@ mod tests {
         let trust = trust(dir.path().join("tether").join("known_devices"));
         let (first, second) = (key(), key());
         let mut known = KnownDevices::load(&trust).unwrap();
-        assert_eq!(known.see("dev1", &StatusKey::default()), Seen::NoKey);
-        assert_eq!(known.see("dev1", &status(&first)), Seen::New(first.clone()));
+        assert_eq!(known.see("dev1", None), Seen::NoKey);
+        assert_eq!(known.see("dev1", status(&first).as_ref()), Seen::New(first.clone()));
         known.save().unwrap();
 
         let mut known = KnownDevices::load(&trust).unwrap();
-        assert_eq!(known.see("dev1", &status(&first)), Seen::Known(first.clone()));
-        let changed = known.see("dev1", &status(&second));
+        assert_eq!(known.see("dev1", status(&first).as_ref()), Seen::Known(first.clone()));
+        let changed = known.see("dev1", status(&second).as_ref());
         assert_eq!(changed, Seen::Changed { recorded: first.clone(), presented: second.clone(), line: 1 });
         let warning = changed_key_warning("dev1", &changed, &known, &trust);
         assert!(
@@ -308,7 +313,7 @@ mod tests {
         );
         assert!(warning.contains("\n  tetherctl known-devices forget dev1\n"), "{warning}");
         assert!(known.forget("dev1") && !known.forget("dev1"));
-        assert_eq!(known.see("dev1", &status(&second)), Seen::New(second));
+        assert_eq!(known.see("dev1", status(&second).as_ref()), Seen::New(second));
     }
 
     #[test]
@@ -320,10 +325,10 @@ mod tests {
         std::fs::write(&path, format!("# mine\n{garbled}\n")).unwrap();
         let trust = trust(path.clone());
         let mut known = KnownDevices::load(&trust).unwrap();
-        assert!(matches!(known.see("dev2", &status(&key())), Seen::Unreadable { line: 2, .. }));
+        assert!(matches!(known.see("dev2", status(&key()).as_ref()), Seen::Unreadable { line: 2, .. }));
         assert!(known.recorded("dev2").unwrap_err().message.contains("line 2"));
         let dev1 = key();
-        known.see("dev1", &status(&dev1));
+        known.see("dev1", status(&dev1).as_ref());
         known.save().unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         assert_eq!(text, format!("# mine\n{garbled}\ndev1 {}\n", dev1.to_openssh()));
