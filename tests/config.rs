@@ -385,3 +385,34 @@ fn check_config_creates_the_state_dir_and_proves_it_writable() {
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(text.contains("state_dir: /sys: cannot write in it: Permission denied"), "{text}");
 }
+
+/// An init script's pre-start check shows the operators' key lines the agent will skip, and a
+/// missing file, as warnings: the agent still starts (it answers the unsigned ops, and `keys`
+/// can mend the file).
+#[test]
+fn check_config_warns_of_operator_keys_the_agent_will_refuse() {
+    let dir = tempfile::tempdir().unwrap();
+    let authorized = dir.path().join("authorized_keys");
+    let mut config = offline_config(dir.path());
+    config["trust"] = json!({ "authorized_keys": authorized });
+    let path = config_file(dir.path(), &config);
+    let check = || run_agent(&["--config", path.to_str().unwrap(), "--check-config"]);
+
+    let out = check();
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert!(
+        output_text(&out).contains("no such file: only unsigned ops (ping, heartbeat) will run"),
+        "{}",
+        output_text(&out)
+    );
+
+    let good = tether::trust::DeviceKey::load(&tether::trust::DeviceKey::generate().unwrap())
+        .unwrap()
+        .openssh_public("ops@fleet");
+    std::fs::write(&authorized, format!("{good}\nfrom=\"10.0.0.1\" {good}\n")).unwrap();
+    let out = check();
+    assert!(out.status.success(), "{}", output_text(&out));
+    let text = output_text(&out);
+    assert!(text.contains("warning:") && text.contains("line 2") && text.contains("\"from\""), "{text}");
+    assert!(!text.contains("line 1"), "{text}");
+}

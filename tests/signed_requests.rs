@@ -329,3 +329,96 @@ fn keys_rotates_the_operators_and_will_not_lock_out_its_sender_unless_forced() {
     publish(&broker, &new, &signed_by(&new_key, &request(d, "config", "c2")), true);
     assert_eq!(final_state(&mut sub, &new)["status"], "successful");
 }
+
+fn sha256_hex(text: &str) -> String {
+    ring::digest::digest(&ring::digest::SHA256, text.as_bytes())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A `keys` command is recorded `executing` before authorized_keys is touched: a crash in
+/// between is settled at the next start by what the file holds, so the command ends in the one
+/// final state that matches the keys the device trusts.
+#[test]
+fn a_keys_command_cut_by_a_crash_is_settled_by_what_the_file_holds() {
+    let broker = Broker::start_default();
+    let d = "dev-keys-cut";
+    let dir = tempfile::tempdir().unwrap();
+    let authorized = dir.path().join("authorized_keys");
+    let old_line = operator_key().openssh_public("old@ops");
+    write_file(&authorized, &old_line);
+    let (mut agent, mut sub) = online_trusting(&broker, d, json!({"authorized_keys": authorized}));
+    agent.kill9();
+    sub.expect_offline(d, secs(15));
+
+    // Two commands the previous run recorded executing: one whose keys reached the file before
+    // the crash, one whose keys did not.
+    let written = format!("{old_line}\n{}", other_key().openssh_public("new@ops"));
+    let unwritten = other_key().openssh_public("never@ops");
+    let journal = agent.state_dir().join("commands.log");
+    let mut lines = read_to_string(&journal);
+    for (id, text) in [("written", &written), ("unwritten", &unwritten)] {
+        let line = json!({"op": "keys", "id": id, "state": {"status": "executing"},
+                          "keys_sha256": sha256_hex(text), "by": "old@ops SHA256:x"});
+        lines.push_str(&format!("{line}\n"));
+    }
+    write_file(&journal, &lines);
+    write_file(&authorized, &written);
+    agent.restart();
+
+    let done = final_state(&mut sub, &cmd_topic(d, "keys", "written"));
+    assert_eq!((&done["status"], &done["result"]), (&json!("successful"), &json!({"keys": 2})), "{done}");
+    let cut = final_state(&mut sub, &cmd_topic(d, "keys", "unwritten"));
+    assert_eq!(cut["status"], "failed", "{cut}");
+    assert!(cut["reason"].as_str().unwrap_or_default().contains("unchanged"), "{cut}");
+    assert_eq!(read_to_string(&authorized), written);
+}
+
+/// kill -9 at a different moment each time, from before the request is read to after it is
+/// answered: every `keys` command ends in exactly one final state, and the file holds the keys
+/// that state says.
+#[test]
+fn kill_9_at_any_moment_of_a_keys_command_leaves_one_final_state_matching_the_file() {
+    let broker = Broker::start_default();
+    let d = "dev-keys-kill";
+    let dir = tempfile::tempdir().unwrap();
+    let authorized = dir.path().join("authorized_keys");
+    let operator = operator_key().openssh_public("ops@fleet");
+    write_file(&authorized, &operator);
+    let (mut agent, mut sub) = online_trusting(&broker, d, json!({"authorized_keys": authorized}));
+    let mut trusted = operator.clone();
+    for round in 0..12u64 {
+        let id = format!("k{round}");
+        let topic = cmd_topic(d, "keys", &id);
+        let text = format!("{operator}\n{}", other_key().openssh_public(&format!("round{round}@ops")));
+        let params = json!({"authorized_keys": text});
+        let request = Request::new(d, "keys", &id, unix_s(), params.as_object().cloned().unwrap());
+        publish(&broker, &topic, &signed_by(operator_key(), &request), true);
+        std::thread::sleep(std::time::Duration::from_millis(round * 4));
+        agent.kill9();
+        sub.expect_offline(d, secs(15));
+        agent.restart();
+        sub.expect_online(d, secs(15));
+
+        // It may have come before the kill: among the messages seen so far.
+        let state = sub
+            .expect_any_time("a final state", secs(15), |m| {
+                m.topic == topic
+                    && m.json().is_some_and(|v| v["status"] == "successful" || v["status"] == "failed")
+            })
+            .json()
+            .unwrap();
+        let on_disk = read_to_string(&authorized);
+        match state["status"].as_str() {
+            Some("successful") => assert_eq!(on_disk, text, "round {round}: {state}"),
+            _ => assert_eq!(on_disk, trusted, "round {round}: {state}"),
+        }
+        trusted = on_disk;
+        sub.expect_none("a second final state", secs(1) / 2, |m| {
+            m.topic == topic && m.json().is_some_and(|v| v["status"] != state["status"])
+        });
+    }
+    assert!(agent.running());
+}

@@ -17,7 +17,7 @@ use super::heartbeat::Heartbeat;
 use super::identity;
 use super::ledger::{Key, Ledger, Phase};
 use super::outbox::{Kind, Outbox};
-use super::trust::{Admitted, Trust};
+use super::trust::{sha256_hex, Admitted, Trust};
 use crate::config::Config;
 use crate::fsutil::error_text;
 use crate::protocol::{
@@ -44,13 +44,22 @@ pub struct Commands {
     workers: Workers<(Key, CommandState)>,
     /// `heartbeat` commands waiting for their heartbeat to be queued: (id, seq).
     awaiting_heartbeat: Vec<(Key, u64)>,
-    /// Commands that change the device, recorded `executing` and started once that record is
-    /// on disk (`commit`): a crash between the two must not let one run again.
-    to_start: Vec<(Key, Vec<String>)>,
+    /// Commands that change the device, recorded `executing` and carried out once that record
+    /// is on disk (`commit`): a crash between the two must not let one run again, and the record
+    /// tells at the next start whether it took effect.
+    to_start: Vec<(Key, Change)>,
     /// Requests answered with a refusal lately (hashes of topic and payload): the same request
     /// seen again, e.g. in a retained replay that was under way when it was answered, is not
     /// answered twice.
     refused: RecentSet,
+}
+
+/// What a command that changes the device does once it is recorded.
+enum Change {
+    /// Runs the reboot command (argv).
+    Reboot(Vec<String>),
+    /// Writes authorized_keys (its new text).
+    Keys(String),
 }
 
 /// The last `RECENT_REFUSALS` requests refused, as hashes of (topic, payload), in a ring.
@@ -111,19 +120,28 @@ impl Commands {
     }
 
     /// At start: settles commands a previous run left executing (a reboot is successful if the
-    /// boot id changed; anything else was cut short), and queues every state the broker may
-    /// not have, so a final state lost in a crash is published again.
-    pub fn recover(&mut self, outbox: &mut Outbox) {
+    /// boot id changed, a `keys` command if authorized_keys holds its keys; anything else was
+    /// cut short), and queues every state the broker may not have, so a final state lost in a
+    /// crash is published again.
+    pub fn recover(&mut self, outbox: &mut Outbox, trust: &Trust) {
         let boot = identity::boot_id();
         for (key, phase) in self.ledger.unacknowledged() {
             if phase == Phase::Executing {
-                let then = self.ledger.get(&key).and_then(|r| r.boot_id.clone());
-                let state = match (key.op, then) {
+                let mark = self.ledger.get(&key).and_then(|r| r.mark.clone());
+                let state = match (key.op, mark) {
                     (Op::Reboot, Some(then)) if *then != boot => {
                         CommandState::Successful { result: json!({ "boot_id": boot }) }
                     }
                     (Op::Reboot, _) => CommandState::Failed {
                         reason: "the agent restarted but the system did not reboot".into(),
+                    },
+                    (Op::Keys, Some(sha256)) if trust.keys_on_disk_sha256().as_deref() == Some(&*sha256) => {
+                        CommandState::Successful { result: json!({ "keys": trust.operator_count() }) }
+                    }
+                    (Op::Keys, _) => CommandState::Failed {
+                        reason: "interrupted: the agent restarted before authorized_keys was replaced \
+                                 (it is unchanged)"
+                            .into(),
                     },
                     _ => CommandState::Failed {
                         reason: "interrupted: the agent restarted while it ran".into(),
@@ -219,19 +237,30 @@ impl Commands {
         }
     }
 
-    /// End of a loop turn: makes this turn's ledger changes durable, then starts the commands
-    /// that change the device. Called before the outbox sends anything, so the broker never
-    /// hears of a state the ledger could forget in a crash.
-    pub fn commit(&mut self, outbox: &mut Outbox) {
+    /// End of a loop turn: makes this turn's ledger changes durable, then carries out the
+    /// commands that change the device. Called before the outbox sends anything, so the broker
+    /// never hears of a state the ledger could forget in a crash.
+    pub fn commit(&mut self, outbox: &mut Outbox, trust: &mut Trust) {
         let durable = self.commit_ledger();
-        for (key, argv) in std::mem::take(&mut self.to_start) {
-            let started = match &durable {
-                Ok(()) => self.start_reboot(key.clone(), argv),
-                Err(e) => Err(format!("not run: cannot record the command on disk ({e})")),
+        for (key, change) in std::mem::take(&mut self.to_start) {
+            let outcome = match (&durable, change) {
+                (Err(e), change) => {
+                    if matches!(change, Change::Keys(_)) {
+                        trust.unstage_keys();
+                    }
+                    Err(format!("not run: cannot record the command on disk ({e})"))
+                }
+                (Ok(()), Change::Reboot(argv)) => match self.start_reboot(key.clone(), argv) {
+                    Ok(()) => continue, // answered by the worker, or by the next boot
+                    Err(reason) => Err(reason),
+                },
+                (Ok(()), Change::Keys(text)) => trust.write_keys(&text).map(|count| json!({ "keys": count })),
             };
-            if let Err(reason) = started {
-                self.finish(&key, CommandState::Failed { reason }, outbox);
-            }
+            let state = match outcome {
+                Ok(result) => CommandState::Successful { result },
+                Err(reason) => CommandState::Failed { reason },
+            };
+            self.finish(&key, state, outbox);
         }
     }
 
@@ -298,8 +327,11 @@ impl Commands {
             Op::Keys => {
                 let text = admitted.params.get("authorized_keys").and_then(Value::as_str).unwrap_or_default();
                 let force = admitted.params.get("force").and_then(Value::as_bool).unwrap_or(false);
-                match ctx.trust.replace_keys(text, force, admitted.signer.as_deref()) {
-                    Ok(result) => CommandState::Successful { result },
+                match ctx.trust.stage_keys(text, force, admitted.signer.as_deref()) {
+                    Ok(_) => {
+                        self.mark_executing(&key, Some(sha256_hex(text.as_bytes())), by, ctx.outbox);
+                        return self.to_start.push((key, Change::Keys(text.to_string())));
+                    }
                     Err(reason) => CommandState::Failed { reason },
                 }
             }
@@ -322,15 +354,15 @@ impl Commands {
                     CommandState::Failed { reason }
                 } else {
                     self.mark_executing(&key, Some(identity::boot_id()), by.clone(), ctx.outbox);
-                    return self.to_start.push((key, ctx.config.reboot_command.clone()));
+                    return self.to_start.push((key, Change::Reboot(ctx.config.reboot_command.clone())));
                 }
             }
         };
         self.finish_asked(&key, outcome, Some(by), ctx.outbox);
     }
 
-    fn mark_executing(&mut self, key: &Key, boot_id: Option<String>, by: String, outbox: &mut Outbox) {
-        self.ledger.set_state(key, CommandState::Executing, boot_id, Some(by));
+    fn mark_executing(&mut self, key: &Key, mark: Option<String>, by: String, outbox: &mut Outbox) {
+        self.ledger.set_state(key, CommandState::Executing, mark, Some(by));
         outbox.push(Kind::CommandState, self.topic(key), CommandState::Executing.to_payload(), true);
     }
 
@@ -343,7 +375,7 @@ impl Commands {
             .find(|(key, phase)| {
                 key.op == Op::Reboot
                     && *phase == Phase::Executing
-                    && self.ledger.get(key).and_then(|r| r.boot_id.as_deref()) == Some(boot.as_str())
+                    && self.ledger.get(key).and_then(|r| r.mark.as_deref()) == Some(boot.as_str())
             })
             .map(|(key, _)| Printable(&key.id).to_string())
     }

@@ -63,8 +63,9 @@ pub struct Record {
     pub acked: bool,
     /// The operator cleared the topic after the final state went out.
     pub cleared: bool,
-    /// The boot a reboot was started in.
-    pub boot_id: Option<Box<str>>,
+    /// What tells, after a restart, whether the command took effect: the boot a reboot was
+    /// started in, the sha256 of the keys a `keys` command writes.
+    pub mark: Option<Box<str>>,
     /// Who asked: the signer (`comment SHA256:...`) or "unsigned"; in the final state.
     pub by: Option<Box<str>>,
     /// The state as JSON until its journal line is written (compact: a burst's results are
@@ -76,7 +77,7 @@ pub struct Record {
 
 impl Record {
     fn new(phase: Phase) -> Record {
-        Record { phase, acked: false, cleared: false, boot_id: None, by: None, state: None, offset: None }
+        Record { phase, acked: false, cleared: false, mark: None, by: None, state: None, offset: None }
     }
 }
 
@@ -87,14 +88,51 @@ struct Line {
     id: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     state: Option<CommandState>,
+    /// A reboot's mark.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     boot_id: Option<String>,
+    /// A `keys` command's mark.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    keys_sha256: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     by: Option<String>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     acked: bool,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     forget: bool,
+}
+
+impl Line {
+    fn state(key: &Key, state: CommandState, mark: Option<String>, by: Option<String>, acked: bool) -> Line {
+        let (boot_id, keys_sha256) = if key.op == Op::Keys { (None, mark) } else { (mark, None) };
+        Line {
+            op: key.op,
+            id: key.id.to_string(),
+            state: Some(state),
+            boot_id,
+            keys_sha256,
+            by,
+            acked,
+            forget: false,
+        }
+    }
+
+    fn flag(key: &Key, acked: bool, forget: bool) -> Line {
+        Line {
+            op: key.op,
+            id: key.id.to_string(),
+            state: None,
+            boot_id: None,
+            keys_sha256: None,
+            by: None,
+            acked,
+            forget,
+        }
+    }
+
+    fn take_mark(&mut self) -> Option<Box<str>> {
+        self.boot_id.take().or(self.keys_sha256.take()).map(Into::into)
+    }
 }
 
 pub struct Ledger {
@@ -174,18 +212,18 @@ impl Ledger {
         }
     }
 
-    fn apply(&mut self, line: Line, offset: Option<u64>) {
+    fn apply(&mut self, mut line: Line, offset: Option<u64>) {
         let key = Key::new(line.op, &line.id);
         if line.forget {
             self.records.remove(&key);
             return;
         }
-        if let Some(state) = line.state {
+        if let Some(state) = line.state.take() {
             let Some(phase) = phase_of(&state) else { return };
             let record = self.records.entry(key).or_insert_with(|| Record::new(phase));
             record.phase = phase;
             record.acked = line.acked;
-            record.boot_id = line.boot_id.map(Into::into).or(record.boot_id.take());
+            record.mark = line.take_mark().or(record.mark.take());
             record.by = line.by.map(Into::into).or(record.by.take());
             record.offset = offset;
         } else if line.acked {
@@ -208,19 +246,11 @@ impl Ledger {
         self.records.len() >= MAX_OPEN_COMMANDS
     }
 
-    /// Records a command's new state (written at the next `flush`); `boot_id` and `by`, once
+    /// Records a command's new state (written at the next `flush`); `mark` and `by`, once
     /// given, stay with the command.
-    pub fn set_state(&mut self, key: &Key, state: CommandState, boot_id: Option<String>, by: Option<String>) {
+    pub fn set_state(&mut self, key: &Key, state: CommandState, mark: Option<String>, by: Option<String>) {
         let Some(phase) = phase_of(&state) else { return };
-        let line = Line {
-            op: key.op,
-            id: key.id.to_string(),
-            state: Some(state),
-            boot_id,
-            by,
-            acked: false,
-            forget: false,
-        };
+        let mut line = Line::state(key, state, mark, by, false);
         let start = self.pending.len();
         self.queue(&line);
         self.pending_states.push((key.clone(), start));
@@ -228,8 +258,8 @@ impl Ledger {
         record.phase = phase;
         record.acked = false;
         record.cleared = false;
-        record.boot_id = line.boot_id.map(Into::into).or(record.boot_id.take());
-        record.by = line.by.map(Into::into).or(record.by.take());
+        record.mark = line.take_mark().or(record.mark.take());
+        record.by = line.by.take().map(Into::into).or(record.by.take());
         record.state = line.state.as_ref().map(|state| state.to_payload().into_boxed_slice());
     }
 
@@ -240,15 +270,7 @@ impl Ledger {
             return;
         }
         record.acked = true;
-        let line = Line {
-            op: key.op,
-            id: key.id.to_string(),
-            state: None,
-            boot_id: None,
-            by: None,
-            acked: true,
-            forget: false,
-        };
+        let line = Line::flag(key, true, false);
         self.queue(&line);
         if record_done(self.records.get(key)) {
             self.forget(key);
@@ -269,15 +291,7 @@ impl Ledger {
 
     fn forget(&mut self, key: &Key) {
         self.records.remove(key);
-        let line = Line {
-            op: key.op,
-            id: key.id.to_string(),
-            state: None,
-            boot_id: None,
-            by: None,
-            acked: false,
-            forget: true,
-        };
+        let line = Line::flag(key, false, true);
         self.queue(&line);
         if self.records.capacity() > 64 && self.records.len() < self.records.capacity() / 4 {
             self.records.shrink_to_fit();
@@ -361,15 +375,8 @@ impl Ledger {
             // Refuse to write a journal that would forget a command.
             let state =
                 self.state(key).ok_or_else(|| io::Error::other("cannot read back a recorded state"))?;
-            let line = Line {
-                op: key.op,
-                id: key.id.to_string(),
-                state: Some(state),
-                boot_id: record.boot_id.as_deref().map(str::to_string),
-                by: record.by.as_deref().map(str::to_string),
-                acked: record.acked,
-                forget: false,
-            };
+            let mark = record.mark.as_deref().map(str::to_string);
+            let line = Line::state(key, state, mark, record.by.as_deref().map(str::to_string), record.acked);
             placed.push((key.clone(), bytes.len() as u64));
             write_line(&mut bytes, &line);
         }
@@ -471,7 +478,7 @@ mod tests {
         let reopened = Ledger::open(dir.path());
         assert!(reopened.get(&a).is_none());
         let b_rec = reopened.get(&b).unwrap();
-        assert_eq!((b_rec.phase, b_rec.boot_id.as_deref()), (Phase::Executing, Some("boot-1")));
+        assert_eq!((b_rec.phase, b_rec.mark.as_deref()), (Phase::Executing, Some("boot-1")));
         let c_rec = reopened.get(&c).unwrap();
         assert!(c_rec.acked && c_rec.state.is_none(), "an acked state is read from the journal");
         assert_eq!(reopened.state(&c), Some(ok(json!(2))));
@@ -551,7 +558,7 @@ mod tests {
         std::fs::write(dir.path().join(OLD_LEDGER_FILE), old.to_string()).unwrap();
         let ledger = Ledger::open(dir.path());
         assert_eq!(ledger.len(), 2);
-        assert_eq!(ledger.get(&Key::new(Op::Reboot, "r1")).unwrap().boot_id.as_deref(), Some("b0"));
+        assert_eq!(ledger.get(&Key::new(Op::Reboot, "r1")).unwrap().mark.as_deref(), Some("b0"));
         assert!(!dir.path().join(OLD_LEDGER_FILE).exists());
         assert_eq!(Ledger::open(dir.path()).len(), 2);
     }

@@ -24,6 +24,8 @@ use heartbeat::Heartbeat;
 use outbox::{Kind, Outbox};
 use trust::Trust;
 
+pub use trust::check_operators;
+
 const BROKER: Token = Token(0);
 const WAKER: Token = Token(1);
 const SIGNALS: Token = Token(2);
@@ -96,7 +98,7 @@ impl Agent {
             .ok();
         let mut commands =
             Commands::new(topics.clone(), &config.state_dir, Arc::clone(&waker), device_key.clone());
-        commands.recover(&mut outbox);
+        commands.recover(&mut outbox, &trust);
         // Read before the options: a file replaced in between makes the next SIGHUP reconnect
         // once for nothing, rather than miss a change.
         let broker_inputs = BrokerInputs::read(&config.broker);
@@ -141,7 +143,7 @@ impl Agent {
             }
             self.on_timers(Instant::now());
             self.dispatch_client_events();
-            self.commands.commit(&mut self.outbox);
+            self.commands.commit(&mut self.outbox, &mut self.trust);
             if self.stop.is_none() {
                 self.outbox.pump(&mut self.client);
                 if self.outbox.take_refusals_to_redo() {

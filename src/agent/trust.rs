@@ -81,10 +81,11 @@ impl Trust {
 }
 
 impl Trust {
-    /// The `keys` op: replaces authorized_keys with `text`, atomically, and trusts it from now
-    /// on. Refused when a line cannot be honoured exactly, or, unless `force`, when the new set
-    /// would not let `signer` send `keys` again (the fleet would be locked out of rotation).
-    pub fn replace_keys(&mut self, text: &str, force: bool, signer: Option<&[u8]>) -> Result<Value, String> {
+    /// The `keys` op, first half: checks `text` and trusts it from now on, in memory only (the
+    /// requests after this one in the same turn are judged by it). Refused when a line cannot be
+    /// honoured exactly, or, unless `force`, when the new set would not let `signer` send `keys`
+    /// again (the fleet would be locked out of rotation). `write_keys` makes it last.
+    pub fn stage_keys(&mut self, text: &str, force: bool, signer: Option<&[u8]>) -> Result<usize, String> {
         let keys = AuthorizedKeys::parse_strict(text).map_err(|why| format!("not replaced: {why}"))?;
         let sender_keeps_keys = signer.is_none_or(|blob| keys.find(blob).is_some_and(|k| k.allows("keys")));
         if !force && !sender_keeps_keys {
@@ -94,13 +95,70 @@ impl Trust {
                     .into(),
             );
         }
-        let path = &self.config.authorized_keys;
-        fsutil::write_atomic(path, text.as_bytes())
-            .map_err(|e| format!("not replaced: {}: {}", path.display(), fsutil::error_text(&e)))?;
-        log::info!("authorized_keys replaced: trusting {} operator key(s)", keys.len());
         let count = keys.len();
         self.operators = keys;
-        Ok(serde_json::json!({ "keys": count }))
+        Ok(count)
+    }
+
+    /// The `keys` op, second half, once the command is recorded: replaces authorized_keys with
+    /// `text`, atomically. On failure the keys on disk are trusted again.
+    /// Returns how many keys are trusted now.
+    pub fn write_keys(&mut self, text: &str) -> Result<usize, String> {
+        let path = self.config.authorized_keys.clone();
+        match fsutil::write_atomic(&path, text.as_bytes()) {
+            Ok(()) => {
+                // Parsed again: a later `keys` in the same turn may have staged another set.
+                self.operators = AuthorizedKeys::parse(text);
+                log::info!("authorized_keys replaced: trusting {} operator key(s)", self.operators.len());
+                Ok(self.operators.len())
+            }
+            Err(e) => {
+                self.unstage_keys();
+                Err(format!("not replaced: {}: {}", path.display(), fsutil::error_text(&e)))
+            }
+        }
+    }
+
+    /// Trusts the keys on disk again, after a staged set could not be written.
+    pub fn unstage_keys(&mut self) {
+        self.operators = read_operators(&self.config);
+    }
+
+    /// The sha256 (hex) of authorized_keys as it is on disk, if it can be read.
+    pub fn keys_on_disk_sha256(&self) -> Option<String> {
+        let bytes = fsutil::read_optional(&self.config.authorized_keys).ok()??;
+        Some(sha256_hex(&bytes))
+    }
+
+    pub fn operator_count(&self) -> usize {
+        self.operators.len()
+    }
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, bytes).as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// What `--check-config` says of the operators' keys: each line the agent will skip, or that
+/// there are none. Warnings, not errors: an agent that starts still answers the unsigned ops
+/// and the `keys` op can mend the file.
+pub fn check_operators(config: &TrustConfig) -> Vec<String> {
+    let path = &config.authorized_keys;
+    let unsigned_only = || format!("only unsigned ops ({}) will run", config.unsigned_ops.join(", "));
+    match fsutil::read_optional(path) {
+        Ok(Some(bytes)) => {
+            let (keys, skipped) = AuthorizedKeys::parse_all(&String::from_utf8_lossy(&bytes));
+            let mut warnings: Vec<String> = skipped
+                .into_iter()
+                .map(|why| format!("{}: {why}; this key is refused", path.display()))
+                .collect();
+            if keys.is_empty() {
+                warnings.push(format!("{}: no usable key: {}", path.display(), unsigned_only()));
+            }
+            warnings
+        }
+        Ok(None) => vec![format!("{}: no such file: {}", path.display(), unsigned_only())],
+        Err(e) => vec![format!("{}: {}: no signed request will run", path.display(), fsutil::error_text(&e))],
     }
 }
 

@@ -11,7 +11,7 @@ use std::process::ExitCode;
 #[global_allocator]
 static ALLOCATOR: tether::memory::Allocator = tether::memory::Allocator;
 
-use tether::agent::{identity, Agent};
+use tether::agent::{check_operators, identity, Agent};
 use tether::config::{Config, DEFAULT_CONFIG_PATH};
 
 const USAGE: &str = "usage: tether-agent [--config PATH] [--log-level LEVEL]
@@ -107,6 +107,9 @@ fn run(args: Args) -> Result<(), String> {
     // The same check, in the same words, before a start as in the init script's pre-start check.
     config.check_state_dir().map_err(|e| e.to_string())?;
     if args.action == Action::CheckConfig {
+        for warning in check_operators(&config.trust) {
+            eprintln!("tether-agent: warning: {warning}");
+        }
         println!("{}: ok", args.config.display());
         return Ok(());
     }

@@ -64,7 +64,7 @@ impl AuthorizedKeys {
     }
 
     /// The keys, and why each line that cannot be honoured is skipped.
-    fn parse_all(text: &str) -> (AuthorizedKeys, Vec<String>) {
+    pub fn parse_all(text: &str) -> (AuthorizedKeys, Vec<String>) {
         let mut keys = Vec::new();
         let mut skipped = Vec::new();
         for (n, line) in text.lines().enumerate() {

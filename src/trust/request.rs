@@ -22,9 +22,21 @@ pub const REQUEST_VERSION: u64 = 1;
 /// devices' clocks disagree by a little.
 pub const MAX_CLOCK_SKEW_S: u64 = 300;
 /// A clock earlier than this is not set (a board without a battery starts at 1970): ages are
-/// not checked then. A fixed date rather than the build's, so that builds stay reproducible;
-/// 2026-12-04, when this was written.
-pub const CLOCK_SANE_AFTER: u64 = 1_796_342_400;
+/// not checked then. The build's SOURCE_DATE_EPOCH when set (builds stay reproducible), and
+/// never before 2026-12-04, when this was written (build.rs).
+pub const CLOCK_SANE_AFTER: u64 = parse_decimal(env!("TETHER_CLOCK_SANE_AFTER"));
+
+const fn parse_decimal(text: &str) -> u64 {
+    let bytes = text.as_bytes();
+    let mut value = 0u64;
+    let mut i = 0;
+    while i < bytes.len() {
+        assert!(bytes[i].is_ascii_digit(), "TETHER_CLOCK_SANE_AFTER: not a number");
+        value = value * 10 + (bytes[i] - b'0') as u64;
+        i += 1;
+    }
+    value
+}
 
 /// The request text. Unknown and repeated keys are refused: every key of a signed text means
 /// something, and two readers of one text must never see two requests.
