@@ -1,6 +1,6 @@
 //! Turns SIGTERM, SIGINT and SIGHUP into readable bytes on a pipe the event loop polls
 //! (the self-pipe trick): the handler only does an async-signal-safe `write`, all real work
-//! happens in the loop.
+//! happens in the loop. SIGWINCH joins them only on request, for tetherctl's remote terminal.
 
 use mio::unix::SourceFd;
 use mio::{Interest, Registry, Token};
@@ -14,6 +14,8 @@ static PIPE_WRITE_FD: AtomicI32 = AtomicI32::new(-1);
 pub enum Signal {
     Terminate,
     Reload,
+    /// The terminal's window changed size: only after `watch_resize`.
+    Resize,
 }
 
 pub struct Signals {
@@ -39,22 +41,18 @@ impl Signals {
         }
         PIPE_WRITE_FD.store(fds[1], Ordering::Relaxed);
         for signum in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
-            // SAFETY: a zeroed sigaction with a plain handler and SA_RESTART is valid.
-            unsafe {
-                let mut action: libc::sigaction = std::mem::zeroed();
-                action.sa_sigaction = on_signal as *const () as usize;
-                action.sa_flags = libc::SA_RESTART;
-                libc::sigemptyset(&mut action.sa_mask);
-                if libc::sigaction(signum, &action, std::ptr::null_mut()) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-            }
+            catch(signum)?;
         }
         // A broken connection must surface as an error from write, not kill the process.
         // SAFETY: ignoring SIGPIPE is always valid.
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
         registry.register(&mut SourceFd(&fds[0]), token, Interest::READABLE)?;
         Ok(Signals { read_fd: fds[0] })
+    }
+
+    /// Also reports SIGWINCH, whose default is to be ignored: the agent has no terminal.
+    pub fn watch_resize(&self) -> io::Result<()> {
+        catch(libc::SIGWINCH)
     }
 
     /// The signals received since the last call, in order.
@@ -68,8 +66,46 @@ impl Signals {
                 return signals;
             }
             for &b in &buf[..n as usize] {
-                signals.push(if b as i32 == libc::SIGHUP { Signal::Reload } else { Signal::Terminate });
+                signals.push(match b as i32 {
+                    libc::SIGHUP => Signal::Reload,
+                    libc::SIGWINCH => Signal::Resize,
+                    _ => Signal::Terminate,
+                });
             }
         }
+    }
+}
+
+fn catch(signum: libc::c_int) -> io::Result<()> {
+    // SAFETY: a zeroed sigaction with a plain handler and SA_RESTART is valid.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = on_signal as *const () as usize;
+        action.sa_flags = libc::SA_RESTART;
+        libc::sigemptyset(&mut action.sa_mask);
+        if libc::sigaction(signum, &action, std::ptr::null_mut()) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mio::{Events, Poll};
+    use std::time::Duration;
+
+    #[test]
+    fn a_resize_wakes_the_loop_once_asked_for() {
+        let mut poll = Poll::new().unwrap();
+        let mut signals = Signals::install(poll.registry(), Token(7)).unwrap();
+        signals.watch_resize().unwrap();
+        // SAFETY: raising a signal whose handler was just installed.
+        assert_eq!(unsafe { libc::raise(libc::SIGWINCH) }, 0);
+        let mut events = Events::with_capacity(4);
+        poll.poll(&mut events, Some(Duration::from_secs(5))).unwrap();
+        assert!(events.iter().any(|e| e.token() == Token(7) && e.is_readable()));
+        assert_eq!(signals.drain(), [Signal::Resize]);
     }
 }

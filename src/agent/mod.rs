@@ -194,6 +194,8 @@ impl Agent {
             match signal {
                 Signal::Reload => self.reload(),
                 Signal::Terminate => self.begin_stop(),
+                // Never asked for: the agent has no terminal.
+                Signal::Resize => {}
             }
         }
     }

@@ -12,6 +12,9 @@ mod known;
 mod session;
 mod settings;
 mod sign;
+// For `shell` and `exec -t`, which are still to come.
+#[allow(dead_code)]
+mod tty;
 mod watch;
 
 use std::io::Write;
