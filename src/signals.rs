@@ -1,6 +1,6 @@
-//! Turns SIGTERM, SIGINT and SIGHUP into readable bytes on a pipe the event loop polls
-//! (the self-pipe trick): the handler only does an async-signal-safe `write`, all real work
-//! happens in the loop. SIGWINCH joins them only on request, for tetherctl's remote terminal.
+//! Turns SIGTERM, SIGINT and SIGHUP (and, for a process that asks, SIGCHLD or SIGWINCH) into
+//! readable bytes on a pipe the event loop polls (the self-pipe trick): the handler only does an
+//! async-signal-safe `write`, all real work happens in the loop.
 
 use mio::unix::SourceFd;
 use mio::{Interest, Registry, Token};
@@ -14,6 +14,9 @@ static PIPE_WRITE_FD: AtomicI32 = AtomicI32::new(-1);
 pub enum Signal {
     Terminate,
     Reload,
+    /// A child exited (or several did: the kernel merges pending SIGCHLDs). Only a wake-up:
+    /// whoever owns a child reaps that pid, nothing reaps globally.
+    Child,
     /// The terminal's window changed size: only after `watch_resize`.
     Resize,
 }
@@ -26,9 +29,28 @@ extern "C" fn on_signal(signum: libc::c_int) {
     let fd = PIPE_WRITE_FD.load(Ordering::Relaxed);
     if fd >= 0 {
         let byte = signum as u8;
+        // The interrupted thread may be about to read errno, and a full pipe sets it (EAGAIN).
+        // SAFETY: errno is thread-local and always valid to read and write.
+        let saved_errno = unsafe { *libc::__errno_location() };
         // SAFETY: write(2) is async-signal-safe; the buffer is a local byte.
         unsafe { libc::write(fd, &byte as *const u8 as *const libc::c_void, 1) };
+        // SAFETY: as above.
+        unsafe { *libc::__errno_location() = saved_errno };
     }
+}
+
+fn install_handler(signum: libc::c_int, flags: libc::c_int) -> io::Result<()> {
+    // SAFETY: a zeroed sigaction with a plain handler and an empty mask is valid.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = on_signal as *const () as usize;
+        action.sa_flags = flags;
+        libc::sigemptyset(&mut action.sa_mask);
+        if libc::sigaction(signum, &action, std::ptr::null_mut()) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 impl Signals {
@@ -41,7 +63,7 @@ impl Signals {
         }
         PIPE_WRITE_FD.store(fds[1], Ordering::Relaxed);
         for signum in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
-            catch(signum)?;
+            install_handler(signum, libc::SA_RESTART)?;
         }
         // A broken connection must surface as an error from write, not kill the process.
         // SAFETY: ignoring SIGPIPE is always valid.
@@ -50,9 +72,17 @@ impl Signals {
         Ok(Signals { read_fd: fds[0] })
     }
 
-    /// Also reports SIGWINCH, whose default is to be ignored: the agent has no terminal.
+    /// Also delivers `Signal::Child` when a child exits. Opt-in: a process that does not watch
+    /// its children (tetherctl) keeps SIGCHLD's default. Stopped children are not reported, and
+    /// the disposition is a handler, never SIG_IGN, which would reap every child behind the
+    /// back of code that waits for its own.
+    pub fn watch_child_exits(&self) -> io::Result<()> {
+        install_handler(libc::SIGCHLD, libc::SA_RESTART | libc::SA_NOCLDSTOP)
+    }
+
+    /// Also reports SIGWINCH, whose default is to be ignored: for tetherctl's remote terminal.
     pub fn watch_resize(&self) -> io::Result<()> {
-        catch(libc::SIGWINCH)
+        install_handler(libc::SIGWINCH, libc::SA_RESTART)
     }
 
     /// The signals received since the last call, in order.
@@ -65,29 +95,14 @@ impl Signals {
             if n <= 0 {
                 return signals;
             }
-            for &b in &buf[..n as usize] {
-                signals.push(match b as i32 {
-                    libc::SIGHUP => Signal::Reload,
-                    libc::SIGWINCH => Signal::Resize,
-                    _ => Signal::Terminate,
-                });
-            }
+            signals.extend(buf[..n as usize].iter().map(|&b| match b as libc::c_int {
+                libc::SIGHUP => Signal::Reload,
+                libc::SIGCHLD => Signal::Child,
+                libc::SIGWINCH => Signal::Resize,
+                _ => Signal::Terminate,
+            }));
         }
     }
-}
-
-fn catch(signum: libc::c_int) -> io::Result<()> {
-    // SAFETY: a zeroed sigaction with a plain handler and SA_RESTART is valid.
-    unsafe {
-        let mut action: libc::sigaction = std::mem::zeroed();
-        action.sa_sigaction = on_signal as *const () as usize;
-        action.sa_flags = libc::SA_RESTART;
-        libc::sigemptyset(&mut action.sa_mask);
-        if libc::sigaction(signum, &action, std::ptr::null_mut()) != 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

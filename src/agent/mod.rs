@@ -6,6 +6,7 @@ mod heartbeat;
 pub mod identity;
 mod ledger;
 mod outbox;
+pub mod remote;
 mod trust;
 
 use mio::{Events, Poll, Token, Waker};
@@ -88,6 +89,7 @@ impl Agent {
         let poll = Poll::new().map_err(|e| format!("poll: {e}"))?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(|e| format!("waker: {e}"))?);
         let signals = Signals::install(poll.registry(), SIGNALS).map_err(|e| format!("signals: {e}"))?;
+        signals.watch_child_exits().map_err(|e| format!("signals: {e}"))?;
         let mut outbox = Outbox::open(&config.state_dir.join("outbox"), config.offline_buffer.clone())
             .map_err(|e| format!("outbox in {}: {e}", config.state_dir.display()))?;
         let heartbeat =
@@ -194,7 +196,7 @@ impl Agent {
             match signal {
                 Signal::Reload => self.reload(),
                 Signal::Terminate => self.begin_stop(),
-                // Never asked for: the agent has no terminal.
+                Signal::Child => self.remote.on_child_exit(),
                 Signal::Resize => {}
             }
         }
