@@ -6,8 +6,7 @@ mod common;
 use common::*;
 use serde_json::{json, Value};
 use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
+use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::sleep;
@@ -459,19 +458,7 @@ struct StallingRelay {
 
 impl StallingRelay {
     fn start(broker_port: u16) -> StallingRelay {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let size: libc::c_int = 4096;
-        // SAFETY: a valid socket and a c_int option value of the given length; accepted
-        // sockets inherit the buffer size.
-        unsafe {
-            libc::setsockopt(
-                listener.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVBUF,
-                (&size as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
+        let listener = listener_taking_little();
         let port = listener.local_addr().unwrap().port();
         let held = Arc::new(AtomicBool::new(false));
         let relay_held = held.clone();
@@ -519,7 +506,7 @@ fn relay_unless_held(agent: TcpStream, broker: TcpStream, held: &AtomicBool) {
 }
 
 /// An agent through a `StallingRelay`, with 1 MB heartbeats: online, then the link held until
-/// its send queue is full (past what the kernel takes: 4 MiB at most, tcp_wmem), then SIGTERM.
+/// its send queue is full (past what the kernel takes: little, see NOTSENT_LOWAT), then SIGTERM.
 /// Returns once the agent says the offline status waits.
 fn stop_on_a_stalled_link(broker: &Broker, d: &str) -> (Agent, StallingRelay, Sub, tempfile::TempDir) {
     let relay = StallingRelay::start(broker.ports.plain);

@@ -7,10 +7,13 @@ mod common;
 use common::*;
 use mio::{Events, Poll, Token, Waker};
 use serde_json::{json, Value};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tether::config::BrokerConfig;
-use tether::net::client::{Client, ClientOptions, Event, MAX_EVENTS, SEND_QUEUE_LIMIT};
+use tether::net::client::{Client, ClientOptions, Event, BULK_QUEUE_LIMIT, MAX_EVENTS, SEND_QUEUE_LIMIT};
 
 /// Starts an agent with `patch` merged into the quick config, and checks it comes online with
 /// a full status and sends heartbeats.
@@ -355,10 +358,14 @@ struct Driver {
 
 impl Driver {
     fn connect(broker: &Broker, client_id: &str, subscriptions: &[&str]) -> Driver {
+        Driver::connect_with(json!({"url": broker.url(Listener::Plain)}), client_id, subscriptions)
+    }
+
+    /// A client with broker settings `config` (as in the agent's configuration).
+    fn connect_with(config: Value, client_id: &str, subscriptions: &[&str]) -> Driver {
         let poll = Poll::new().unwrap();
         let waker = Arc::new(Waker::new(poll.registry(), Token(1)).unwrap());
-        let config: BrokerConfig =
-            serde_json::from_value(json!({"url": broker.url(Listener::Plain)})).unwrap();
+        let config: BrokerConfig = serde_json::from_value(config).unwrap();
         let mut opts = ClientOptions::for_broker(&config, client_id.into()).unwrap();
         opts.subscriptions = subscriptions.iter().map(|s| s.to_string()).collect();
         let client = Client::new(opts, waker, Token(0));
@@ -493,4 +500,106 @@ fn a_flood_from_the_broker_reaches_the_owner_in_bounded_batches_in_order() {
     );
     assert!(d.messages == want, "the messages arrived out of order or changed");
     assert!(d.largest_batch <= MAX_EVENTS, "{} events held at once (bound {MAX_EVENTS})", d.largest_batch);
+}
+
+/// A TCP relay to `target_port` that forwards what the client sends at `rate` bytes per second
+/// at most, as a slow uplink (2G, satellite) would, and counts it. Its socket takes little at a
+/// time, so what the client has sent and the link has not carried waits on the client's side.
+struct SlowUplink {
+    port: u16,
+    carried: Arc<AtomicUsize>,
+}
+
+impl SlowUplink {
+    fn start(target_port: u16, rate: usize) -> SlowUplink {
+        let listener = listener_taking_little();
+        let port = listener.local_addr().unwrap().port();
+        let carried = Arc::new(AtomicUsize::new(0));
+        let counter = carried.clone();
+        std::thread::spawn(move || {
+            let (client, _) = listener.accept().unwrap();
+            let broker = TcpStream::connect(("127.0.0.1", target_port)).unwrap();
+            let (mut from_broker, mut to_client) = (broker.try_clone().unwrap(), client.try_clone().unwrap());
+            std::thread::spawn(move || std::io::copy(&mut from_broker, &mut to_client));
+            carry_slowly(client, broker, rate, &counter);
+        });
+        SlowUplink { port, carried }
+    }
+
+    /// Bytes carried to the broker so far.
+    fn carried(&self) -> usize {
+        self.carried.load(Ordering::SeqCst)
+    }
+}
+
+/// Copies `from` to `to` at `rate` bytes per second at most, counting in `carried`.
+fn carry_slowly(mut from: TcpStream, mut to: TcpStream, rate: usize, carried: &AtomicUsize) {
+    let start = Instant::now();
+    let mut chunk = [0u8; 512];
+    loop {
+        let n = match from.read(&mut chunk) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if to.write_all(&chunk[..n]).is_err() {
+            return;
+        }
+        let total = carried.fetch_add(n, Ordering::SeqCst) + n;
+        let due = start + Duration::from_secs_f64(total as f64 / rate as f64);
+        std::thread::sleep(due.saturating_duration_since(Instant::now()));
+    }
+}
+
+/// Bulk data sent as fast as the client takes it, over TLS on a 32 KB/s uplink, for seconds:
+/// a QoS 1 publish still finds room at once, and little waits ahead of it in the client,
+/// rustls and the kernel together, so its PUBACK comes back within a second or so. (Without
+/// TCP_NOTSENT_LOWAT the kernel takes megabytes here, a minute and more of this link.)
+#[test]
+fn a_full_bulk_lane_on_a_slow_link_keeps_little_ahead_of_other_packets() {
+    let broker = Broker::start_default();
+    let uplink = SlowUplink::start(broker.ports.mqtts, 32 * 1024);
+    let config = json!({
+        "url": broker.url_at(Listener::Mqtts, "127.0.0.1", uplink.port),
+        "ca_file": broker.ca_file(),
+    });
+    let mut d = Driver::connect_with(config, "dev-lane", &[]);
+    let topic = "tether/dev-lane/stream";
+    let chunk = vec![b's'; 1024];
+    // The PUBLISH packet: type, remaining length (2 bytes), topic length, topic, payload.
+    let packet_len = 1 + 2 + 2 + topic.len() + chunk.len();
+    let (chunks, mut largest_queue) = stream_bulk(&mut d, topic, &chunk, secs(3), false);
+    // TLS records are a little longer than what they carry: this undercounts, by under 1 %.
+    let ahead = chunks * packet_len - uplink.carried();
+    assert!(d.client.publish(topic, b"control", false, Some(1)), "no room left for a publish");
+    let published = Instant::now();
+    let (_, largest_later) = stream_bulk(&mut d, topic, &chunk, secs(30), true);
+    let acked_after = published.elapsed();
+    largest_queue = largest_queue.max(largest_later);
+
+    let bound = BULK_QUEUE_LIMIT + packet_len - chunk.len();
+    assert!(largest_queue <= bound, "{largest_queue} bytes of bulk data queued (bound {bound})");
+    assert!(ahead < 48 * 1024, "{ahead} bytes sent and not carried yet");
+    assert!(acked_after < secs(5), "the PUBACK came {acked_after:?} later");
+}
+
+/// Publishes bulk `chunk`s on `topic` whenever the client has room, for `time` or, with
+/// `until_acked`, until the publish tagged 1 is acknowledged. Returns how many it published and
+/// the most bytes queued meanwhile.
+fn stream_bulk(
+    d: &mut Driver,
+    topic: &str,
+    chunk: &[u8],
+    time: Duration,
+    until_acked: bool,
+) -> (usize, usize) {
+    let end = Instant::now() + time;
+    let (mut chunks, mut largest_queue) = (0, 0);
+    while Instant::now() < end && !(until_acked && d.acked.contains(&1)) {
+        while d.client.publish_bulk(topic, chunk) {
+            chunks += 1;
+        }
+        largest_queue = largest_queue.max(d.client.queued_bytes());
+        d.run_until(secs(1), |d| d.client.bulk_room() >= chunk.len() || d.acked.contains(&1));
+    }
+    (chunks, largest_queue)
 }

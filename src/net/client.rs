@@ -23,8 +23,14 @@ const STABLE_CONNECTION: Duration = Duration::from_secs(30);
 /// status messages, and so far below the 65,535 packet ids that a free one is always near.
 pub const MAX_INFLIGHT: usize = 64;
 /// Bytes waiting for the socket past which `publish` refuses. PINGREQ, PUBACK and DISCONNECT
-/// always go in, so this is all that can hold them back (4 s on a 4 KiB/s link).
+/// always go in, so this, with the little rustls and the kernel hold (see `Link::queued`), is
+/// all that can hold them back (4 s on a 4 KiB/s link, plus 5 s for rustls and the kernel).
 pub const SEND_QUEUE_LIMIT: usize = 16 * 1024;
+/// Bytes waiting for the socket past which `publish_bulk` refuses: half of `SEND_QUEUE_LIMIT`,
+/// so bulk data leaves at least 8 KiB of it to `publish` (a heartbeat, a command's state).
+/// Ahead of a PINGREQ then: 8 KiB here, 4 KiB in rustls, 16 KiB in the kernel (see
+/// `Link::queued`), 3 s on a 10 KB/s link; 5 s behind a single 33 KiB chunk.
+pub const BULK_QUEUE_LIMIT: usize = 8 * 1024;
 /// Events the owner has not taken yet past which the client stops decoding and reading: the
 /// broker cannot make it hold more, and the owner's loop gets its turn between batches.
 pub const MAX_EVENTS: usize = 64;
@@ -276,6 +282,28 @@ impl Client {
         if event.is_readable() || event.is_read_closed() || event.is_error() || self.backlog {
             self.read_packets();
         }
+    }
+
+    /// Payload bytes a `publish_bulk` takes now: what is left of `BULK_QUEUE_LIMIT`, 0 when not
+    /// connected. A bigger payload goes in only while nothing waits for the socket. Room comes
+    /// back as the socket takes bytes, on a writable event: the owner's loop turn after any
+    /// socket event is the time to look again, no other event tells.
+    pub fn bulk_room(&self) -> usize {
+        if self.is_up() {
+            bulk_room_over(self.queued_bytes())
+        } else {
+            0
+        }
+    }
+
+    /// Sends a QoS 0, not retained publish of bulk data (a stream's chunk) if the bulk lane
+    /// has room for it (see `bulk_room`); returns whether it did. Bulk data stays well below
+    /// what `publish` takes, so it never leaves a heartbeat or a command's state without room,
+    /// nor PINGREQ and PUBACK far behind it.
+    pub fn publish_bulk(&mut self, topic: &str, payload: &[u8]) -> bool {
+        self.is_up()
+            && admits_bulk(self.queued_bytes(), payload.len())
+            && self.publish(topic, payload, false, None)
     }
 
     /// Sends a publish now if connected; with `tag`, it goes at QoS 1 and `Event::Acked(tag)`
@@ -679,6 +707,19 @@ fn packet_name(packet: &Packet) -> &'static str {
     }
 }
 
+/// Payload bytes the bulk lane takes while `queued` bytes wait for the socket.
+fn bulk_room_over(queued: usize) -> usize {
+    BULK_QUEUE_LIMIT.saturating_sub(queued)
+}
+
+/// Whether a bulk payload of `size` bytes goes in while `queued` bytes wait: when the room
+/// left holds it, or, bigger than that, when nothing waits, so a chunk bigger than the whole
+/// lane still gets through, alone.
+fn admits_bulk(queued: usize, size: usize) -> bool {
+    let room = bulk_room_over(queued);
+    queued == 0 || (room > 0 && size <= room)
+}
+
 /// Exponential backoff from `min` doubling to `max`, every delay drawn uniformly in [d/2, d]:
 /// a fleet that lost its broker at once does not come back at once, from the first retry on,
 /// and no agent retries sooner than `min / 2`.
@@ -937,6 +978,54 @@ mod tests {
         flood.join().unwrap();
         assert!(queued >= READ_PAUSE_QUEUED, "the send queue never filled: {queued} bytes");
         assert!(later <= bound, "{later} bytes of acks queued (bound {bound})");
+    }
+
+    #[test]
+    fn the_bulk_lane_takes_its_share_then_one_big_chunk_alone() {
+        assert_eq!(bulk_room_over(0), BULK_QUEUE_LIMIT);
+        assert!(admits_bulk(BULK_QUEUE_LIMIT - 100, 100));
+        assert!(!admits_bulk(BULK_QUEUE_LIMIT - 100, 101), "past the share");
+        assert!(!admits_bulk(BULK_QUEUE_LIMIT, 0), "an empty payload once the share is used up");
+        assert!(admits_bulk(0, 33 * 1024), "a chunk bigger than the lane was refused on an empty queue");
+        assert!(!admits_bulk(1, 33 * 1024), "a chunk bigger than the lane was taken behind others");
+        assert_eq!(bulk_room_over(SEND_QUEUE_LIMIT), 0);
+    }
+
+    /// A broker that reads nothing: bulk publishes stop at the lane's share while `publish`
+    /// still takes a heartbeat; once the broker reads, a flush (what a writable event does)
+    /// gives the room back.
+    #[test]
+    fn bulk_data_leaves_room_to_publish_and_gets_its_own_back_as_the_socket_drains() {
+        let (mut client, mut broker) = client_on_loopback();
+        let chunk = [b'x'; 1000];
+        let mut taken = 0;
+        while client.publish_bulk("t/bulk", &chunk) {
+            taken += 1;
+            assert!(taken < 10_000, "the bulk lane has no bound");
+        }
+        let queued = client.queued_bytes();
+        assert!(
+            (BULK_QUEUE_LIMIT - chunk.len()..BULK_QUEUE_LIMIT + chunk.len() + 16).contains(&queued),
+            "{queued}"
+        );
+        assert_eq!(client.bulk_room(), bulk_room_over(queued));
+        assert!(client.can_publish() && client.publish("t/hb", b"heartbeat", true, Some(1)));
+
+        broker.set_nonblocking(true).unwrap();
+        let mut received = 0;
+        let mut sink = [0u8; 65536];
+        for _ in 0..10_000 {
+            while let Ok(n @ 1..) = std::io::Read::read(&mut broker, &mut sink) {
+                received += n;
+            }
+            client.link_mut().unwrap().flush().unwrap();
+            if client.queued_bytes() == 0 && received > taken * chunk.len() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(client.bulk_room(), BULK_QUEUE_LIMIT, "{received} bytes read, room not back");
+        assert!(received > taken * chunk.len(), "{received} bytes read of {taken} chunks");
     }
 
     /// A 32 MiB publish past `max_packet` is skipped as it streams in: the input buffer never

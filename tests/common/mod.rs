@@ -68,6 +68,26 @@ pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// A loopback listener whose connections take little at a time (a 4 KiB receive buffer): what
+/// a client sends past it and the relay behind has not carried waits on the client's side.
+pub fn listener_taking_little() -> TcpListener {
+    use std::os::fd::AsRawFd;
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let size: libc::c_int = 4096;
+    // SAFETY: a valid socket and a c_int option value of the given length; accepted sockets
+    // inherit the buffer size.
+    unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    listener
+}
+
 /// Whether something accepts TCP on the port; the source port of a successful probe goes to
 /// `probes` (so the broker's log of that connection can be told from a client's).
 fn port_open(port: u16, probes: &mut HashSet<u16>) -> bool {
