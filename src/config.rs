@@ -29,6 +29,7 @@ pub struct Config {
     pub reboot_command: Vec<String>,
     pub log_level: Option<String>,
     pub trust: TrustConfig,
+    pub remote_access: RemoteAccessConfig,
 }
 
 /// Who may ask the device for what: docs/protocol.md, "Signed requests".
@@ -96,6 +97,165 @@ pub struct CustomSpec {
 pub struct ReconnectConfig {
     pub min_s: u64,
     pub max_s: u64,
+}
+
+/// Terminal, exec and port forwarding (docs/remote-access.md).
+#[derive(Debug, Clone, Serialize)]
+pub struct RemoteAccessConfig {
+    /// No tunnel of any kind is opened.
+    pub disable: bool,
+    /// Tunnels open at once, in all and per operator key.
+    pub max_sessions: usize,
+    pub max_sessions_per_key: usize,
+    /// A tunnel is closed this long after it opened, and after this long without a frame from
+    /// the operator (0: never).
+    pub expire_after_s: u64,
+    pub expire_after_idle_s: u64,
+    /// Bytes each stream may have in flight towards the device.
+    pub window: u32,
+    pub terminal: TerminalConfig,
+    pub exec: ExecConfig,
+    pub forward: ForwardConfig,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TerminalConfig {
+    pub disable: bool,
+    pub shell: Vec<String>,
+    /// Shells and commands run as this user (the agent must be root to switch); else as the
+    /// agent's own user.
+    pub user: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ExecConfig {
+    pub disable: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ForwardConfig {
+    pub disable: bool,
+    /// `host:port` patterns the device may connect to; `*` stands for any port or any host.
+    pub allow: Vec<String>,
+    /// Connections open at once in one tunnel.
+    pub max_connections: usize,
+}
+
+impl Default for RemoteAccessConfig {
+    fn default() -> Self {
+        RemoteAccessConfig {
+            disable: false,
+            max_sessions: 8,
+            max_sessions_per_key: 4,
+            expire_after_s: 8 * 3600,
+            expire_after_idle_s: 1800,
+            window: crate::stream::DEFAULT_WINDOW,
+            terminal: TerminalConfig {
+                disable: false,
+                shell: vec!["/bin/sh".into(), "-l".into()],
+                user: None,
+            },
+            exec: ExecConfig { disable: false },
+            forward: ForwardConfig {
+                disable: false,
+                allow: vec!["127.0.0.1:*".into(), "localhost:*".into(), "[::1]:*".into()],
+                max_connections: 32,
+            },
+        }
+    }
+}
+
+impl RemoteAccessConfig {
+    fn read(mut s: Section) -> Result<RemoteAccessConfig, ConfigError> {
+        let d = RemoteAccessConfig::default();
+        let config = RemoteAccessConfig {
+            disable: s.flag("disable")?,
+            max_sessions: s.number("max_sessions", "", 0..=256, d.max_sessions as u64)? as usize,
+            max_sessions_per_key: s.number(
+                "max_sessions_per_key",
+                "",
+                0..=256,
+                d.max_sessions_per_key as u64,
+            )? as usize,
+            expire_after_s: s.number("expire_after_s", SECONDS, 0..=365 * DAY_S, d.expire_after_s)?,
+            expire_after_idle_s: s.number(
+                "expire_after_idle_s",
+                SECONDS,
+                0..=365 * DAY_S,
+                d.expire_after_idle_s,
+            )?,
+            window: s.number(
+                "window",
+                BYTES,
+                crate::stream::MIN_WINDOW.into()..=crate::stream::MAX_WINDOW.into(),
+                d.window.into(),
+            )? as u32,
+            terminal: s.section("terminal")?.map(TerminalConfig::read).transpose()?.unwrap_or(d.terminal),
+            exec: match s.section("exec")? {
+                Some(mut e) => {
+                    let exec = ExecConfig { disable: e.flag("disable")? };
+                    e.finish()?;
+                    exec
+                }
+                None => d.exec,
+            },
+            forward: s.section("forward")?.map(ForwardConfig::read).transpose()?.unwrap_or(d.forward),
+        };
+        s.finish()?;
+        Ok(config)
+    }
+}
+
+impl TerminalConfig {
+    fn read(mut s: Section) -> Result<TerminalConfig, ConfigError> {
+        let d = RemoteAccessConfig::default().terminal;
+        let terminal = TerminalConfig {
+            disable: s.flag("disable")?,
+            shell: s.words("shell")?.unwrap_or(d.shell),
+            user: s.text("user")?,
+        };
+        let key = s.key("shell");
+        s.finish()?;
+        check_argv(&key, &terminal.shell)?;
+        Ok(terminal)
+    }
+}
+
+impl ForwardConfig {
+    fn read(mut s: Section) -> Result<ForwardConfig, ConfigError> {
+        let d = RemoteAccessConfig::default().forward;
+        let allow_key = s.key("allow");
+        let forward = ForwardConfig {
+            disable: s.flag("disable")?,
+            allow: s.words("allow")?.unwrap_or(d.allow),
+            max_connections: s.number("max_connections", "", 1..=1024, d.max_connections as u64)? as usize,
+        };
+        s.finish()?;
+        if let Some(bad) = forward.allow.iter().find(|p| split_host_port(p).is_none()) {
+            return Err(ConfigError(format!(
+                "{allow_key}: \"{bad}\" is not host:port (e.g. \"127.0.0.1:8080\", \"localhost:*\", \"[::1]:22\")"
+            )));
+        }
+        Ok(forward)
+    }
+
+    /// Whether `target` (`host:port`) matches an `allow` pattern.
+    pub fn allows(&self, target: &str) -> bool {
+        let Some((host, port)) = split_host_port(target) else { return false };
+        self.allow.iter().filter_map(|p| split_host_port(p)).any(|(allowed_host, allowed_port)| {
+            (allowed_host == "*" || allowed_host.eq_ignore_ascii_case(host))
+                && (allowed_port == "*" || allowed_port == port)
+        })
+    }
+}
+
+/// `host:port`, `[v6]:port`: the host (brackets kept) and the port, both non-empty.
+pub fn split_host_port(text: &str) -> Option<(&str, &str)> {
+    let (host, port) = text.rsplit_once(':')?;
+    let bracketed = host.starts_with('[') && host.ends_with(']');
+    let plain = !host.contains(':');
+    let port_ok = port == "*" || port.parse::<u16>().is_ok_and(|p| p > 0);
+    (!host.is_empty() && (bracketed || plain) && port_ok).then_some((host, port))
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -413,6 +573,11 @@ impl Config {
             reboot_command: s.words("reboot_command")?.unwrap_or_else(|| vec!["/sbin/reboot".into()]),
             log_level: s.text("log_level")?,
             trust: s.section("trust")?.map(TrustConfig::read).transpose()?.unwrap_or_default(),
+            remote_access: s
+                .section("remote_access")?
+                .map(RemoteAccessConfig::read)
+                .transpose()?
+                .unwrap_or_default(),
         };
         s.finish()?;
         let broker = broker.ok_or_else(|| {
@@ -727,7 +892,7 @@ mod tests {
             ),
             (
                 json!({"trust": {"unsigned_ops": ["ping", "rebot"]}}),
-                "trust.unsigned_ops: unknown op \"rebot\" (the ops are ping, heartbeat, config, reboot, keys)",
+                "trust.unsigned_ops: unknown op \"rebot\" (the ops are ping, heartbeat, config, reboot, keys, shell, exec, forward)",
             ),
             (
                 json!({"trust": {"max_age_s": 5}}),

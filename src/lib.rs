@@ -11,6 +11,7 @@ pub mod net;
 pub mod protocol;
 pub mod random;
 pub mod signals;
+pub mod stream;
 pub mod text;
 pub mod trust;
 pub mod worker;

@@ -25,6 +25,9 @@ pub enum Op {
     Config,
     Reboot,
     Keys,
+    Shell,
+    Exec,
+    Forward,
 }
 
 /// The type a parameter's JSON value must have.
@@ -34,6 +37,8 @@ pub enum ParamType {
     /// A whole number from 0 up.
     Count,
     Bool,
+    /// A list of strings.
+    Strings,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -93,9 +98,50 @@ pub const OPS: &[OpSpec] = &[
         changes_device: true,
         summary: "replace the operators' keys the device trusts",
     },
+    OpSpec {
+        op: Op::Shell,
+        name: "shell",
+        params: &[EPH, WINDOW, TERM, ROWS, COLS],
+        changes_device: false,
+        summary: "open a remote terminal (tetherctl shell)",
+    },
+    OpSpec {
+        op: Op::Exec,
+        name: "exec",
+        params: &[
+            EPH,
+            WINDOW,
+            ParamSpec { name: "argv", kind: ParamType::Strings, required: true },
+            ParamSpec { name: "pty", kind: ParamType::Bool, required: false },
+            TERM,
+            ROWS,
+            COLS,
+        ],
+        changes_device: false,
+        summary: "run a command with its input and output streamed (tetherctl exec)",
+    },
+    OpSpec {
+        op: Op::Forward,
+        name: "forward",
+        params: &[EPH, WINDOW, ParamSpec { name: "targets", kind: ParamType::Strings, required: true }],
+        changes_device: false,
+        summary: "forward TCP connections to host:port targets (tetherctl forward)",
+    },
 ];
 
+/// The parameters every tunnel op takes (docs/protocol.md, "Tunnels").
+const EPH: ParamSpec = ParamSpec { name: "eph", kind: ParamType::String, required: true };
+const WINDOW: ParamSpec = ParamSpec { name: "window", kind: ParamType::Count, required: false };
+const TERM: ParamSpec = ParamSpec { name: "term", kind: ParamType::String, required: false };
+const ROWS: ParamSpec = ParamSpec { name: "rows", kind: ParamType::Count, required: false };
+const COLS: ParamSpec = ParamSpec { name: "cols", kind: ParamType::Count, required: false };
+
 impl Op {
+    /// Ops that open a tunnel: their answer carries the device's half of the key agreement.
+    pub fn opens_tunnel(self) -> bool {
+        matches!(self, Op::Shell | Op::Exec | Op::Forward)
+    }
+
     pub fn from_name(name: &str) -> Option<Op> {
         OPS.iter().find(|s| s.name == name).map(|s| s.op)
     }
@@ -138,6 +184,7 @@ impl ParamType {
             ParamType::String => value.is_string(),
             ParamType::Count => value.is_u64(),
             ParamType::Bool => value.is_boolean(),
+            ParamType::Strings => value.as_array().is_some_and(|items| items.iter().all(Value::is_string)),
         }
     }
 
@@ -146,6 +193,7 @@ impl ParamType {
             ParamType::String => "a string",
             ParamType::Count => "a whole number from 0 up",
             ParamType::Bool => "true or false",
+            ParamType::Strings => "a list of strings",
         }
     }
 }
@@ -182,6 +230,24 @@ impl Topics {
         format!("{}/{}/cmd/+/+", self.root, self.device)
     }
     /// Splits `ROOT/DEVICE/cmd/OP/ID` into `(OP, ID)` when the topic is one of this device's.
+    /// Where the operator's frames for tunnel `id` go, and where the device's come back: one
+    /// topic per direction, so that neither side ever receives its own frames.
+    pub fn tunnel_to_device(&self, id: &str) -> String {
+        format!("{}/{}/s/{}/o", self.root, self.device, id)
+    }
+    pub fn tunnel_to_operator(&self, id: &str) -> String {
+        format!("{}/{}/s/{}/d", self.root, self.device, id)
+    }
+    /// What the agent subscribes to: every tunnel's operator frames.
+    pub fn tunnel_filter(&self) -> String {
+        format!("{}/{}/s/+/o", self.root, self.device)
+    }
+    /// The tunnel id of a topic matched by `tunnel_filter`.
+    pub fn parse_tunnel<'a>(&self, topic: &'a str) -> Option<&'a str> {
+        let rest = topic.strip_prefix(&self.root)?.strip_prefix('/')?.strip_prefix(&self.device)?;
+        rest.strip_prefix("/s/")?.strip_suffix("/o").filter(|id| !id.is_empty() && !id.contains('/'))
+    }
+
     pub fn parse_command<'a>(&self, topic: &'a str) -> Option<(&'a str, &'a str)> {
         let rest = topic.strip_prefix(&self.root)?.strip_prefix('/')?;
         let rest = rest.strip_prefix(&self.device)?.strip_prefix("/cmd/")?;
@@ -382,7 +448,7 @@ mod tests {
             assert_eq!(spec.op.name(), spec.name);
             assert_eq!(OPS.iter().filter(|s| s.op == spec.op).count(), 1);
         }
-        assert_eq!(Op::from_name("shell"), None);
+        assert_eq!(Op::from_name("sh"), None);
     }
 
     /// These reach config errors (`device_id: ...`): plain quotes, control characters escaped.

@@ -17,6 +17,7 @@ use super::heartbeat::Heartbeat;
 use super::identity;
 use super::ledger::{Key, Ledger, Phase};
 use super::outbox::{Kind, Outbox};
+use super::remote::{Opener, Remote};
 use super::trust::{sha256_hex, Admitted, Trust};
 use crate::config::Config;
 use crate::fsutil::error_text;
@@ -33,6 +34,8 @@ pub struct Context<'a> {
     pub heartbeat: &'a mut Heartbeat,
     pub config: &'a Config,
     pub trust: &'a mut Trust,
+    pub remote: &'a mut Remote,
+    pub registry: &'a mio::Registry,
 }
 
 pub struct Commands {
@@ -332,6 +335,13 @@ impl Commands {
                         self.mark_executing(&key, Some(sha256_hex(text.as_bytes())), by, ctx.outbox);
                         return self.to_start.push((key, Change::Keys(text.to_string())));
                     }
+                    Err(reason) => CommandState::Failed { reason },
+                }
+            }
+            Op::Shell | Op::Exec | Op::Forward => {
+                let opener = Opener { by: &by, issued: admitted.issued };
+                match ctx.remote.open(key.op, &key.id, &admitted.params, opener, ctx.registry) {
+                    Ok(result) => CommandState::Successful { result },
                     Err(reason) => CommandState::Failed { reason },
                 }
             }

@@ -23,6 +23,7 @@ use crate::trust::DeviceKey;
 use commands::{Commands, Context};
 use heartbeat::Heartbeat;
 use outbox::{Kind, Outbox};
+use remote::Remote;
 use trust::Trust;
 
 pub use trust::check_operators;
@@ -55,6 +56,7 @@ pub struct Agent {
     heartbeat: Heartbeat,
     commands: Commands,
     trust: Trust,
+    remote: Remote,
     /// Signs the device's answers; in its status for operators to pin. None when it could not
     /// be read or made (the agent runs on, its answers unsigned).
     device_key: Option<Arc<DeviceKey>>,
@@ -100,6 +102,7 @@ impl Agent {
             .ok();
         let mut commands =
             Commands::new(topics.clone(), &config.state_dir, Arc::clone(&waker), device_key.clone());
+        let remote = Remote::new(topics.clone(), &config.remote_access, Arc::clone(&waker));
         commands.recover(&mut outbox, &trust);
         // Read before the options: a file replaced in between makes the next SIGHUP reconnect
         // once for nothing, rather than miss a change.
@@ -119,6 +122,7 @@ impl Agent {
             heartbeat,
             commands,
             trust,
+            remote,
             device_key,
             online_since: 0,
             status_refresh_at: None,
@@ -140,6 +144,7 @@ impl Agent {
                     BROKER => self.client.on_socket(self.poll.registry(), event),
                     WAKER => self.on_wake(),
                     SIGNALS => self.on_signals(),
+                    token if Remote::owns(token) => self.remote.on_event(token, self.poll.registry()),
                     _ => {}
                 }
             }
@@ -148,11 +153,13 @@ impl Agent {
             self.commands.commit(&mut self.outbox, &mut self.trust);
             if self.stop.is_none() {
                 self.outbox.pump(&mut self.client);
+                self.remote.pump(&mut self.client, self.poll.registry());
                 if self.outbox.take_refusals_to_redo() {
                     log::info!("reading the refused requests again, to answer those dropped for room");
                     self.client.resubscribe();
                 }
             } else {
+                self.remote.pump(&mut self.client, self.poll.registry());
                 self.send_offline_status();
             }
             if self.stopped() {
@@ -168,6 +175,7 @@ impl Agent {
             self.outbox.next_deadline(),
             self.stop.as_ref().map(|stop| stop.deadline),
             self.status_refresh_at,
+            self.remote.next_deadline(),
         ]
         .into_iter()
         .flatten()
@@ -178,6 +186,7 @@ impl Agent {
         self.client.on_timer(self.poll.registry(), now);
         self.outbox.on_timer(now);
         self.on_status_timer(now);
+        self.remote.on_timer(self.poll.registry(), now);
         if self.stop.is_none() {
             // A failure is logged where it happens; the next interval tries again.
             let _ = self.heartbeat.on_timer(now, &self.outbox);
@@ -214,12 +223,17 @@ impl Agent {
                 Event::Message(publish) if publish.topic == self.topics.status() => {
                     self.on_own_status(&publish.payload)
                 }
+                Event::Message(publish) if self.topics.parse_tunnel(&publish.topic).is_some() => {
+                    self.remote.on_frame(&publish.topic, &publish.payload, self.poll.registry())
+                }
                 Event::Message(publish) => {
                     let mut ctx = Context {
                         outbox: &mut self.outbox,
                         heartbeat: &mut self.heartbeat,
                         config: &self.config,
                         trust: &mut self.trust,
+                        remote: &mut self.remote,
+                        registry: self.poll.registry(),
                     };
                     self.commands.on_message(&publish.topic, &publish.payload, &mut ctx);
                 }
@@ -243,6 +257,7 @@ impl Agent {
 
     fn on_connected(&mut self) {
         self.outbox.on_connected();
+        self.remote.on_reconnect();
         self.online_since = unix_seconds();
         self.publish_online();
         self.status_refresh_at = Some(Instant::now() + self.status_refresh_interval());
@@ -327,6 +342,7 @@ impl Agent {
         self.heartbeat.reconfigure(&new.heartbeat);
         self.outbox.set_limits(new.offline_buffer.clone());
         self.trust.reload(&new.trust);
+        self.remote.reconfigure(&new.remote_access);
         self.config = new;
         log::info!("config reloaded");
     }
@@ -336,6 +352,7 @@ impl Agent {
             return;
         }
         log::info!("stopping");
+        self.remote.stop(self.poll.registry());
         self.stop = Some(Stop { deadline: Instant::now() + STOP_GRACE, offline: OfflineStatus::Unsent });
         self.send_offline_status();
         if self.client.is_up() && self.stop.as_ref().is_some_and(|s| s.offline == OfflineStatus::Unsent) {
@@ -397,7 +414,7 @@ fn client_options(
         // Commands are retained: one lost on a dropped link comes again with the next
         // subscription. QoS 0, because Mosquitto queues at most `max_queued_messages` QoS 1
         // messages for a client (see docs/brokers.md for what it does at QoS 0).
-        subscriptions: vec![commands.filter(), topics.status()],
+        subscriptions: vec![commands.filter(), topics.status(), topics.tunnel_filter()],
         subscription_qos: mqttbytes::QoS::AtMostOnce,
         reconnect_min: Duration::from_secs(config.reconnect.min_s),
         reconnect_max: Duration::from_secs(config.reconnect.max_s),

@@ -28,6 +28,8 @@ pub struct Admitted {
     pub by: String,
     /// The signer's public key blob; None when unsigned.
     pub signer: Option<Vec<u8>>,
+    /// When the signed request says it was issued (unix seconds); None when unsigned.
+    pub issued: Option<u64>,
 }
 
 impl Trust {
@@ -54,6 +56,7 @@ impl Trust {
             AgeLimit { max_age_s: self.config.max_age_s, clock_sane_after: crate::trust::CLOCK_SANE_AFTER };
         check_request(&verified.request, at, unix_now(), limit).map_err(|refusal| refusal.to_string())?;
         Ok(Admitted {
+            issued: Some(verified.request.issued),
             params: verified.request.params,
             by: verified.signer.to_string(),
             signer: Some(verified.signer.key.blob().to_vec()),
@@ -62,7 +65,7 @@ impl Trust {
 
     fn admit_unsigned(&self, op: &str, params: Map<String, Value>) -> Result<Admitted, String> {
         if self.config.unsigned_ops.iter().any(|allowed| allowed == op) {
-            return Ok(Admitted { params, by: crate::trust::UNSIGNED_BY.into(), signer: None });
+            return Ok(Admitted { params, by: crate::trust::UNSIGNED_BY.into(), signer: None, issued: None });
         }
         let setup = if self.operators.is_empty() {
             format!(

@@ -7,7 +7,7 @@
 
 mod answer;
 mod authorized_keys;
-mod base64;
+pub mod base64;
 mod device_key;
 mod key;
 mod request;

@@ -6,6 +6,7 @@ use std::time::Duration;
 use tether::protocol::check_device_id;
 
 use crate::help;
+use crate::remote::{ForwardSpec, Interactive};
 use crate::settings::ConnFlags;
 use crate::Failure;
 
@@ -51,6 +52,12 @@ pub enum Command {
     KnownDevices {
         forget: Vec<String>,
     },
+    /// `shell` and `exec`.
+    Interactive(Interactive),
+    Forward {
+        device: String,
+        specs: Vec<ForwardSpec>,
+    },
 }
 
 #[derive(Debug, PartialEq)]
@@ -84,6 +91,10 @@ struct CommandOptions {
     timeout: Option<Duration>,
     queue: bool,
     clear: bool,
+    /// exec -t: a terminal on the device.
+    tty: bool,
+    /// -e: the escape character, as given.
+    escape: Option<String>,
     pending: bool,
     final_only: bool,
     all: bool,
@@ -96,7 +107,13 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed, Failure> 
     let mut opts = CommandOptions::default();
 
     let mut args = args.into_iter();
+    // `exec DEVICE -- CMD ARGS...`: everything after `--` is the remote command, verbatim.
+    let mut remote_argv: Vec<String> = Vec::new();
     while let Some(arg) = args.next() {
+        if arg == "--" && positionals.first().is_some_and(|s| s == "exec") {
+            remote_argv.extend(args.by_ref());
+            break;
+        }
         let (name, inline) = match arg.split_once('=') {
             Some((name, value)) if name.starts_with("--") => (name.to_string(), Some(value.to_string())),
             _ => (arg, None),
@@ -106,6 +123,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed, Failure> 
         let takes_value = help::FILE_OPTIONS.contains(&name.as_str())
             || help::VALUE_OPTIONS.contains(&name.as_str())
             || name == "--timeout"
+            || name == "-e"
             || (name == "--json" && after_cmd);
         let value = match (takes_value, inline) {
             (true, Some(v)) => Some(v),
@@ -129,6 +147,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed, Failure> 
             ("-v" | "--verbose", _) => verbose = true,
             ("-h" | "--help", _) => help = true,
             ("-V" | "--version", _) => version = true,
+            ("-t" | "-e", value) => opts.set(&name, value)?,
             (flag, value) if flag.starts_with("--") => opts.set(flag, value)?,
             (flag, _) if flag.starts_with('-') && flag.len() > 1 => {
                 return Err(Failure::usage(format!("unknown option {flag}")))
@@ -191,6 +210,27 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed, Failure> 
                 queue: opts.queue,
             })
         }
+        ("shell", [device]) => Command::Interactive(Interactive {
+            device: device_id(device)?,
+            argv: None,
+            pty: true,
+            escape: opts.escape()?,
+            timeout: None,
+        }),
+        ("exec", [device]) if !remote_argv.is_empty() => Command::Interactive(Interactive {
+            device: device_id(device)?,
+            argv: Some(remote_argv),
+            pty: opts.tty,
+            escape: opts.escape()?,
+            timeout: opts.timeout,
+        }),
+        ("forward", [device, specs @ ..]) if !specs.is_empty() => Command::Forward {
+            device: device_id(device)?,
+            specs: specs
+                .iter()
+                .map(|s| ForwardSpec::parse(s).map_err(|e| Failure::usage(format!("forward: {e}"))))
+                .collect::<Result<_, _>>()?,
+        },
         _ => return Err(wrong_arguments()),
     };
     Ok(Parsed::Run(Box::new(Args { conn, verbose, command })))
@@ -231,10 +271,26 @@ impl CommandOptions {
                 self.all = true;
                 "--all"
             }
+            ("-t", _) => {
+                self.tty = true;
+                "-t"
+            }
+            ("-e", v) => {
+                self.escape = v;
+                "-e"
+            }
             (flag, _) => return Err(Failure::usage(format!("unknown option {flag}"))),
         };
         self.given.push(name);
         Ok(())
+    }
+
+    /// `-e`: the escape character (`~` unless given), None for `-e none`.
+    fn escape(&self) -> Result<Option<u8>, Failure> {
+        match &self.escape {
+            None => Ok(Some(b'~')),
+            Some(text) => crate::tty::parse_escape_char(text).map_err(|e| Failure::usage(format!("-e: {e}"))),
+        }
     }
 
     /// What `cmds --clear` is to clear; None: only list.

@@ -94,7 +94,7 @@ pub fn run(settings: &Settings, req: &CmdRequest) -> Result<u8, Failure> {
             Input::Client(Event::Oversized { topic: t, size }) if t == topic => {
                 log::warn!("{}: skipped an answer of {size} bytes, too big", Printable(&topic))
             }
-            Input::Client(_) => {}
+            Input::Client(_) | Input::Ready(_) | Input::Resized | Input::Turn => {}
             Input::TimedOut => {
                 let why = format!("no answer from {} within {} s", req.device, req.timeout.as_secs_f64());
                 return give_up(session, req, &topic, &request, executing, why, exit::TIMED_OUT);
@@ -117,7 +117,7 @@ pub fn run(settings: &Settings, req: &CmdRequest) -> Result<u8, Failure> {
 /// What must hold before anything is sent: the device has reported (unless `--queue`), and its
 /// key is the one recorded. Then the request, signed if there is a key to sign with, and the
 /// key the device's answer must be signed with.
-fn prepare(
+pub fn prepare(
     settings: &Settings,
     req: &CmdRequest,
     id: &str,

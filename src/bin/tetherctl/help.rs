@@ -63,6 +63,38 @@ cleared; an ID that is not there is an error and nothing is cleared.",
         about: "the ops DEVICE advertises",
     },
     CommandHelp {
+        name: "shell",
+        args: "DEVICE [-e CHAR]",
+        options: &["-e"],
+        about: "a login shell on DEVICE, on a terminal, like ssh: end-to-end encrypted (the
+broker sees only ciphertext), through the broker alone. The local terminal is
+put in raw mode and restored on every way out; its size follows the window.
+Escapes after a newline: ~. disconnects, ~? lists them, ~~ sends ~; -e CHAR
+changes the escape character, -e none turns them off. Exits with the shell's
+exit status (255 if the session ended otherwise).",
+    },
+    CommandHelp {
+        name: "exec",
+        args: "DEVICE [-t] [-e CHAR] [--timeout S] -- CMD [ARGS...]",
+        options: &["-t", "-e", "--timeout"],
+        about: "runs CMD (no shell: wrap it in sh -c '...' for one) on DEVICE like ssh HOST CMD:
+stdin goes to it until end of file, its stdout and stderr come back apart, and
+its exit status becomes tetherctl's (128+N for signal N; 255 if the session
+ended otherwise). Works in pipelines: tar c dir | tetherctl exec dev -- tar x.
+-t: on a terminal (raw mode and escapes as for shell). --timeout S: stop it
+after S seconds (exit 2).",
+    },
+    CommandHelp {
+        name: "forward",
+        args: "DEVICE [LADDR:]LPORT:HOST:HPORT...",
+        options: &[],
+        about: "listens on LADDR:LPORT (default 127.0.0.1) here and forwards each connection to
+HOST:HPORT as seen from DEVICE, like ssh -L; several at once. The device must
+allow each target (remote_access.forward.allow; loopback only by default). A
+connection the device cannot make is closed here, with the reason on stderr.
+Until Ctrl-C.",
+    },
+    CommandHelp {
         name: "known-devices",
         args: "[forget DEVICE...]",
         options: &[],

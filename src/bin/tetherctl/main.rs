@@ -9,12 +9,12 @@ mod devices;
 mod format;
 mod help;
 mod known;
+mod remote;
 mod session;
 mod settings;
 mod sign;
-// For `shell` and `exec -t`, which are still to come.
-#[allow(dead_code)]
 mod tty;
+mod tunnel;
 mod watch;
 
 use std::io::Write;
@@ -123,5 +123,7 @@ fn run() -> Result<u8, Failure> {
         Command::Ops { device, json } => cmd::list_ops(&settings, device, *json),
         Command::Cmds { device, json, clear } => cmds::run(&settings, device, *json, clear.as_ref()),
         Command::KnownDevices { forget } => known::run(&settings.trust, forget),
+        Command::Interactive(request) => remote::interactive(&settings, request),
+        Command::Forward { device, specs } => remote::forward(&settings, device, specs),
     }
 }

@@ -7,8 +7,8 @@ use mqttbytes::QoS;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use tether::net::client::{Client, ClientOptions, Event};
-use tether::signals::Signals;
+use tether::net::client::{Client, ClientOptions, Event, Will};
+use tether::signals::{Signal, Signals};
 
 use crate::settings::Settings;
 use crate::{exit, Failure};
@@ -16,6 +16,8 @@ use crate::{exit, Failure};
 const BROKER: Token = Token(0);
 const WAKER: Token = Token(1);
 const SIGNALS: Token = Token(2);
+/// The first token free for the caller's own descriptors.
+pub const FIRST_FREE_TOKEN: usize = 16;
 
 /// Retries while connecting come quickly: someone is waiting at the terminal.
 const RECONNECT_MIN: Duration = Duration::from_secs(1);
@@ -36,6 +38,12 @@ pub enum Input {
     /// SIGINT, SIGTERM or SIGHUP.
     Interrupted,
     TimedOut,
+    /// A descriptor the caller registered (`registry`) under this token is ready.
+    Ready(Token),
+    /// SIGWINCH, once asked for (`watch_resize`).
+    Resized,
+    /// From `next_turn`: one round of polling happened (the socket may have room again).
+    Turn,
 }
 
 /// How the session subscribes: `Snapshot` (QoS 0) for reading the retained messages of a whole
@@ -53,6 +61,9 @@ pub struct Session {
     signals: Signals,
     client: Client,
     interrupted: bool,
+    resized: bool,
+    /// Tokens of the caller's descriptors that became ready, not returned yet.
+    ready: std::collections::VecDeque<Token>,
     /// The topic of the end marker: see `retained`.
     marker: String,
     settings: Settings,
@@ -63,10 +74,21 @@ impl Session {
     /// connect timeout (the client has logged why at each attempt), or 78 at once when the
     /// broker's certificate fails verification.
     pub fn connect(settings: &Settings, subscriptions: Vec<String>, mode: Mode) -> Result<Session, Failure> {
+        Session::connect_with_will(settings, subscriptions, mode, None)
+    }
+
+    /// `connect`, with a last will the broker publishes should tetherctl vanish.
+    pub fn connect_with_will(
+        settings: &Settings,
+        subscriptions: Vec<String>,
+        mode: Mode,
+        will: Option<Will>,
+    ) -> Result<Session, Failure> {
         let client_id = client_id();
         let marker = format!("{}/_tetherctl/end", settings.topic_root);
         let opts = ClientOptions {
             subscriptions,
+            will,
             end_marker: Some((marker.clone(), MARKER_PAYLOAD.to_vec())),
             connect_timeout: settings
                 .connect_timeout
@@ -93,6 +115,8 @@ impl Session {
             signals,
             client,
             interrupted: false,
+            resized: false,
+            ready: std::collections::VecDeque::new(),
             marker,
             settings: settings.clone(),
         };
@@ -101,7 +125,7 @@ impl Session {
         loop {
             match session.next(Some(deadline))? {
                 Input::Client(Event::Connected) => return Ok(session),
-                Input::Client(_) => {}
+                Input::Client(_) | Input::Ready(_) | Input::Resized | Input::Turn => {}
                 Input::Interrupted => return Err(Failure::interrupted()),
                 Input::TimedOut => {
                     let secs = settings.connect_timeout.as_secs_f64();
@@ -116,15 +140,26 @@ impl Session {
 
     /// The next thing that happens: an event of the client, a signal, or `deadline` passing.
     pub fn next(&mut self, deadline: Option<Instant>) -> Result<Input, Failure> {
+        self.next_filtered(deadline, false)
+    }
+
+    /// `next`, or `Input::Turn` after one round of polling: for a caller that moves bulk data,
+    /// which must send more as soon as the socket takes it.
+    pub fn next_turn(&mut self, deadline: Option<Instant>) -> Result<Input, Failure> {
+        self.next_filtered(deadline, true)
+    }
+
+    fn next_filtered(&mut self, deadline: Option<Instant>, one_turn: bool) -> Result<Input, Failure> {
         loop {
-            match self.next_with_marker(deadline)? {
+            match self.next_with_marker(deadline, one_turn)? {
                 Input::Client(Event::Message(p)) if p.topic == self.marker => {}
                 input => return Ok(input),
             }
         }
     }
 
-    fn next_with_marker(&mut self, deadline: Option<Instant>) -> Result<Input, Failure> {
+    fn next_with_marker(&mut self, deadline: Option<Instant>, one_turn: bool) -> Result<Input, Failure> {
+        let mut polled = false;
         loop {
             if let Some(why) = self.client.gave_up() {
                 let why = self.settings.name_source(why.to_string());
@@ -133,6 +168,12 @@ impl Session {
             if std::mem::take(&mut self.interrupted) {
                 return Ok(Input::Interrupted);
             }
+            if std::mem::take(&mut self.resized) {
+                return Ok(Input::Resized);
+            }
+            if let Some(token) = self.ready.pop_front() {
+                return Ok(Input::Ready(token));
+            }
             if let Some(event) = self.client.next_event() {
                 return Ok(Input::Client(event));
             }
@@ -140,6 +181,10 @@ impl Session {
             if deadline.is_some_and(|d| now >= d) {
                 return Ok(Input::TimedOut);
             }
+            if one_turn && polled {
+                return Ok(Input::Turn);
+            }
+            polled = true;
             let wake = [self.client.next_deadline(), deadline].into_iter().flatten().min();
             let timeout = wake.map(|w| w.saturating_duration_since(now));
             if let Err(e) = self.poll.poll(&mut self.events, timeout) {
@@ -152,12 +197,42 @@ impl Session {
                 match event.token() {
                     BROKER => self.client.on_socket(registry, event),
                     WAKER => self.client.on_wake(registry),
-                    SIGNALS => self.interrupted |= !self.signals.drain().is_empty(),
-                    _ => {}
+                    SIGNALS => {
+                        for signal in self.signals.drain() {
+                            match signal {
+                                Signal::Resize => self.resized = true,
+                                _ => self.interrupted = true,
+                            }
+                        }
+                    }
+                    token => self.ready.push_back(token),
                 }
             }
             self.client.on_timer(registry, Instant::now());
         }
+    }
+
+    /// For the caller's own descriptors, under tokens from `FIRST_FREE_TOKEN` up.
+    pub fn registry(&self) -> &mio::Registry {
+        self.poll.registry()
+    }
+
+    /// SIGWINCH comes as `Input::Resized` from now on.
+    pub fn watch_resize(&self) -> Result<(), Failure> {
+        self.signals.watch_resize().map_err(|e| Failure::error(format!("SIGWINCH: {e}")))
+    }
+
+    /// Bulk data (tunnel frames): QoS 0, only while `bulk_room` is not 0.
+    pub fn publish_bulk(&mut self, topic: &str, payload: &[u8]) -> bool {
+        self.client.publish_bulk(topic, payload)
+    }
+
+    pub fn bulk_room(&self) -> usize {
+        self.client.bulk_room()
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.client.is_up()
     }
 
     /// With a tag the publish goes at QoS 1 and `Event::Acked(tag)` follows. False when not
@@ -185,7 +260,7 @@ impl Session {
                 Input::Client(Event::Connected) => {
                     self.publish(topic, payload, retain, Some(TAG));
                 }
-                Input::Client(_) => {}
+                Input::Client(_) | Input::Ready(_) | Input::Resized | Input::Turn => {}
                 Input::Interrupted | Input::TimedOut => return Ok(false),
             }
         }
@@ -232,7 +307,7 @@ impl Session {
         let mut last_retained = Instant::now();
         loop {
             let deadline = if marker_seen { last_retained + SETTLE } else { Instant::now() + silence };
-            match self.next_with_marker(Some(deadline))? {
+            match self.next_with_marker(Some(deadline), false)? {
                 // Only the copy sent on subscribing is flagged retained: another tetherctl
                 // publishing the marker meanwhile sends it live.
                 Input::Client(Event::Message(p)) if p.topic == self.marker => {
@@ -255,7 +330,7 @@ impl Session {
                 Input::Client(Event::Oversized { topic, size }) => {
                     log::warn!("{topic}: skipped a message of {size} bytes, too big")
                 }
-                Input::Client(_) => {}
+                Input::Client(_) | Input::Ready(_) | Input::Resized | Input::Turn => {}
                 Input::Interrupted => return Err(Failure::interrupted()),
                 Input::TimedOut => return Ok(marker_seen.then_some(messages)),
             }

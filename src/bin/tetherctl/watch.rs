@@ -35,7 +35,7 @@ pub fn run(settings: &Settings, device: Option<&str>, json: bool) -> Result<u8, 
                 log::warn!("{}: skipped a message of {size} bytes, too big", Printable(&topic));
                 None
             }
-            Input::Client(_) | Input::TimedOut => None,
+            Input::Client(_) | Input::TimedOut | Input::Ready(_) | Input::Resized | Input::Turn => None,
             Input::Interrupted => {
                 session.close();
                 return Ok(exit::SUCCESS);
