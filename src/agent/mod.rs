@@ -175,7 +175,7 @@ impl Agent {
             self.outbox.next_deadline(),
             self.stop.as_ref().map(|stop| stop.deadline),
             self.status_refresh_at,
-            self.remote.next_deadline(),
+            self.remote.next_deadline(self.client.bulk_room() > 0),
         ]
         .into_iter()
         .flatten()

@@ -276,6 +276,11 @@ impl Tunnel {
         self.unacked.is_empty()
     }
 
+    /// Frames came that the peer has not been told of yet.
+    pub fn owes_ack(&self) -> bool {
+        self.ack_due.is_some()
+    }
+
     /// Bytes held for resending.
     pub fn held_bytes(&self) -> usize {
         self.unacked.iter().map(|(_, frame)| frame.len()).sum()

@@ -498,8 +498,10 @@ impl Remote {
         }
     }
 
-    pub fn next_deadline(&self) -> Option<Instant> {
-        self.tunnels.values().filter_map(|s| s.next_deadline(&self.config)).min()
+    /// `can_send`: whether the connection has room; the tunnels' own timers wait till it has
+    /// (a reconnect, or room in the socket, wakes the loop).
+    pub fn next_deadline(&self, can_send: bool) -> Option<Instant> {
+        self.tunnels.values().filter_map(|s| s.next_deadline(&self.config, can_send)).min()
     }
 
     pub fn on_timer(&mut self, registry: &Registry, now: Instant) {
@@ -562,10 +564,10 @@ impl Process {
 }
 
 impl Session {
-    fn next_deadline(&self, config: &RemoteAccessConfig) -> Option<Instant> {
+    fn next_deadline(&self, config: &RemoteAccessConfig, can_send: bool) -> Option<Instant> {
         let after = |secs: u64, from: Instant| (secs > 0).then(|| from + Duration::from_secs(secs));
         let candidates = [
-            self.tunnel.next_deadline(),
+            self.tunnel.next_deadline().filter(|_| can_send),
             self.ending,
             self.will_deadline,
             self.exit.map(|(_, at)| at + DRAIN_GRACE),

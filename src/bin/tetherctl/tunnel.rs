@@ -27,6 +27,8 @@ const REQUEST_TAG: u64 = 1;
 const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
 /// After our End: how long to wait for the device to acknowledge what is still on its way.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
+/// Frames kept that arrive before the device's answer is read (more are resent on request).
+const MAX_EARLY_FRAMES: usize = 64;
 
 pub struct Link {
     session: Session,
@@ -40,6 +42,8 @@ pub struct Link {
     pub ended_by_device: bool,
     /// A frame the connection had no room for: it goes first next time.
     held: Option<Vec<u8>>,
+    /// Frames the device sent before its answer was read, taken at the first `step`.
+    early: Vec<Vec<u8>>,
 }
 
 /// What happened, for the command driving the tunnel: data, eof and frames are handled here.
@@ -102,7 +106,7 @@ pub fn open(
         )));
     };
     session.publish(&topic, &request, true, Some(REQUEST_TAG));
-    let answer = wait_answer(&mut session, &topic, &request)?;
+    let (answer, early) = wait_answer(&mut session, &topic, &request, &from_device)?;
     let asked = Addressed { device, op, id: &id };
     let fields = answer.as_object().cloned().unwrap_or_default();
     let verified = verify_answer(&fields, &device_key, asked).map_err(|why| Failure {
@@ -141,13 +145,21 @@ pub fn open(
         scratch: vec![0; READ_CHUNK],
         ended_by_device: false,
         held: None,
+        early,
     })
 }
 
-/// The device's final answer to the request on `topic`.
-fn wait_answer(session: &mut Session, topic: &str, request: &[u8]) -> Result<Value, Failure> {
+/// The device's final answer to the request on `topic`, and the tunnel's frames that came
+/// meanwhile (the device sends as soon as it answers).
+fn wait_answer(
+    session: &mut Session,
+    topic: &str,
+    request: &[u8],
+    from_device: &str,
+) -> Result<(Value, Vec<Vec<u8>>), Failure> {
     let deadline = Instant::now() + OPEN_TIMEOUT;
     let mut stored = false;
+    let mut early = Vec::new();
     loop {
         match session.next(Some(deadline))? {
             Input::Client(Event::Acked(REQUEST_TAG)) => stored = true,
@@ -156,8 +168,11 @@ fn wait_answer(session: &mut Session, topic: &str, request: &[u8]) -> Result<Val
             }
             Input::Client(Event::Message(m)) if m.topic == topic => {
                 if let Answer::Final { payload, .. } = cmd::classify(&m.payload) {
-                    return Ok(payload);
+                    return Ok((payload, early));
                 }
+            }
+            Input::Client(Event::Message(m)) if m.topic == from_device && early.len() < MAX_EARLY_FRAMES => {
+                early.push(m.payload.to_vec());
             }
             Input::Interrupted | Input::TimedOut => {
                 let _ = session.publish_confirmed(topic, b"", true, Duration::from_secs(5));
@@ -211,6 +226,11 @@ impl Link {
         mut keyboard: Option<&mut Keyboard>,
         deadline: Option<Instant>,
     ) -> Result<Step, Failure> {
+        for frame in std::mem::take(&mut self.early) {
+            if let Some(message) = self.receive(endpoints, &frame, Instant::now()) {
+                return Ok(Step::Message(message));
+            }
+        }
         loop {
             // Until the connection or the windows are full, or the sources dry: the poll
             // may not wake again before an ack or a new byte comes.
@@ -227,7 +247,10 @@ impl Link {
                     break;
                 }
             }
-            let wake = [deadline, self.tunnel.next_deadline()].into_iter().flatten().min();
+            // The tunnel's timers only matter while it can send: a reconnect or room in the
+            // socket wakes the loop otherwise.
+            let tunnel_wake = self.tunnel.next_deadline().filter(|_| self.session.bulk_room() > 0);
+            let wake = [deadline, tunnel_wake].into_iter().flatten().min();
             let input = self.session.next_turn(wake)?;
             let now = Instant::now();
             match input {
@@ -381,19 +404,28 @@ impl Link {
         sent
     }
 
-    /// Ends the tunnel: our End (unless the device ended it), what is queued delivered (or
-    /// `CLOSE_WAIT`), local writes finished, then a clean goodbye to the broker (no will).
+    /// Ends the tunnel: our End (unless the device ended it) answered by the device's, the
+    /// device's last frames acknowledged (so it can forget the tunnel at once), local writes
+    /// finished, all within `CLOSE_WAIT`; then a clean goodbye to the broker (no will).
     pub fn close(mut self, endpoints: &mut Endpoints, reason: &str) {
         if !self.ended_by_device {
             self.tunnel.send(Message::End { reason: reason.to_string() });
         }
         let deadline = Instant::now() + CLOSE_WAIT;
         let settled = |link: &Link, endpoints: &Endpoints| {
-            link.tunnel.all_acked() && endpoints.values().all(|e| !e.has_pending())
+            link.ended_by_device && !link.tunnel.owes_ack() && endpoints.values().all(|e| !e.has_pending())
         };
-        while !settled(&self, endpoints) && Instant::now() < deadline {
-            match self.step(endpoints, None, Some(deadline)) {
-                Ok(Step::Interrupted | Step::TimedOut) | Err(_) => break,
+        loop {
+            while self.pump(endpoints) {}
+            if settled(&self, endpoints) {
+                break;
+            }
+            match self.session.next_turn(Some(deadline)) {
+                Ok(Input::Client(Event::Message(m))) if m.topic == self.from_device => {
+                    self.receive(endpoints, &m.payload, Instant::now());
+                }
+                Ok(Input::Client(Event::Connected)) => self.tunnel.on_reconnect(),
+                Ok(Input::Interrupted | Input::TimedOut) | Err(_) => break,
                 Ok(_) => {}
             }
         }
