@@ -54,6 +54,8 @@ pub enum Read {
     End,
     /// Nothing now; the loop will say when.
     Later,
+    /// The other side aborted (a connection reset): the stream must be closed with this reason.
+    Failed(String),
 }
 
 pub struct Endpoint {
@@ -114,7 +116,9 @@ impl Endpoint {
                 Read::Later
             }
             e if e.kind() == io::ErrorKind::Interrupted => Read::Later,
-            _ => Read::End, // EIO from a terminal, ECONNRESET from a socket: the end either way
+            // A terminal whose last holder left.
+            e if e.raw_os_error() == Some(libc::EIO) => Read::End,
+            e => Read::Failed(crate::fsutil::error_text(&e)),
         }
     }
 
@@ -268,20 +272,25 @@ pub fn flush_writers(
 /// Reads the ends into the tunnel, stream by stream in turn, while `may_send` says the
 /// connection has room and the tunnel has sent everything queued: bytes wait in the kernel
 /// (whose buffers push back on the process or the peer) rather than in memory. An end that
-/// reaches its end sends `eof`. Returns whether anything was read.
+/// reaches its end sends `eof`. Returns whether anything was read, and the streams whose
+/// read failed (a reset), for the caller to close with the reason.
 pub fn read_sources(
     endpoints: &mut Endpoints,
     tunnel: &mut Tunnel,
     may_send: impl Fn() -> bool,
     registry: &Registry,
     scratch: &mut [u8],
-) -> bool {
+) -> (bool, Vec<(StreamId, String)>) {
     let mut read_any = false;
+    let mut failed = Vec::new();
     loop {
         let mut progress = false;
         for (stream, endpoint) in endpoints.iter_mut() {
             if tunnel.unsent() > 0 || !may_send() {
-                return read_any || progress;
+                return (read_any || progress, failed);
+            }
+            if failed.iter().any(|(s, _)| s == stream) {
+                continue;
             }
             let room = tunnel.room(*stream).min(scratch.len());
             if room == 0 || !endpoint.readable() {
@@ -298,10 +307,11 @@ pub fn read_sources(
                     progress = true;
                 }
                 Read::Later => {}
+                Read::Failed(why) => failed.push((*stream, why)),
             }
         }
         if !progress {
-            return read_any;
+            return (read_any, failed);
         }
         read_any = true;
     }

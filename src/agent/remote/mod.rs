@@ -21,7 +21,7 @@ use crate::config::RemoteAccessConfig;
 use crate::net::client::Client;
 use crate::protocol::{Op, Topics};
 use crate::stream::endpoint::{self, Endpoint, Endpoints, Half, OnEof, READ_CHUNK};
-use crate::stream::{Handshake, Message, Rejected, Role, StreamId, Tunnel, MAX_WINDOW, MIN_WINDOW};
+use crate::stream::{Handshake, Message, Rejected, Role, StreamId, Tunnel, MIN_WINDOW};
 use crate::text::Printable;
 use crate::trust::base64;
 use forward::Connecting;
@@ -123,7 +123,9 @@ impl Remote {
         let operator_key = operator_key.ok_or("parameter \"eph\" must be a base64 X25519 key")?;
         let peer_window =
             params.get("window").and_then(Value::as_u64).unwrap_or(crate::stream::DEFAULT_WINDOW.into());
-        let peer_window = peer_window.clamp(MIN_WINDOW.into(), MAX_WINDOW.into()) as u32;
+        // What the agent holds for resending is bounded by its own setting, whatever the
+        // operator asks.
+        let peer_window = peer_window.clamp(MIN_WINDOW.into(), self.config.window.into()) as u32;
         let handshake = Handshake::new()?;
         let device_key = base64::encode(handshake.public());
         let context = crate::stream::tunnel_context(self.topics.device(), op.name(), id);
@@ -474,17 +476,18 @@ impl Remote {
             // Until the connection or the windows are full, or the sources dry: the loop may
             // not wake again before an ack or a new byte comes.
             loop {
-                let read = session.ending.is_none() && {
-                    let held = &session.held;
-                    let may_send = || client.bulk_room() > 0 && held.is_none();
-                    endpoint::read_sources(
-                        &mut session.endpoints,
-                        &mut session.tunnel,
-                        may_send,
-                        registry,
-                        &mut self.scratch,
-                    )
+                let (read, failed) = match session.ending {
+                    Some(_) => (false, Vec::new()),
+                    None => {
+                        let held = &session.held;
+                        let may_send = || client.bulk_room() > 0 && held.is_none();
+                        let (endpoints, tunnel) = (&mut session.endpoints, &mut session.tunnel);
+                        endpoint::read_sources(endpoints, tunnel, may_send, registry, &mut self.scratch)
+                    }
                 };
+                for (stream, why) in failed {
+                    close_stream(session, stream, &why, registry);
+                }
                 let sent = transmit(session, client, now);
                 if !read && !sent {
                     break;

@@ -297,6 +297,12 @@ impl Link {
                     return None;
                 }
                 endpoint::Read::Later => return None,
+                endpoint::Read::Failed(why) => {
+                    log::warn!("stdin: {why}");
+                    keyboard.endpoint.close_reader(self.session.registry());
+                    self.tunnel.send(Message::Eof { stream: 0 });
+                    return None;
+                }
             };
             let mut input = &self.scratch[..n];
             keyboard.filtered.clear();
@@ -377,13 +383,16 @@ impl Link {
         }
         let (session, held) = (&self.session, &self.held);
         let may_send = || session.bulk_room() > 0 && held.is_none();
-        let read = endpoint::read_sources(
+        let (read, failed) = endpoint::read_sources(
             endpoints,
             &mut self.tunnel,
             may_send,
             session.registry(),
             &mut self.scratch,
         );
+        for (stream, why) in failed {
+            self.close_stream(endpoints, stream, &why);
+        }
         let sent = self.transmit(now);
         read || sent
     }
