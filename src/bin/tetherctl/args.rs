@@ -373,6 +373,36 @@ mod tests {
     }
 
     #[test]
+    fn exec_takes_everything_after_the_double_dash_as_the_remote_command() {
+        let Command::Interactive(exec) = command("exec dev1 -t --timeout 5 -- ls -l --color -- -t") else {
+            panic!("not exec")
+        };
+        assert_eq!(
+            exec.argv,
+            Some(vec!["ls".into(), "-l".into(), "--color".into(), "--".into(), "-t".into()])
+        );
+        assert!(exec.pty);
+        assert_eq!(exec.timeout, Some(Duration::from_secs(5)));
+        assert_eq!(exec.escape, Some(b'~'));
+        let Command::Interactive(shell) = command("shell dev1 -e none") else { panic!("not shell") };
+        assert_eq!((shell.argv, shell.pty, shell.escape), (None, true, None));
+        assert!(parse_line("exec dev1").is_err(), "no command");
+        assert!(parse_line("shell dev1 -t").is_err(), "-t is exec's");
+        assert!(parse_line("exec dev1 ls").is_err(), "the command goes after --");
+    }
+
+    #[test]
+    fn forward_takes_one_spec_or_more() {
+        let Command::Forward { device, specs } = command("forward dev1 8080:127.0.0.1:80 2222:localhost:22")
+        else {
+            panic!("not forward")
+        };
+        assert_eq!((device.as_str(), specs.len()), ("dev1", 2));
+        assert!(parse_line("forward dev1").is_err());
+        assert!(parse_line("forward dev1 8080").is_err());
+    }
+
+    #[test]
     fn subcommands_and_their_options() {
         assert_eq!(command("devices --json"), Command::Devices { json: true });
         assert_eq!(
