@@ -28,7 +28,13 @@ impl Resolver {
     /// Starts resolving `target` for stream `stream` of tunnel `id`; the addresses come back
     /// through `try_recv`.
     pub fn start(&mut self, id: &str, stream: StreamId, target: &str) -> Connecting {
-        let connecting = Connecting { target: target.to_string(), rest: Vec::new(), socket: None };
+        let connecting = Connecting {
+            target: target.to_string(),
+            rest: Vec::new(),
+            socket: None,
+            early: Vec::new(),
+            early_eof: false,
+        };
         let Some((host, port)) = split_host_port(target) else {
             self.ready.push_back((id.into(), stream, Err(format!("{target} is not host:port"))));
             return connecting;
@@ -64,11 +70,30 @@ pub struct Connecting {
     rest: Vec<SocketAddr>,
     /// The connect under way, and the token it is registered under.
     socket: Option<(mio::net::TcpStream, Token, SocketAddr)>,
+    /// What the operator sent before the connection was made (it sends right after open), and
+    /// whether its end of file came: written once connected. The tunnel's window bounds it.
+    early: Vec<u8>,
+    early_eof: bool,
 }
 
 impl Connecting {
     pub fn target(&self) -> &str {
         &self.target
+    }
+
+    /// Bytes from the operator that came before the connection was made.
+    pub fn hold(&mut self, bytes: &[u8]) {
+        self.early.extend_from_slice(bytes);
+    }
+
+    /// The operator's end of file came before the connection was made.
+    pub fn hold_eof(&mut self) {
+        self.early_eof = true;
+    }
+
+    /// What came before the connection was made, and whether the end of file did.
+    pub fn take_early(&mut self) -> (Vec<u8>, bool) {
+        (std::mem::take(&mut self.early), self.early_eof)
     }
 
     pub fn token(&self) -> Option<Token> {

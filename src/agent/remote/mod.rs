@@ -297,6 +297,9 @@ impl Remote {
         let Some(session) = self.tunnels.get_mut(&id) else { return };
         match message {
             Message::Data { stream, bytes } => {
+                if let Some(connecting) = session.connecting.get_mut(&stream) {
+                    return connecting.hold(&bytes);
+                }
                 let delivered = endpoint::deliver(
                     &mut session.endpoints,
                     &mut session.tunnel,
@@ -310,6 +313,9 @@ impl Remote {
                 }
             }
             Message::Eof { stream } => {
+                if let Some(connecting) = session.connecting.get_mut(&stream) {
+                    return connecting.hold_eof();
+                }
                 if let Some(Err(why)) = session.endpoints.get_mut(&stream).map(|e| e.write_eof(registry)) {
                     close_stream(session, stream, &format!("cannot write: {why}"), registry);
                 }
@@ -404,6 +410,8 @@ impl Remote {
                             Printable(&target)
                         );
                         session.endpoints.insert(stream, endpoint);
+                        let (early, eof) = connecting.take_early();
+                        deliver_early(session, stream, &early, eof, registry);
                     }
                     Err(why) => close_stream(session, stream, &why, registry),
                 }
@@ -658,6 +666,19 @@ fn end(id: &str, session: &mut Session, reason: &str, registry: &Registry) {
         connecting.cancel(registry);
     }
     session.connecting.clear();
+}
+
+/// What the operator sent while the connection was being made goes to it now.
+fn deliver_early(session: &mut Session, stream: StreamId, bytes: &[u8], eof: bool, registry: &Registry) {
+    let now = Instant::now();
+    let mut delivered =
+        endpoint::deliver(&mut session.endpoints, &mut session.tunnel, stream, bytes, registry, now);
+    if eof && delivered.is_ok() {
+        delivered = session.endpoints.get_mut(&stream).map_or(Ok(()), |e| e.write_eof(registry).map(drop));
+    }
+    if let Err(why) = delivered {
+        close_stream(session, stream, &format!("cannot write: {why}"), registry);
+    }
 }
 
 fn close_stream(session: &mut Session, stream: StreamId, reason: &str, registry: &Registry) {
