@@ -140,7 +140,7 @@ fn run_interactive(mut link: Link, mut io: LocalIo, timeout: Option<Duration>) -
                 let message = Some("timed out: the remote command was stopped".into());
                 break ("timed out".into(), exit::TIMED_OUT, message);
             }
-            Step::Message(_) | Step::Ready(_) => {}
+            Step::Message(_) | Step::Ready(_) | Step::Delivered => {}
         }
     };
     link.close(&mut io.endpoints, &reason);

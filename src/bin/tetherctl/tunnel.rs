@@ -53,6 +53,9 @@ pub enum Step {
     TimedOut,
     /// `~.` typed.
     Disconnect,
+    /// An acknowledgement came and nothing sent is unacknowledged now: for `close`, which
+    /// waits for that.
+    Delivered,
 }
 
 /// The operator's keyboard (stdin): stream 0, through the escape filter.
@@ -130,10 +133,14 @@ pub fn open(
         .map_err(|why| Failure::error(format!("cannot open the tunnel: {why}")))?;
     let peer_window =
         peer_window.clamp(tether::stream::MIN_WINDOW.into(), tether::stream::MAX_WINDOW.into()) as u32;
+    let mut tunnel = Tunnel::new(keys, DEFAULT_WINDOW, peer_window, Instant::now());
+    // The device sends as soon as it answered (a shell's prompt, a short command's output),
+    // and what came while there were no keys to open it was dropped above.
+    tunnel.ask_resend();
     log::debug!("tunnel {id} open to {device}");
     Ok(Link {
         session,
-        tunnel: Tunnel::new(keys, DEFAULT_WINDOW, peer_window, Instant::now()),
+        tunnel,
         device: device.to_string(),
         to_device,
         from_device,
@@ -232,8 +239,12 @@ impl Link {
             let now = Instant::now();
             match input {
                 Input::Client(Event::Message(m)) if m.topic == self.from_device => {
+                    let was_delivered = self.tunnel.all_acked();
                     if let Some(message) = self.receive(endpoints, &m.payload, now) {
                         return Ok(Step::Message(message));
+                    }
+                    if !was_delivered && self.tunnel.all_acked() {
+                        return Ok(Step::Delivered);
                     }
                 }
                 Input::Client(Event::Connected) => self.tunnel.on_reconnect(),
