@@ -4,88 +4,12 @@
 
 mod common;
 
-use common::ssh::{keygen, public_line};
-use common::*;
-use serde_json::{json, Value};
-use std::io::Write;
-use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
-use std::time::Instant;
-
-/// A device online with remote access, and what tetherctl needs to reach it over wss.
-struct Setup {
-    broker: Broker,
-    #[allow(dead_code)] // kept running; the fault tests signal it
-    agent: Agent,
-    device: String,
-    dir: tempfile::TempDir,
-    key: PathBuf,
-    listener: Listener,
-}
-
-impl Setup {
-    fn new(device: &str, remote_access: Value) -> Setup {
-        Setup::new_on(device, remote_access, Listener::Wss)
-    }
-
-    fn new_on(device: &str, remote_access: Value, listener: Listener) -> Setup {
-        let broker = Broker::start_default();
-        let dir = tempfile::tempdir().unwrap();
-        let key = keygen(dir.path(), "operator", &["-t", "ed25519"]);
-        let authorized = dir.path().join("authorized_keys");
-        write_file(&authorized, &public_line(&key));
-        let mut config = broker.agent_config(device);
-        merge(
-            &mut config,
-            json!({
-                "broker": {"url": broker.url(listener), "ca_file": broker.ca_file()},
-                "trust": {"authorized_keys": authorized},
-                "remote_access": remote_access,
-            }),
-        );
-        let mut sub = Sub::new(&broker, &status_topic(device));
-        let agent = Agent::start(config);
-        sub.expect_online(device, secs(15));
-        Setup { broker, agent, device: device.to_string(), dir, key, listener }
-    }
-
-    /// tetherctl with the connection and identity set; stdin from `stdin`.
-    fn tetherctl(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tetherctl"));
-        for (key, _) in std::env::vars().filter(|(k, _)| k.starts_with("TETHER_") || k == "RUST_LOG") {
-            cmd.env_remove(key);
-        }
-        cmd.env_remove("SSH_AUTH_SOCK")
-            .env("TETHER_BROKER", self.broker.url(self.listener))
-            .env("TETHER_CA", self.broker.ca_file())
-            .env("TETHER_IDENTITY", &self.key)
-            .env("TETHER_KNOWN_DEVICES", self.dir.path().join("known_devices"))
-            .args(args);
-        cmd
-    }
-
-    fn exec(&self, argv: &[&str], stdin: &[u8]) -> Output {
-        let mut args = vec!["exec", &self.device, "--"];
-        args.extend_from_slice(argv);
-        run_with_input(self.tetherctl(&args), stdin)
-    }
-}
-
-fn run_with_input(mut cmd: Command, stdin: &[u8]) -> Output {
-    let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-    let mut pipe = child.stdin.take().unwrap();
-    let input = stdin.to_vec();
-    let writer = std::thread::spawn(move || {
-        let _ = pipe.write_all(&input);
-    });
-    let out = child.wait_with_output().unwrap();
-    writer.join().unwrap();
-    out
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
+use common::remote::{text, Setup};
+use common::{secs, signal};
+use serde_json::json;
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
 
 fn sha256_hex(bytes: &[u8]) -> String {
     ring::digest::digest(&ring::digest::SHA256, bytes).as_ref().iter().map(|b| format!("{b:02x}")).collect()
@@ -118,4 +42,71 @@ fn exec_pipes_50_mib_of_stdin_through_sha256sum() {
     let expected = sha256_hex(&data);
     assert!(text(&out.stdout).starts_with(&expected), "{} vs {expected}", text(&out.stdout));
     eprintln!("50 MiB through exec in {:?}", started.elapsed());
+}
+
+/// tetherctl's log: what it logs on stderr, each line with the time it came.
+fn timed_lines(stderr: impl Read + Send + 'static) -> std::thread::JoinHandle<Vec<(Instant, String)>> {
+    std::thread::spawn(move || {
+        BufReader::new(stderr).lines().map_while(Result::ok).map(|line| (Instant::now(), line)).collect()
+    })
+}
+
+/// `tetherctl exec DEVICE -- echo TEXT` with stdin at its end at once and RUST_LOG=debug.
+fn start_echo(s: &Setup, text: &str) -> Child {
+    let mut command = s.tetherctl(&s.exec_args(&["echo", text]));
+    command.env("RUST_LOG", "debug").stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    command.spawn().unwrap()
+}
+
+/// How long the repair of a loss may take: less than the 2 s timers of the tunnels, so that an
+/// output late by one of them shows.
+const SOON: Duration = Duration::from_millis(1500);
+
+/// A short command's output and end come as soon as the device sends them: tetherctl's last
+/// frame (stdin's end) is acknowledged before either side leaves, and tetherctl does not wait
+/// out its 2 s for acknowledgements.
+#[test]
+fn a_short_command_ends_without_waiting_out_a_timer() {
+    let s = Setup::new("dev-quick", json!({}));
+    let mut tetherctl = start_echo(&s, "quick");
+    let log = timed_lines(tetherctl.stderr.take().unwrap());
+    let mut stdout = tetherctl.stdout.take().unwrap();
+    let mut first = [0; 64];
+    let n = stdout.read(&mut first).unwrap();
+    let output_came = Instant::now();
+    let mut output = first[..n].to_vec();
+    stdout.read_to_end(&mut output).unwrap();
+    let status = tetherctl.wait().unwrap();
+    let ended = Instant::now();
+    let log = log.join().unwrap();
+    assert_eq!((status.code(), text(&output)), (Some(0), "quick\n".to_string()));
+    let opened = log.iter().find(|(_, line)| line.contains("open to dev-quick")).expect("tetherctl logs it");
+    let (to_output, to_end) = (output_came - opened.0, ended - output_came);
+    assert!(to_output < SOON, "the output came {to_output:?} after the tunnel opened");
+    assert!(to_end < SOON, "tetherctl exited {to_end:?} after the output came");
+}
+
+/// Frames the device sent before tetherctl had the keys to open them (here all of them:
+/// tetherctl is held stopped from its request until the device has ended the tunnel) are asked
+/// for again as soon as tetherctl has the keys, not left to the device's resend timer (2 s).
+#[test]
+fn what_the_device_sent_before_tetherctl_had_the_keys_comes_at_once() {
+    let s = Setup::new("dev-early", json!({}));
+    let mut broker_log = s.broker.watch_log();
+    let mut agent_log = s.agent.watch_log();
+    let tetherctl = start_echo(&s, "early");
+    assert!(broker_log.wait_for("'tether/dev-early/cmd/exec/", secs(10)), "tetherctl asked");
+    signal(tetherctl.id(), libc::SIGSTOP);
+    let device_ended = agent_log.wait_for(": ending", secs(10));
+    signal(tetherctl.id(), libc::SIGCONT);
+    assert!(device_ended, "the device ran the command and ended the tunnel");
+    let resumed = Instant::now();
+    let out = tetherctl.wait_with_output().unwrap();
+    assert_eq!(
+        (out.status.code(), text(&out.stdout)),
+        (Some(0), "early\n".to_string()),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(resumed.elapsed() < SOON, "tetherctl took {:?} once resumed", resumed.elapsed());
 }

@@ -5,84 +5,13 @@
 
 mod common;
 
-use common::ssh::{keygen, public_line};
+use common::remote::{remote_pid, Setup};
 use common::*;
-use serde_json::{json, Value};
+use serde_json::json;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
-
-// TODO(merge): use the shared Setup of tests/common once the terminal tests land.
-struct Setup {
-    broker: Broker,
-    agent: Agent,
-    device: String,
-    dir: tempfile::TempDir,
-    key: PathBuf,
-}
-
-impl Setup {
-    fn new(device: &str, remote_access: Value) -> Setup {
-        let broker = Broker::start_default();
-        let dir = tempfile::tempdir().unwrap();
-        let key = keygen(dir.path(), "operator", &["-t", "ed25519"]);
-        let authorized = dir.path().join("authorized_keys");
-        write_file(&authorized, &public_line(&key));
-        let mut config = broker.agent_config(device);
-        merge(
-            &mut config,
-            json!({
-                "broker": {"url": broker.url(Listener::Wss), "ca_file": broker.ca_file()},
-                "trust": {"authorized_keys": authorized},
-                "remote_access": remote_access,
-            }),
-        );
-        let mut sub = Sub::new(&broker, &status_topic(device));
-        let agent = Agent::start(config);
-        sub.expect_online(device, secs(15));
-        Setup { broker, agent, device: device.to_string(), dir, key }
-    }
-
-    fn tetherctl(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tetherctl"));
-        for (key, _) in std::env::vars().filter(|(k, _)| k.starts_with("TETHER_") || k == "RUST_LOG") {
-            cmd.env_remove(key);
-        }
-        cmd.env_remove("SSH_AUTH_SOCK")
-            .env("TETHER_BROKER", self.broker.url(Listener::Wss))
-            .env("TETHER_CA", self.broker.ca_file())
-            .env("TETHER_IDENTITY", &self.key)
-            .env("TETHER_KNOWN_DEVICES", self.dir.path().join("known_devices"))
-            .args(args);
-        cmd
-    }
-
-    /// `tetherctl exec DEV -- argv` running, its stdin, stdout and stderr piped.
-    fn spawn_exec(&self, argv: &[&str]) -> Child {
-        let mut args = vec!["exec", &self.device, "--"];
-        args.extend_from_slice(argv);
-        self.tetherctl(&args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
-    }
-
-    /// The pid the remote command wrote to `file`, once it has.
-    fn remote_pid(file: &Path) -> u32 {
-        let mut pid = None;
-        assert!(
-            wait_until(secs(20), || {
-                pid = std::fs::read_to_string(file).ok().and_then(|t| t.trim().parse().ok());
-                pid.is_some()
-            }),
-            "the remote command never started"
-        );
-        pid.unwrap()
-    }
-}
 
 fn gone(pid: u32) -> bool {
     !Path::new(&format!("/proc/{pid}")).exists()
@@ -180,7 +109,7 @@ fn an_operator_killed_mid_transfer_leaves_nothing_running_on_the_device() {
     let script = format!("echo $$ > {}; exec cat > /dev/null", pid_file.display());
     let mut ctl = s.spawn_exec(&["sh", "-c", &script]);
     let mut stdin = ctl.stdin.take().unwrap();
-    let remote = Setup::remote_pid(&pid_file);
+    let remote = remote_pid(&pid_file);
     let feeder = std::thread::spawn(move || {
         let block = vec![7u8; 64 * 1024];
         while stdin.write_all(&block).is_ok() {}
@@ -201,7 +130,7 @@ fn an_agent_stopping_ends_its_sessions_and_their_processes() {
     let pid_file = s.dir.path().join("remote.pid");
     let script = format!("echo $$ > {}; exec sleep 100", pid_file.display());
     let ctl = s.spawn_exec(&["sh", "-c", &script]);
-    let remote = Setup::remote_pid(&pid_file);
+    let remote = remote_pid(&pid_file);
     s.agent.term();
     let out = finish(ctl, secs(20), &s.agent);
     let stderr = String::from_utf8_lossy(&out.stderr);

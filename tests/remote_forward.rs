@@ -5,9 +5,9 @@
 
 mod common;
 
-use common::ssh::{keygen, public_line};
+use common::remote::Setup;
 use common::*;
-use serde_json::{json, Value};
+use serde_json::json;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -17,54 +17,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
-
-// TODO(merge): use the shared Setup (a copy of tests/remote_access.rs's, wss only).
-/// A device online with remote access, and what tetherctl needs to reach it over wss.
-struct Setup {
-    broker: Broker,
-    agent: Agent,
-    device: String,
-    dir: tempfile::TempDir,
-    key: PathBuf,
-}
-
-impl Setup {
-    fn new(device: &str, remote_access: Value) -> Setup {
-        let broker = Broker::start_default();
-        let dir = tempfile::tempdir().unwrap();
-        let key = keygen(dir.path(), "operator", &["-t", "ed25519"]);
-        let authorized = dir.path().join("authorized_keys");
-        write_file(&authorized, &public_line(&key));
-        let mut config = broker.agent_config(device);
-        merge(
-            &mut config,
-            json!({
-                "broker": {"url": broker.url(Listener::Wss), "ca_file": broker.ca_file()},
-                "trust": {"authorized_keys": authorized},
-                "remote_access": remote_access,
-            }),
-        );
-        let mut sub = Sub::new(&broker, &status_topic(device));
-        let agent = Agent::start(config);
-        sub.expect_online(device, secs(15));
-        Setup { broker, agent, device: device.to_string(), dir, key }
-    }
-
-    /// tetherctl with the connection and identity set.
-    fn tetherctl(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tetherctl"));
-        for (key, _) in std::env::vars().filter(|(k, _)| k.starts_with("TETHER_") || k == "RUST_LOG") {
-            cmd.env_remove(key);
-        }
-        cmd.env_remove("SSH_AUTH_SOCK")
-            .env("TETHER_BROKER", self.broker.url(Listener::Wss))
-            .env("TETHER_CA", self.broker.ca_file())
-            .env("TETHER_IDENTITY", &self.key)
-            .env("TETHER_KNOWN_DEVICES", self.dir.path().join("known_devices"))
-            .args(args);
-        cmd
-    }
-}
 
 /// `LPORT:HOST:HPORT`, as tetherctl forward takes it.
 fn spec(local_port: u16, target: &str) -> String {

@@ -230,6 +230,12 @@ impl Tunnel {
     /// ways, so everything unacknowledged goes again and the peer is asked to do the same.
     pub fn on_reconnect(&mut self) {
         self.rewind();
+        self.ask_resend();
+    }
+
+    /// Frames from the peer may have been dropped before this side could take them: the peer is
+    /// asked at once to send again everything not acknowledged (rather than after its timeout).
+    pub fn ask_resend(&mut self) {
         self.resend_wanted = true;
         self.resend_asked_at = None;
     }
@@ -276,9 +282,10 @@ impl Tunnel {
         self.unacked.is_empty()
     }
 
-    /// Frames came that the peer has not been told of yet.
+    /// Frames from the peer await our acknowledgement (or a resend request is to go): a side
+    /// that leaves before sending it keeps the peer waiting for it.
     pub fn owes_ack(&self) -> bool {
-        self.ack_due.is_some()
+        self.ack_due.is_some() || self.resend_wanted
     }
 
     /// Bytes held for resending.
@@ -464,6 +471,32 @@ mod tests {
         dev.on_reconnect();
         assert_eq!(deliver(&mut op, &mut dev, now), [data(0, b"lost on the way")]);
         assert_eq!(deliver(&mut dev, &mut op, now), [Message::Exit { code: 0 }]);
+    }
+
+    #[test]
+    fn an_ack_is_owed_from_a_frame_taken_until_it_goes_out() {
+        let (mut op, mut dev, now) = pair();
+        assert!(!dev.owes_ack());
+        op.send(Message::Eof { stream: 0 });
+        dev.receive(&op.poll_transmit(now).unwrap(), now).unwrap();
+        assert!(dev.all_acked() && dev.owes_ack(), "nothing of its own to resend, but an ack to send");
+        assert!(dev.poll_transmit(now).is_none(), "the ack waits for company");
+        let ack = dev.poll_transmit(now + ACK_DELAY).unwrap();
+        assert!(!dev.owes_ack());
+        op.receive(&ack, now + ACK_DELAY).unwrap();
+        assert!(op.all_acked());
+    }
+
+    #[test]
+    fn a_receiver_that_missed_the_first_frames_asks_and_gets_them_at_once() {
+        let (mut op, mut dev, now) = pair();
+        dev.send_data(0, b"$ ");
+        dev.send(Message::Exit { code: 0 });
+        let _dropped: Vec<_> = std::iter::from_fn(|| dev.poll_transmit(now)).collect();
+        op.ask_resend();
+        assert!(deliver(&mut op, &mut dev, now).is_empty(), "only the request goes");
+        assert!(dev.next_deadline().is_some_and(|at| at > now), "the device's timer has not fired");
+        assert_eq!(deliver(&mut dev, &mut op, now), [data(0, b"$ "), Message::Exit { code: 0 }]);
     }
 
     #[test]

@@ -128,7 +128,7 @@ pub fn signal(pid: u32, sig: i32) {
 }
 
 /// Waits for a child to exit, up to `timeout`.
-fn wait_child(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+pub fn wait_child(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
     let end = Instant::now() + timeout;
     loop {
         if let Some(status) = child.try_wait().unwrap() {
@@ -719,6 +719,7 @@ impl Msg {
 
 pub mod cluster;
 pub mod raw;
+pub mod remote;
 pub mod ssh;
 
 const PROBE_MARK: &str = "/_harness/probe/";

@@ -503,7 +503,7 @@ impl Remote {
             }
             finish_if_done(&id, session, registry, now);
             transmit(session, client, now);
-            if session.ending.is_some_and(|at| session.tunnel.all_acked() || now >= at) {
+            if session.is_over(now) {
                 self.tunnels.remove(&id);
             }
         }
@@ -575,6 +575,13 @@ impl Process {
 }
 
 impl Session {
+    /// Ended, and the operator has everything: what we sent, and our acknowledgement of what
+    /// it sent (without it, the operator waits for it before it exits). Or the wait is over.
+    fn is_over(&self, now: Instant) -> bool {
+        let settled = self.tunnel.all_acked() && !self.tunnel.owes_ack();
+        self.ending.is_some_and(|at| settled || now >= at)
+    }
+
     fn next_deadline(&self, config: &RemoteAccessConfig, can_send: bool) -> Option<Instant> {
         let after = |secs: u64, from: Instant| (secs > 0).then(|| from + Duration::from_secs(secs));
         let candidates = [

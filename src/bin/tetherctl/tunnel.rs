@@ -27,8 +27,6 @@ const REQUEST_TAG: u64 = 1;
 const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
 /// After our End: how long to wait for the device to acknowledge what is still on its way.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
-/// Frames kept that arrive before the device's answer is read (more are resent on request).
-const MAX_EARLY_FRAMES: usize = 64;
 
 pub struct Link {
     session: Session,
@@ -42,8 +40,6 @@ pub struct Link {
     pub ended_by_device: bool,
     /// A frame the connection had no room for: it goes first next time.
     held: Option<Vec<u8>>,
-    /// Frames the device sent before its answer was read, taken at the first `step`.
-    early: Vec<Vec<u8>>,
 }
 
 /// What happened, for the command driving the tunnel: data, eof and frames are handled here.
@@ -106,7 +102,7 @@ pub fn open(
         )));
     };
     session.publish(&topic, &request, true, Some(REQUEST_TAG));
-    let (answer, early) = wait_answer(&mut session, &topic, &request, &from_device)?;
+    let answer = wait_answer(&mut session, &topic, &request)?;
     let asked = Addressed { device, op, id: &id };
     let fields = answer.as_object().cloned().unwrap_or_default();
     let verified = verify_answer(&fields, &device_key, asked).map_err(|why| Failure {
@@ -134,10 +130,14 @@ pub fn open(
         .map_err(|why| Failure::error(format!("cannot open the tunnel: {why}")))?;
     let peer_window =
         peer_window.clamp(tether::stream::MIN_WINDOW.into(), tether::stream::MAX_WINDOW.into()) as u32;
+    let mut tunnel = Tunnel::new(keys, DEFAULT_WINDOW, peer_window, Instant::now());
+    // The device sends as soon as it answered (a shell's prompt, a short command's output),
+    // and what came while there were no keys to open it was dropped above.
+    tunnel.ask_resend();
     log::debug!("tunnel {id} open to {device}");
     Ok(Link {
         session,
-        tunnel: Tunnel::new(keys, DEFAULT_WINDOW, peer_window, Instant::now()),
+        tunnel,
         device: device.to_string(),
         to_device,
         from_device,
@@ -145,21 +145,14 @@ pub fn open(
         scratch: vec![0; READ_CHUNK],
         ended_by_device: false,
         held: None,
-        early,
     })
 }
 
-/// The device's final answer to the request on `topic`, and the tunnel's frames that came
-/// meanwhile (the device sends as soon as it answers).
-fn wait_answer(
-    session: &mut Session,
-    topic: &str,
-    request: &[u8],
-    from_device: &str,
-) -> Result<(Value, Vec<Vec<u8>>), Failure> {
+/// The device's final answer to the request on `topic`. The tunnel's frames that come
+/// meanwhile are dropped: the tunnel asks for them again once it has its keys.
+fn wait_answer(session: &mut Session, topic: &str, request: &[u8]) -> Result<Value, Failure> {
     let deadline = Instant::now() + OPEN_TIMEOUT;
     let mut stored = false;
-    let mut early = Vec::new();
     loop {
         match session.next(Some(deadline))? {
             Input::Client(Event::Acked(REQUEST_TAG)) => stored = true,
@@ -168,11 +161,8 @@ fn wait_answer(
             }
             Input::Client(Event::Message(m)) if m.topic == topic => {
                 if let Answer::Final { payload, .. } = cmd::classify(&m.payload) {
-                    return Ok((payload, early));
+                    return Ok(payload);
                 }
-            }
-            Input::Client(Event::Message(m)) if m.topic == from_device && early.len() < MAX_EARLY_FRAMES => {
-                early.push(m.payload.to_vec());
             }
             Input::Interrupted | Input::TimedOut => {
                 let _ = session.publish_confirmed(topic, b"", true, Duration::from_secs(5));
@@ -226,11 +216,6 @@ impl Link {
         mut keyboard: Option<&mut Keyboard>,
         deadline: Option<Instant>,
     ) -> Result<Step, Failure> {
-        for frame in std::mem::take(&mut self.early) {
-            if let Some(message) = self.receive(endpoints, &frame, Instant::now()) {
-                return Ok(Step::Message(message));
-            }
-        }
         loop {
             // Until the connection or the windows are full, or the sources dry: the poll
             // may not wake again before an ack or a new byte comes.
