@@ -203,3 +203,21 @@ fn a_hundred_sessions_leave_no_descriptor_or_memory_behind() {
     assert_eq!(fds_after, fds, "descriptors leaked");
     assert!(rss_after <= rss + 512, "VmRSS grew from {rss} to {rss_after} kB over 100 sessions");
 }
+
+/// A device that no longer knows a session (here: its agent was killed and started again)
+/// says so when the operator's tetherctl probes after 20 s of silence: tetherctl exits with
+/// the reason instead of waiting forever. The killed agent's process died with it.
+#[test]
+fn an_operator_whose_device_forgot_the_session_is_told_and_exits() {
+    let mut s = Setup::new("dev-forgot", json!({}));
+    let pid_file = s.dir.path().join("remote.pid");
+    let ctl = s.spawn_exec(&["sh", "-c", &format!("echo $$ > {}; exec sleep 100", pid_file.display())]);
+    let remote = remote_pid(&pid_file);
+    s.agent.kill9();
+    assert!(wait_until(secs(10), || gone(remote)), "the remote process outlived the agent's kill -9");
+    s.agent.restart();
+    let out = finish(ctl, secs(45), &s.agent);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(255), "{stderr}");
+    assert!(stderr.contains("does not know this session"), "{stderr}");
+}

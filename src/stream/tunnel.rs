@@ -85,6 +85,8 @@ pub struct Tunnel {
     resend_asked_at: Option<Instant>,
     flows: BTreeMap<StreamId, Flow>,
     last_heard: Instant,
+    /// When the peer's last message (a reliable frame) was taken: acks alone are no activity.
+    last_message: Instant,
 }
 
 impl Tunnel {
@@ -106,6 +108,7 @@ impl Tunnel {
             resend_asked_at: None,
             flows: BTreeMap::new(),
             last_heard: now,
+            last_message: now,
         }
     }
 
@@ -163,6 +166,7 @@ impl Tunnel {
         let message = Message::decode(plain).ok_or(Rejected::Malformed)?;
         self.expected += 1;
         self.last_heard = now;
+        self.last_message = now;
         self.ack_soon(now);
         if let Message::Data { stream, bytes } = &message {
             let flow = self.flows.entry(*stream).or_default();
@@ -270,6 +274,17 @@ impl Tunnel {
     /// When a frame from the peer last authenticated.
     pub fn last_heard(&self) -> Instant {
         self.last_heard
+    }
+
+    /// When a message (not an ack) from the peer was last taken.
+    pub fn last_message(&self) -> Instant {
+        self.last_message
+    }
+
+    /// Sends an ack now, even with nothing new to acknowledge: a probe whose only answer is
+    /// the peer saying it does not know the tunnel (an empty payload, docs/protocol.md).
+    pub fn probe(&mut self, now: Instant) {
+        self.ack_due = Some(now);
     }
 
     /// Frames queued and not transmitted yet (resends included).

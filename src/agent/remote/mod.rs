@@ -38,6 +38,11 @@ const WILL_GRACE: Duration = Duration::from_secs(15);
 /// After the process exited: how long output still coming (a background job holding the
 /// terminal) is forwarded before the tunnel ends.
 const DRAIN_GRACE: Duration = Duration::from_millis(500);
+/// The smallest frame: a header and a tag.
+const MIN_FRAME: usize = 9 + 16;
+/// Notices of unknown tunnels waiting to go out at most: frames for unknown tunnels cost a
+/// sender (with broker credentials) as much as the notices cost the agent, and no more pile up.
+const MAX_UNKNOWN_NOTICES: usize = 16;
 /// After the tunnel's End: how long it waits for the operator to acknowledge what it sent.
 const LINGER: Duration = Duration::from_secs(5);
 
@@ -49,6 +54,8 @@ pub struct Remote {
     forward: forward::Resolver,
     /// Read buffer shared by every stream, kept while a tunnel is open.
     scratch: Vec<u8>,
+    /// Topics of tunnels unknown here that an operator sent to: each gets an empty payload.
+    unknown: Vec<String>,
 }
 
 /// What a tunnel request brings besides its parameters (from the trust check).
@@ -76,6 +83,8 @@ struct Session {
     ending: Option<Instant>,
     /// A frame the connection had no room for: it goes first next time.
     held: Option<Vec<u8>>,
+    /// When bytes were last read from the session's processes or sockets: output is activity.
+    output_at: Instant,
 }
 
 impl Remote {
@@ -87,6 +96,7 @@ impl Remote {
             next_token: FIRST_TOKEN,
             forward: forward::Resolver::new(waker),
             scratch: Vec::new(),
+            unknown: Vec::new(),
         }
     }
 
@@ -145,6 +155,7 @@ impl Remote {
             will_deadline: None,
             ending: None,
             held: None,
+            output_at: now,
         };
         match op {
             Op::Forward => session.targets = self.forward_targets(params)?,
@@ -264,7 +275,13 @@ impl Remote {
     pub fn on_frame(&mut self, topic: &str, payload: &[u8], registry: &Registry) {
         let Some(id) = self.topics.parse_tunnel(topic) else { return };
         let Some(session) = self.tunnels.get_mut(id) else {
-            return log::debug!("tunnel {}: a frame for no open tunnel", Printable(id));
+            // Tell the operator (a tunnel this agent ended while it was away, or never had):
+            // it would wait for it forever. Unauthenticated, as the operator's will.
+            if payload.len() >= MIN_FRAME && self.unknown.len() < MAX_UNKNOWN_NOTICES {
+                log::debug!("tunnel {}: a frame for no open tunnel", Printable(id));
+                self.unknown.push(self.topics.tunnel_to_operator(id));
+            }
+            return;
         };
         let now = Instant::now();
         if payload.is_empty() {
@@ -464,6 +481,12 @@ impl Remote {
     /// Moves bytes: descriptors to tunnels as far as windows and the connection's bulk room
     /// allow, tunnels to the broker, operators' bytes to descriptors that became writable.
     pub fn pump(&mut self, client: &mut Client, registry: &Registry) {
+        while let Some(topic) = self.unknown.last() {
+            if !client.publish_bulk(topic, b"") {
+                break;
+            }
+            self.unknown.pop();
+        }
         if self.tunnels.is_empty() {
             self.scratch = Vec::new();
             return;
@@ -495,6 +518,9 @@ impl Remote {
                 };
                 for (stream, why) in failed {
                     close_stream(session, stream, &why, registry);
+                }
+                if read {
+                    session.output_at = now;
                 }
                 let sent = transmit(session, client, now);
                 if !read && !sent {
@@ -582,6 +608,11 @@ impl Session {
         self.ending.is_some_and(|at| settled || now >= at)
     }
 
+    /// The last sign of use: input from the operator, or output to it.
+    fn active_at(&self) -> Instant {
+        self.tunnel.last_message().max(self.output_at)
+    }
+
     fn next_deadline(&self, config: &RemoteAccessConfig, can_send: bool) -> Option<Instant> {
         let after = |secs: u64, from: Instant| (secs > 0).then(|| from + Duration::from_secs(secs));
         let candidates = [
@@ -590,7 +621,7 @@ impl Session {
             self.will_deadline,
             self.exit.map(|(_, at)| at + DRAIN_GRACE),
             after(config.expire_after_s, self.opened).filter(|_| self.ending.is_none()),
-            after(config.expire_after_idle_s, self.tunnel.last_heard()).filter(|_| self.ending.is_none()),
+            after(config.expire_after_idle_s, self.active_at()).filter(|_| self.ending.is_none()),
         ];
         candidates.into_iter().flatten().min()
     }
@@ -601,7 +632,7 @@ impl Session {
             Some("the operator's connection dropped and did not come back".into())
         } else if passed(config.expire_after_s, self.opened) {
             Some(format!("expired: open for {} s (remote_access.expire_after_s)", config.expire_after_s))
-        } else if passed(config.expire_after_idle_s, self.tunnel.last_heard()) {
+        } else if passed(config.expire_after_idle_s, self.active_at()) {
             Some(format!(
                 "expired: nothing from the operator for {} s (remote_access.expire_after_idle_s)",
                 config.expire_after_idle_s

@@ -263,7 +263,10 @@ fn spawn(
     let (program, args) = argv.split_first().ok_or("the command is empty")?;
     let mut command = Command::new(program);
     command.args(args).stdin(stdin).stdout(stdout).stderr(stderr);
-    let mut setup = ChildSetup { controlling_terminal: term.is_some(), credentials: None, home: None };
+    // SAFETY: getpid has no preconditions.
+    let parent = unsafe { libc::getpid() };
+    let mut setup =
+        ChildSetup { parent, controlling_terminal: term.is_some(), credentials: None, home: None };
     if let Some(name) = user {
         let account = lookup_account(name)?;
         command.envs(account.environment());
@@ -282,6 +285,8 @@ fn spawn(
 /// What the child does between fork and exec. Prepared in the parent: there, another thread
 /// may have held a lock at the fork, so nothing may allocate or read files.
 struct ChildSetup {
+    /// The agent: the child dies with it (a kill -9 leaves no shell behind).
+    parent: libc::pid_t,
     controlling_terminal: bool,
     credentials: Option<Credentials>,
     home: Option<CString>,
@@ -329,6 +334,12 @@ impl ChildSetup {
                 if libc::setuid(c.uid) != 0 {
                     return Err(step_failed(SETUID));
                 }
+            }
+            // After the credentials: changing them clears the setting. Had the agent died
+            // already, no signal would come: then the child goes at once.
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            if libc::getppid() != self.parent {
+                libc::_exit(1);
             }
             // As login does, a missing home is no reason to refuse: the session starts in /.
             if self.home.as_ref().is_some_and(|home| libc::chdir(home.as_ptr()) != 0) {

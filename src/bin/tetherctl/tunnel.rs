@@ -27,6 +27,10 @@ const REQUEST_TAG: u64 = 1;
 const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
 /// After our End: how long to wait for the device to acknowledge what is still on its way.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
+/// After this long without a frame from the device, tetherctl probes: a device that no longer
+/// knows the tunnel (it ended it while tetherctl was away, or restarted) says so, and tetherctl
+/// does not wait for it forever.
+const PROBE_AFTER: Duration = Duration::from_secs(20);
 
 pub struct Link {
     session: Session,
@@ -40,6 +44,8 @@ pub struct Link {
     pub ended_by_device: bool,
     /// A frame the connection had no room for: it goes first next time.
     held: Option<Vec<u8>>,
+    /// When the last probe went (see `PROBE_AFTER`).
+    probed_at: Option<Instant>,
 }
 
 /// What happened, for the command driving the tunnel: data, eof and frames are handled here.
@@ -145,6 +151,7 @@ pub fn open(
         scratch: vec![0; READ_CHUNK],
         ended_by_device: false,
         held: None,
+        probed_at: None,
     })
 }
 
@@ -234,8 +241,10 @@ impl Link {
             }
             // The tunnel's timers only matter while it can send: a reconnect or room in the
             // socket wakes the loop otherwise.
-            let tunnel_wake = self.tunnel.next_deadline().filter(|_| self.session.bulk_room() > 0);
-            let wake = [deadline, tunnel_wake].into_iter().flatten().min();
+            let can_send = self.session.bulk_room() > 0;
+            let tunnel_wake =
+                [self.tunnel.next_deadline(), Some(self.probe_at())].into_iter().flatten().min();
+            let wake = [deadline, tunnel_wake.filter(|_| can_send)].into_iter().flatten().min();
             let input = self.session.next_turn(wake)?;
             let now = Instant::now();
             match input {
@@ -257,6 +266,10 @@ impl Link {
                 Input::Interrupted => return Ok(Step::Interrupted),
                 Input::TimedOut => {
                     self.tunnel.on_timer(now);
+                    if now >= self.probe_at() {
+                        self.tunnel.probe(now);
+                        self.probed_at = Some(now);
+                    }
                     if deadline.is_some_and(|d| now >= d) {
                         return Ok(Step::TimedOut);
                     }
@@ -303,7 +316,19 @@ impl Link {
         None
     }
 
+    fn probe_at(&self) -> Instant {
+        self.tunnel.last_heard().max(self.probed_at.unwrap_or(self.tunnel.last_heard())) + PROBE_AFTER
+    }
+
     fn receive(&mut self, endpoints: &mut Endpoints, frame: &[u8], now: Instant) -> Option<Message> {
+        if frame.is_empty() {
+            // Unauthenticated, like the operator's will: whoever can publish here can end the
+            // session, as they could by dropping its frames.
+            self.ended_by_device = true;
+            let reason = "the device does not know this session (it ended it while tetherctl was away, or \
+                          restarted)";
+            return Some(Message::End { reason: reason.into() });
+        }
         let registry = self.session.registry();
         match self.tunnel.receive(frame, now) {
             Ok(Some(Message::Data { stream, bytes })) => {
