@@ -227,7 +227,7 @@ def memory_kb(pid):
 
 
 class Agent:
-    def __init__(self, binary, work, args, device, heartbeat_s):
+    def __init__(self, binary, work, args, device, heartbeat_s, extra_config=None):
         os.makedirs(work, exist_ok=True)
         self.work = work
         self.config = os.path.join(work, "agent.json")
@@ -238,6 +238,7 @@ class Agent:
             "device_id": device,
             "state_dir": self.state_dir,
             "heartbeat": {"interval_s": heartbeat_s},
+            **(extra_config or {}),
         }
         with open(self.config, "w") as f:
             json.dump(config, f)
