@@ -78,14 +78,20 @@ impl Keys {
     /// sealed.
     pub fn seal(&self, header: [u8; 9], plaintext: &[u8]) -> Vec<u8> {
         let mut frame = Vec::with_capacity(header.len() + plaintext.len() + TAG_LEN);
-        frame.extend_from_slice(&header);
-        frame.extend_from_slice(plaintext);
-        let mut body = frame.split_off(header.len());
-        self.seal
-            .seal_in_place_append_tag(nonce(&header), Aad::from(header), &mut body)
-            .expect("a frame is far below ChaCha20-Poly1305's limit");
-        frame.extend_from_slice(&body);
+        self.seal_into(header, plaintext, &mut frame);
         frame
+    }
+
+    /// `seal`, appended to `out`, in place: no buffer of its own.
+    pub fn seal_into(&self, header: [u8; 9], plaintext: &[u8], out: &mut Vec<u8>) {
+        out.extend_from_slice(&header);
+        let start = out.len();
+        out.extend_from_slice(plaintext);
+        let tag = self
+            .seal
+            .seal_in_place_separate_tag(nonce(&header), Aad::from(header), &mut out[start..])
+            .expect("a frame is far below ChaCha20-Poly1305's limit");
+        out.extend_from_slice(tag.as_ref());
     }
 
     /// The plaintext of a frame, or None when its tag is wrong (not from the peer, or altered).

@@ -70,8 +70,8 @@ pub struct Tunnel {
     peer_window: u64,
     window: u64,
     next_seq: u64,
-    /// Sealed reliable frames not acknowledged yet, oldest first, contiguous.
-    unacked: VecDeque<(u64, Vec<u8>)>,
+    /// Sealed reliable frames not acknowledged yet.
+    unacked: Unacked,
     /// The next sequence number to transmit; moved back to resend.
     send_from: u64,
     rto: Duration,
@@ -96,7 +96,7 @@ impl Tunnel {
             peer_window: peer_window.into(),
             window: window.into(),
             next_seq: 0,
-            unacked: VecDeque::new(),
+            unacked: Unacked::default(),
             send_from: 0,
             rto: MIN_RTO,
             rto_at: None,
@@ -132,8 +132,9 @@ impl Tunnel {
         if let Message::Data { stream, bytes } = &message {
             self.flows.entry(*stream).or_default().sent += bytes.len() as u64;
         }
-        let frame = self.keys.seal(header(RELIABLE, self.next_seq), &message.encode());
-        self.unacked.push_back((self.next_seq, frame));
+        let start = self.unacked.bytes.len();
+        self.keys.seal_into(header(RELIABLE, self.next_seq), &message.encode(), &mut self.unacked.bytes);
+        self.unacked.frames.push_back((self.next_seq, start, self.unacked.bytes.len() - start));
         self.next_seq += 1;
     }
 
@@ -206,12 +207,9 @@ impl Tunnel {
 
     /// Frames before `ack` arrived: forget them.
     fn acknowledged(&mut self, ack: u64, now: Instant) {
-        let before = self.unacked.len();
-        while self.unacked.front().is_some_and(|(seq, _)| *seq < ack) {
-            self.unacked.pop_front();
-        }
+        let popped = self.unacked.forget_before(ack);
         self.send_from = self.send_from.max(ack);
-        if self.unacked.len() < before {
+        if popped {
             self.rto = MIN_RTO;
             self.rto_at = (!self.unacked.is_empty()).then(|| now + self.rto);
         }
@@ -250,11 +248,10 @@ impl Tunnel {
         if self.ack_is_due(now) {
             return Some(self.ack_frame(now));
         }
-        let first = self.unacked.front()?.0;
-        let (_, frame) = self.unacked.get(self.send_from.checked_sub(first)? as usize)?;
+        let frame = self.unacked.get(self.send_from)?.to_vec();
         self.send_from += 1;
         self.rto_at.get_or_insert(now + self.rto);
-        Some(frame.clone())
+        Some(frame)
     }
 
     pub fn next_deadline(&self) -> Option<Instant> {
@@ -305,11 +302,11 @@ impl Tunnel {
 
     /// Bytes held for resending.
     pub fn held_bytes(&self) -> usize {
-        self.unacked.iter().map(|(_, frame)| frame.len()).sum()
+        self.unacked.frames.front().map_or(0, |&(_, start, _)| self.unacked.bytes.len() - start)
     }
 
     fn rewind(&mut self) {
-        self.send_from = self.unacked.front().map_or(self.next_seq, |(seq, _)| *seq);
+        self.send_from = self.unacked.frames.front().map_or(self.next_seq, |&(seq, _, _)| seq);
     }
 
     fn ack_soon(&mut self, now: Instant) {
@@ -346,6 +343,46 @@ impl Tunnel {
         let frame = self.keys.seal(header(ACK, self.ack_counter), &plain);
         self.ack_counter += 1;
         frame
+    }
+}
+
+/// Sealed frames kept for resending, in one buffer: a window's worth of frames held one by one
+/// (each under a page) would stay with the allocator's small blocks once the tunnel is idle; a
+/// buffer of a page or more gets pages of its own (`memory`), given back when it goes.
+#[derive(Default)]
+struct Unacked {
+    bytes: Vec<u8>,
+    /// (seq, start in `bytes`, length), oldest first; the seqs follow each other.
+    frames: VecDeque<(u64, usize, usize)>,
+}
+
+impl Unacked {
+    fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+
+    fn get(&self, seq: u64) -> Option<&[u8]> {
+        let first = self.frames.front()?.0;
+        let &(_, start, len) = self.frames.get(usize::try_from(seq.checked_sub(first)?).ok()?)?;
+        Some(&self.bytes[start..start + len])
+    }
+
+    /// Drops the frames before `ack`; whether any went.
+    fn forget_before(&mut self, ack: u64) -> bool {
+        let before = self.frames.len();
+        while self.frames.front().is_some_and(|&(seq, _, _)| seq < ack) {
+            self.frames.pop_front();
+        }
+        match self.frames.front() {
+            None => self.bytes = Vec::new(),
+            // Once the dead front is most of the buffer, the live part moves down.
+            Some(&(_, cut, _)) if cut > self.bytes.len() / 2 => {
+                self.bytes.drain(..cut);
+                self.frames.iter_mut().for_each(|frame| frame.1 -= cut);
+            }
+            Some(_) => {}
+        }
+        self.frames.len() < before
     }
 }
 
