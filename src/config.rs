@@ -30,6 +30,7 @@ pub struct Config {
     pub log_level: Option<String>,
     pub trust: TrustConfig,
     pub remote_access: RemoteAccessConfig,
+    pub file_transfer: FileTransferConfig,
 }
 
 /// Who may ask the device for what: docs/protocol.md, "Signed requests".
@@ -256,6 +257,97 @@ pub fn split_host_port(text: &str) -> Option<(&str, &str)> {
     let plain = !host.contains(':');
     let port_ok = port == "*" || port.parse::<u16>().is_ok_and(|p| p > 0);
     (!host.is_empty() && (bracketed || plain) && port_ok).then_some((host, port))
+}
+
+/// `get`, `put` and `ls` (src/agent/files): what an operator's file access may reach and do.
+#[derive(Debug, Clone, Serialize)]
+pub struct FileTransferConfig {
+    pub disable: bool,
+    /// Paths are resolved inside this directory; `..` and symbolic links may not leave it.
+    pub chroot: PathBuf,
+    /// Symbolic links are followed (within `chroot`) rather than refused.
+    pub follow_symlinks: bool,
+    pub allow_overwrite: bool,
+    /// Device files, FIFOs and sockets are refused.
+    pub regular_files_only: bool,
+    /// A file may be read only when its owner (group) is in the list; empty: any.
+    pub owner_get: Vec<String>,
+    pub group_get: Vec<String>,
+    /// A written file is given to this user (group).
+    pub owner_put: Option<String>,
+    pub group_put: Option<String>,
+    #[serde(serialize_with = "octal")]
+    pub umask: u32,
+    /// A written file takes the mode (uid, gid) the operator sends with it.
+    pub preserve_mode: bool,
+    pub preserve_owner: bool,
+    pub preserve_group: bool,
+    /// Bytes; 0: no limit.
+    pub max_file_size: u64,
+    /// Bytes per minute the device sends (`get`) and receives (`put`); 0: no limit.
+    pub max_bytes_tx_per_minute: u64,
+    pub max_bytes_rx_per_minute: u64,
+}
+
+impl Default for FileTransferConfig {
+    fn default() -> Self {
+        FileTransferConfig {
+            disable: false,
+            chroot: "/".into(),
+            follow_symlinks: false,
+            allow_overwrite: true,
+            regular_files_only: true,
+            owner_get: Vec::new(),
+            group_get: Vec::new(),
+            owner_put: None,
+            group_put: None,
+            umask: 0o022,
+            preserve_mode: false,
+            preserve_owner: false,
+            preserve_group: false,
+            max_file_size: 1024 * MIB,
+            max_bytes_tx_per_minute: 0,
+            max_bytes_rx_per_minute: 0,
+        }
+    }
+}
+
+impl FileTransferConfig {
+    fn read(mut s: Section) -> Result<FileTransferConfig, ConfigError> {
+        let d = FileTransferConfig::default();
+        let chroot_key = s.key("chroot");
+        let config = FileTransferConfig {
+            disable: s.flag("disable")?,
+            chroot: s.path("chroot")?.unwrap_or(d.chroot),
+            follow_symlinks: s.flag_or("follow_symlinks", d.follow_symlinks)?,
+            allow_overwrite: s.flag_or("allow_overwrite", d.allow_overwrite)?,
+            regular_files_only: s.flag_or("regular_files_only", d.regular_files_only)?,
+            owner_get: s.names("owner_get")?.unwrap_or(d.owner_get),
+            group_get: s.names("group_get")?.unwrap_or(d.group_get),
+            owner_put: s.name("owner_put")?,
+            group_put: s.name("group_put")?,
+            umask: s.umask("umask", d.umask)?,
+            preserve_mode: s.flag("preserve_mode")?,
+            preserve_owner: s.flag("preserve_owner")?,
+            preserve_group: s.flag("preserve_group")?,
+            max_file_size: s.number("max_file_size", BYTES, 0..=u64::MAX, d.max_file_size)?,
+            max_bytes_tx_per_minute: s.number("max_bytes_tx_per_minute", BYTES, 0..=u64::MAX, 0)?,
+            max_bytes_rx_per_minute: s.number("max_bytes_rx_per_minute", BYTES, 0..=u64::MAX, 0)?,
+        };
+        s.finish()?;
+        if !config.chroot.is_absolute() {
+            return Err(ConfigError(format!(
+                "{chroot_key}: must be an absolute path, e.g. \"/data\", got \"{}\"",
+                config.chroot.display()
+            )));
+        }
+        Ok(config)
+    }
+}
+
+/// A umask as people write it: `"0022"`.
+fn octal<S: serde::Serializer>(mode: &u32, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&format!("{mode:04o}"))
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -578,6 +670,11 @@ impl Config {
                 .map(RemoteAccessConfig::read)
                 .transpose()?
                 .unwrap_or_default(),
+            file_transfer: s
+                .section("file_transfer")?
+                .map(FileTransferConfig::read)
+                .transpose()?
+                .unwrap_or_default(),
         };
         s.finish()?;
         let broker = broker.ok_or_else(|| {
@@ -679,11 +776,48 @@ impl<'a> Section<'a> {
     }
 
     fn flag(&mut self, name: &'static str) -> Result<bool, ConfigError> {
+        self.flag_or(name, false)
+    }
+
+    fn flag_or(&mut self, name: &'static str, default: bool) -> Result<bool, ConfigError> {
         match self.get(name) {
             Some((_, Value::Bool(flag))) => Ok(*flag),
             Some((key, v)) => Err(wanted(&key, "true or false", v)),
-            None => Ok(false),
+            None => Ok(default),
         }
+    }
+
+    /// A user or group name (or a number, an id), not empty.
+    fn name(&mut self, name: &'static str) -> Result<Option<String>, ConfigError> {
+        match self.get(name) {
+            Some((_, Value::String(text))) if !text.is_empty() => Ok(Some(text.clone())),
+            Some((key, v)) => Err(wanted(&key, "a user or group name, e.g. \"app\"", v)),
+            None => Ok(None),
+        }
+    }
+
+    /// A list of user or group names, none empty.
+    fn names(&mut self, name: &'static str) -> Result<Option<Vec<String>>, ConfigError> {
+        let key = self.key(name);
+        let names = self.words(name)?;
+        match names.iter().flatten().position(String::is_empty) {
+            Some(i) => Err(ConfigError(format!("{key}[{i}]: must be a user or group name, got \"\""))),
+            None => Ok(names),
+        }
+    }
+
+    /// Permission bits to clear, in octal as for umask(1): `"0022"`, or the number 22.
+    fn umask(&mut self, name: &'static str, default: u32) -> Result<u32, ConfigError> {
+        let Some((key, v)) = self.get(name) else { return Ok(default) };
+        let digits = match v {
+            Value::String(text) => Some(text.clone()),
+            Value::Number(n) if n.is_u64() => Some(n.to_string()),
+            _ => None,
+        };
+        let mode =
+            digits.filter(|d| !d.is_empty() && d.len() <= 4).and_then(|d| u32::from_str_radix(&d, 8).ok());
+        mode.filter(|m| *m <= 0o777)
+            .ok_or_else(|| wanted(&key, "octal permission bits from \"0000\" to \"0777\", e.g. \"0022\"", v))
     }
 
     /// A whole number of `unit` within `range`; `5.0` counts as 5.
@@ -948,6 +1082,44 @@ mod tests {
         assert_eq!(config.state_dir, Path::new("/var/lib/tether"));
         assert_eq!(config.topic_root, "tether");
         assert_eq!(config.reboot_command, ["/sbin/reboot"]);
+    }
+
+    #[test]
+    fn file_transfer_defaults_are_safe_and_errors_name_the_key() {
+        let config = Config::parse(r#"{"broker": {"url": "mqtt://h"}}"#).unwrap();
+        let d = &config.file_transfer;
+        assert_eq!((d.disable, d.chroot.as_path(), d.follow_symlinks), (false, Path::new("/"), false));
+        assert_eq!((d.allow_overwrite, d.regular_files_only, d.umask), (true, true, 0o022));
+        assert_eq!((d.max_file_size, d.max_bytes_tx_per_minute, d.max_bytes_rx_per_minute), (1 << 30, 0, 0));
+        assert!(!d.preserve_mode && !d.preserve_owner && !d.preserve_group && d.owner_put.is_none());
+        assert_eq!(config.redacted_json().unwrap()["file_transfer"]["umask"], "0022");
+
+        let umask_of = |umask: Value| {
+            let text = json!({"broker": {"url": "mqtt://h"}, "file_transfer": {"umask": umask}}).to_string();
+            Config::parse(&text).map(|c| c.file_transfer.umask).map_err(|e| e.0)
+        };
+        assert_eq!(umask_of(json!("0027")), Ok(0o027));
+        assert_eq!(umask_of(json!("77")), Ok(0o077));
+        assert_eq!(umask_of(json!(22)), Ok(0o022), "digits read as octal, as umask(1) does");
+        for bad in [json!("0028"), json!(1000), json!("u=rwx"), json!(""), json!(-1), json!(true)] {
+            let error = umask_of(bad.clone()).unwrap_err();
+            assert!(
+                error.starts_with("file_transfer.umask: must be octal permission bits"),
+                "{bad}: {error}"
+            );
+        }
+        for (patch, message) in [
+            (json!({"chroot": "data"}), "file_transfer.chroot: must be an absolute path, e.g. \"/data\", got \"data\""),
+            (json!({"owner_get": ["root", ""]}), "file_transfer.owner_get[1]: must be a user or group name, got \"\""),
+            (json!({"owner_put": ""}), "file_transfer.owner_put: must be a user or group name, e.g. \"app\", got \"\""),
+            (json!({"allow_overwrite": "no"}), "file_transfer.allow_overwrite: must be true or false, got \"no\""),
+            (json!({"max_file_size": -1}), "file_transfer.max_file_size: must be a whole number of bytes from 0 to 18446744073709551615, got -1"),
+            (json!({"max_bytes_tx_per_minute": 1.5}), "file_transfer.max_bytes_tx_per_minute: must be a whole number of bytes from 0 to 18446744073709551615, got 1.5"),
+        ] {
+            assert_eq!(error_of(json!({"file_transfer": patch})), message);
+        }
+        assert!(error_of(json!({"file_transfer": {"chroot_dir": "/"}}))
+            .starts_with("file_transfer.chroot_dir: unknown key (the keys here are disable, chroot, "));
     }
 
     #[test]

@@ -313,6 +313,11 @@ fn durations_and_sizes_that_make_no_sense_are_refused() {
             json!({"offline_buffer": {"max_bytes": 0}}),
             "offline_buffer.max_bytes: must be a whole number of bytes from 1",
         ),
+        (
+            json!({"file_transfer": {"umask": "0999"}}),
+            "file_transfer.umask: must be octal permission bits from \"0000\" to \"0777\"",
+        ),
+        (json!({"file_transfer": {"chroot": "data"}}), "file_transfer.chroot: must be an absolute path"),
     ] {
         let mut config = offline_config(dir.path());
         merge(&mut config, patch);

@@ -2,6 +2,7 @@
 //! sleeps until a socket, a timer, a worker or a signal needs it.
 
 mod commands;
+pub mod files;
 mod heartbeat;
 pub mod identity;
 mod ledger;
