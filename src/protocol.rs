@@ -28,6 +28,9 @@ pub enum Op {
     Shell,
     Exec,
     Forward,
+    Ls,
+    Get,
+    Put,
 }
 
 /// The type a parameter's JSON value must have.
@@ -127,6 +130,34 @@ pub const OPS: &[OpSpec] = &[
         changes_device: false,
         summary: "forward TCP connections to host:port targets (tetherctl forward)",
     },
+    OpSpec {
+        op: Op::Ls,
+        name: "ls",
+        params: &[EPH, WINDOW, PATH],
+        changes_device: false,
+        summary: "list a directory, as JSON on the tunnel (tetherctl ls)",
+    },
+    OpSpec {
+        op: Op::Get,
+        name: "get",
+        params: &[EPH, WINDOW, PATH, ParamSpec { name: "offset", kind: ParamType::Count, required: false }],
+        changes_device: false,
+        summary: "read a file from offset on, its sha256 at the end (tetherctl get)",
+    },
+    OpSpec {
+        op: Op::Put,
+        name: "put",
+        params: &[
+            EPH,
+            WINDOW,
+            PATH,
+            ParamSpec { name: "size", kind: ParamType::Count, required: true },
+            ParamSpec { name: "sha256", kind: ParamType::String, required: true },
+            ParamSpec { name: "mode", kind: ParamType::Count, required: false },
+        ],
+        changes_device: false,
+        summary: "write a file atomically, verified and resumable (tetherctl put)",
+    },
 ];
 
 /// The parameters every tunnel op takes (docs/protocol.md, "Tunnels").
@@ -135,11 +166,13 @@ const WINDOW: ParamSpec = ParamSpec { name: "window", kind: ParamType::Count, re
 const TERM: ParamSpec = ParamSpec { name: "term", kind: ParamType::String, required: false };
 const ROWS: ParamSpec = ParamSpec { name: "rows", kind: ParamType::Count, required: false };
 const COLS: ParamSpec = ParamSpec { name: "cols", kind: ParamType::Count, required: false };
+/// A path on the device, resolved inside `file_transfer.chroot`.
+const PATH: ParamSpec = ParamSpec { name: "path", kind: ParamType::String, required: true };
 
 impl Op {
     /// Ops that open a tunnel: their answer carries the device's half of the key agreement.
     pub fn opens_tunnel(self) -> bool {
-        matches!(self, Op::Shell | Op::Exec | Op::Forward)
+        matches!(self, Op::Shell | Op::Exec | Op::Forward | Op::Ls | Op::Get | Op::Put)
     }
 
     pub fn from_name(name: &str) -> Option<Op> {

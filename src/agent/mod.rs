@@ -103,7 +103,11 @@ impl Agent {
             .ok();
         let mut commands =
             Commands::new(topics.clone(), &config.state_dir, Arc::clone(&waker), device_key.clone());
-        let remote = Remote::new(topics.clone(), &config.remote_access, Arc::clone(&waker));
+        for leftover in files::cleanup_at_start(&config.state_dir) {
+            log::info!("removed the temp file of an unfinished put: {}", leftover.display());
+        }
+        let files = files::FileAccess::new(&config.file_transfer, &config.state_dir);
+        let remote = Remote::new(topics.clone(), &config.remote_access, files, Arc::clone(&waker));
         commands.recover(&mut outbox, &trust);
         // Read before the options: a file replaced in between makes the next SIGHUP reconnect
         // once for nothing, rather than miss a change.
@@ -343,7 +347,7 @@ impl Agent {
         self.heartbeat.reconfigure(&new.heartbeat);
         self.outbox.set_limits(new.offline_buffer.clone());
         self.trust.reload(&new.trust);
-        self.remote.reconfigure(&new.remote_access);
+        self.remote.reconfigure(&new.remote_access, &new.file_transfer);
         self.config = new;
         log::info!("config reloaded");
     }

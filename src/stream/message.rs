@@ -21,6 +21,9 @@ pub enum Message {
     Exit { code: i32 },
     /// The tunnel is over; `reason` empty when nothing went wrong.
     End { reason: String },
+    /// Device to operator: how a file transfer ended, as a JSON object (the sha256 of what a
+    /// `get` sent, the outcome of a `put`), sent before End.
+    Report { json: String },
 }
 
 const OPEN: u8 = 0;
@@ -30,6 +33,7 @@ const CLOSE: u8 = 3;
 const RESIZE: u8 = 4;
 const EXIT: u8 = 5;
 const END: u8 = 6;
+const REPORT: u8 = 7;
 
 impl Message {
     pub fn encode(&self) -> Vec<u8> {
@@ -44,6 +48,7 @@ impl Message {
             }
             Message::Exit { code } => return frame(EXIT, 0, &code.to_be_bytes()),
             Message::End { reason } => (END, 0, reason.as_bytes()),
+            Message::Report { json } => (REPORT, 0, json.as_bytes()),
         };
         frame(kind, stream, body)
     }
@@ -66,6 +71,7 @@ impl Message {
             },
             EXIT if body.len() == 4 => Message::Exit { code: i32::from_be_bytes(body.try_into().ok()?) },
             END => Message::End { reason: text()? },
+            REPORT => Message::Report { json: text()? },
             _ => return None,
         })
     }
@@ -94,6 +100,7 @@ mod tests {
             Message::Resize { rows: 50, cols: 132 },
             Message::Exit { code: 130 },
             Message::End { reason: String::new() },
+            Message::Report { json: r#"{"sha256":"00"}"#.into() },
         ];
         for message in all {
             assert_eq!(Message::decode(&message.encode()), Some(message));

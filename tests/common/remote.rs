@@ -23,6 +23,11 @@ impl Setup {
     }
 
     pub fn new_on(device: &str, remote_access: Value, listener: Listener) -> Setup {
+        Setup::with_sections(device, json!({ "remote_access": remote_access }), listener)
+    }
+
+    /// Over `listener`, with `sections` merged into the device's config.
+    pub fn with_sections(device: &str, sections: Value, listener: Listener) -> Setup {
         let broker = Broker::start_default();
         let dir = tempfile::tempdir().unwrap();
         let key = keygen(dir.path(), "operator", &["-t", "ed25519"]);
@@ -34,9 +39,9 @@ impl Setup {
             json!({
                 "broker": {"url": broker.url(listener), "ca_file": broker.ca_file()},
                 "trust": {"authorized_keys": authorized},
-                "remote_access": remote_access,
             }),
         );
+        merge(&mut config, sections);
         let mut sub = Sub::new(&broker, &status_topic(device));
         let agent = Agent::start(config);
         sub.expect_online(device, secs(15));

@@ -290,6 +290,12 @@ fn open_last(
 /// The sha256 (hex) of the first `len` bytes of `file`, whatever its position: a resumed
 /// transfer checks the part already there, a finished one the whole file.
 pub fn sha256_prefix(file: &File, len: u64) -> io::Result<String> {
+    Ok(super::trust::hex(hash_prefix(file, len)?.finish().as_ref()))
+}
+
+/// The sha256 context fed with the first `len` bytes of `file`: a resumed get goes on hashing
+/// from there, so that its report covers the whole file.
+pub fn hash_prefix(file: &File, len: u64) -> io::Result<ring::digest::Context> {
     let mut context = ring::digest::Context::new(&ring::digest::SHA256);
     let mut buf = vec![0u8; 64 * 1024];
     let mut done = 0u64;
@@ -306,7 +312,7 @@ pub fn sha256_prefix(file: &File, len: u64) -> io::Result<String> {
         context.update(&buf[..n]);
         done += n as u64;
     }
-    Ok(super::trust::hex(context.finish().as_ref()))
+    Ok(context)
 }
 
 fn kind_text(kind: FileType) -> &'static str {

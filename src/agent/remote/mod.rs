@@ -9,6 +9,7 @@
 
 mod forward;
 pub mod process;
+mod transfer;
 
 use mio::{Interest, Registry, Token};
 use serde_json::{json, Map, Value};
@@ -17,7 +18,8 @@ use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::config::RemoteAccessConfig;
+use crate::agent::files::{FileAccess, RateLimiter};
+use crate::config::{FileTransferConfig, RemoteAccessConfig};
 use crate::net::client::Client;
 use crate::protocol::{Op, Topics};
 use crate::stream::endpoint::{self, Endpoint, Endpoints, Half, OnEof, READ_CHUNK};
@@ -26,6 +28,7 @@ use crate::text::Printable;
 use crate::trust::base64;
 use forward::Connecting;
 use process::{Child, PtyChild};
+use transfer::{Sent, Transfer};
 
 /// Tokens from here up belong to remote access.
 const FIRST_TOKEN: usize = 1 << 20;
@@ -56,6 +59,10 @@ pub struct Remote {
     scratch: Vec<u8>,
     /// Topics of tunnels unknown here that an operator sent to: each gets an empty payload.
     unknown: Vec<String>,
+    files: FileAccess,
+    /// `max_bytes_tx_per_minute` and `max_bytes_rx_per_minute`, shared by all transfers.
+    tx_limit: RateLimiter,
+    rx_limit: RateLimiter,
 }
 
 /// What a tunnel request brings besides its parameters (from the trust check).
@@ -85,11 +92,23 @@ struct Session {
     held: Option<Vec<u8>>,
     /// When bytes were last read from the session's processes or sockets: output is activity.
     output_at: Instant,
+    /// ls, get, put: the file's side.
+    transfer: Option<Transfer>,
 }
 
 impl Remote {
-    pub fn new(topics: Topics, config: &RemoteAccessConfig, waker: Arc<mio::Waker>) -> Remote {
+    pub fn new(
+        topics: Topics,
+        config: &RemoteAccessConfig,
+        files: FileAccess,
+        waker: Arc<mio::Waker>,
+    ) -> Remote {
+        let now = Instant::now();
+        let (tx_limit, rx_limit) = rate_limits(files.config(), now);
         Remote {
+            files,
+            tx_limit,
+            rx_limit,
             topics,
             config: config.clone(),
             tunnels: BTreeMap::new(),
@@ -100,8 +119,10 @@ impl Remote {
         }
     }
 
-    pub fn reconfigure(&mut self, config: &RemoteAccessConfig) {
+    pub fn reconfigure(&mut self, config: &RemoteAccessConfig, files: &FileTransferConfig) {
         self.config = config.clone();
+        self.files.reconfigure(files);
+        (self.tx_limit, self.rx_limit) = rate_limits(files, Instant::now());
     }
 
     /// The subscription that brings the operators' frames.
@@ -156,14 +177,23 @@ impl Remote {
             ending: None,
             held: None,
             output_at: now,
+            transfer: None,
         };
+        let mut result = json!({ "eph": device_key, "window": self.config.window });
         match op {
             Op::Forward => session.targets = self.forward_targets(params)?,
+            Op::Ls | Op::Get | Op::Put => {
+                let (transfer, about) = transfer::start(&self.files, op, params)?;
+                session.transfer = Some(transfer);
+                if let (Some(result), Value::Object(about)) = (result.as_object_mut(), about) {
+                    result.extend(about);
+                }
+            }
             _ => self.start_process(&mut session, params, registry)?,
         }
         log::info!("tunnel {}: {} opened (by {})", Printable(id), describe(op, params), Printable(opener.by));
         self.tunnels.insert(id.to_string(), session);
-        Ok(json!({ "eph": device_key, "window": self.config.window }))
+        Ok(result)
     }
 
     fn check_allowed(&self, op: Op, by: &str) -> Result<(), String> {
@@ -314,6 +344,12 @@ impl Remote {
         let Some(session) = self.tunnels.get_mut(&id) else { return };
         match message {
             Message::Data { stream, bytes } => {
+                if let Some(Transfer::Receive(receiving)) = &mut session.transfer {
+                    if let Err(why) = receiving.write(&bytes) {
+                        end(&id, session, &why, registry);
+                    }
+                    return;
+                }
                 if let Some(connecting) = session.connecting.get_mut(&stream) {
                     return connecting.hold(&bytes);
                 }
@@ -330,6 +366,17 @@ impl Remote {
                 }
             }
             Message::Eof { stream } => {
+                if let Some(Transfer::Receive(receiving)) = &mut session.transfer {
+                    let (received, offset) = (receiving.received, receiving.offset);
+                    let outcome = receiving.finish(&mut session.tunnel);
+                    let reason = outcome.err().unwrap_or_default();
+                    log::info!(
+                        "tunnel {}: put received {received} bytes from offset {offset}{}",
+                        Printable(&id),
+                        if reason.is_empty() { String::new() } else { format!(" and failed: {reason}") }
+                    );
+                    return end(&id, session, &reason, registry);
+                }
                 if let Some(connecting) = session.connecting.get_mut(&stream) {
                     return connecting.hold_eof();
                 }
@@ -377,7 +424,7 @@ impl Remote {
                 let why = if reason.is_empty() { "closed by the operator".to_string() } else { reason };
                 end(&id, session, &why, registry);
             }
-            Message::Exit { .. } => {}
+            Message::Exit { .. } | Message::Report { .. } => {}
         }
     }
 
@@ -519,6 +566,11 @@ impl Remote {
                 for (stream, why) in failed {
                     close_stream(session, stream, &why, registry);
                 }
+                let read = read
+                    || pump_transfer(&id, session, client, &mut self.tx_limit, &mut self.scratch, registry);
+                if let Some(Transfer::Receive(receiving)) = &mut session.transfer {
+                    receiving.acknowledge(&mut session.tunnel, &mut self.rx_limit, now);
+                }
                 if read {
                     session.output_at = now;
                 }
@@ -538,7 +590,14 @@ impl Remote {
     /// `can_send`: whether the connection has room; the tunnels' own timers wait till it has
     /// (a reconnect, or room in the socket, wakes the loop).
     pub fn next_deadline(&self, can_send: bool) -> Option<Instant> {
-        self.tunnels.values().filter_map(|s| s.next_deadline(&self.config, can_send)).min()
+        let sessions = self.tunnels.values().filter_map(|s| s.next_deadline(&self.config, can_send)).min();
+        let now = Instant::now();
+        let transfers = self.tunnels.values().filter_map(|s| match &s.transfer {
+            Some(Transfer::Send(_)) if s.ending.is_none() && can_send => self.tx_limit.next_allowed(now),
+            Some(Transfer::Receive(r)) if r.waits_for_rate() => self.rx_limit.next_allowed(now),
+            _ => None,
+        });
+        sessions.into_iter().chain(transfers).min()
     }
 
     pub fn on_timer(&mut self, registry: &Registry, now: Instant) {
@@ -661,6 +720,47 @@ fn transmit(session: &mut Session, client: &mut Client, now: Instant) -> bool {
     sent
 }
 
+/// An `ls` or `get` sends what the window, the connection and the rate limit allow; it ends
+/// the tunnel once all went. Returns whether anything was read.
+fn pump_transfer(
+    id: &str,
+    session: &mut Session,
+    client: &Client,
+    limit: &mut RateLimiter,
+    scratch: &mut [u8],
+    registry: &Registry,
+) -> bool {
+    let Some(Transfer::Send(sending)) = &mut session.transfer else { return false };
+    let held = &session.held;
+    let may_send = || client.bulk_room() > 0 && held.is_none();
+    match sending.pump(&mut session.tunnel, may_send, limit, scratch, Instant::now()) {
+        Ok(Sent::Nothing) => false,
+        Ok(Sent::Some) => true,
+        Ok(Sent::All) => {
+            let (sent, offset) = (sending.sent, sending.offset);
+            log::info!(
+                "tunnel {}: {} sent {sent} bytes from offset {offset}",
+                Printable(id),
+                session.op.name()
+            );
+            end(id, session, "", registry);
+            true
+        }
+        Err(why) => {
+            end(id, session, &why, registry);
+            true
+        }
+    }
+}
+
+/// The limiters of `max_bytes_tx_per_minute` and `max_bytes_rx_per_minute`.
+fn rate_limits(files: &FileTransferConfig, now: Instant) -> (RateLimiter, RateLimiter) {
+    (
+        RateLimiter::new(files.max_bytes_tx_per_minute, now),
+        RateLimiter::new(files.max_bytes_rx_per_minute, now),
+    )
+}
+
 /// A process tunnel ends once the process exited and its output is read (or the drain grace
 /// is over): the exit code, then End.
 fn finish_if_done(id: &str, session: &mut Session, registry: &Registry, now: Instant) {
@@ -693,6 +793,8 @@ fn end(id: &str, session: &mut Session, reason: &str, registry: &Registry) {
     }
     session.tunnel.send(Message::End { reason: reason.to_string() });
     session.ending = Some(Instant::now() + LINGER);
+    // An unfinished put's temp file stays for a retry to resume.
+    session.transfer = None;
     if let Some(process) = &mut session.process {
         process.terminate();
     }
@@ -752,6 +854,10 @@ fn describe(op: Op, params: &Map<String, Value>) -> String {
         Op::Forward => {
             let targets = params.get("targets").and_then(Value::as_array).map_or(0, Vec::len);
             format!("forward to {targets} target(s)")
+        }
+        Op::Ls | Op::Get | Op::Put => {
+            let path = params.get("path").and_then(Value::as_str).unwrap_or("");
+            format!("{} {}", op.name(), Printable(path))
         }
         _ => op.name().to_string(),
     }

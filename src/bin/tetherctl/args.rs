@@ -1,10 +1,12 @@
 //! The command line: connection flags anywhere, then one subcommand with its own arguments.
 
 use serde_json::{Map, Value};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use tether::protocol::check_device_id;
 
+use crate::files::Copy;
 use crate::help;
 use crate::remote::{ForwardSpec, Interactive};
 use crate::settings::ConnFlags;
@@ -58,6 +60,13 @@ pub enum Command {
         device: String,
         specs: Vec<ForwardSpec>,
     },
+    Ls {
+        device: String,
+        path: String,
+        json: bool,
+    },
+    Get(Copy),
+    Put(Copy),
 }
 
 #[derive(Debug, PartialEq)]
@@ -231,6 +240,21 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed, Failure> 
                 .map(|s| ForwardSpec::parse(s).map_err(|e| Failure::usage(format!("forward: {e}"))))
                 .collect::<Result<_, _>>()?,
         },
+        ("ls", [device, path]) => Command::Ls { device: device_id(device)?, path: path.clone(), json },
+        ("get", [device, remote, local @ ..]) if local.len() <= 1 => Command::Get(Copy {
+            device: device_id(device)?,
+            remote: remote.clone(),
+            local: Some(local.first().map_or(".", String::as_str)).filter(|l| *l != "-").map(PathBuf::from),
+            json,
+            timeout: opts.timeout,
+        }),
+        ("put", [local, device, remote]) => Command::Put(Copy {
+            device: device_id(device)?,
+            remote: remote.clone(),
+            local: Some(local.as_str()).filter(|l| *l != "-").map(PathBuf::from),
+            json,
+            timeout: opts.timeout,
+        }),
         _ => return Err(wrong_arguments()),
     };
     Ok(Parsed::Run(Box::new(Args { conn, verbose, command })))

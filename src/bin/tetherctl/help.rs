@@ -95,6 +95,39 @@ connection the device cannot make is closed here, with the reason on stderr.
 Until Ctrl-C.",
     },
     CommandHelp {
+        name: "ls",
+        args: "DEVICE PATH [--json]",
+        options: &["--json"],
+        about: "lists directory PATH on DEVICE (or PATH itself when it is not one) like ls -l:
+type and mode, owner, group, size, mtime (UTC), name (a link with its text).
+Within the device's file_transfer limits (chroot, follow_symlinks). --json: the
+entries as the device sent them.",
+    },
+    CommandHelp {
+        name: "get",
+        args: "DEVICE REMOTE [LOCAL|-] [--json] [--timeout S]",
+        options: &["--json", "--timeout"],
+        about: "copies file REMOTE from DEVICE to LOCAL (default: its name, here; a directory:
+its name inside it; -: stdout), end-to-end encrypted. Written to .NAME.tether-part
+next to LOCAL, checked against the device's sha256 of the whole file, then
+renamed: a mismatch is an error and leaves nothing under LOCAL. A transfer cut
+by a broken link resumes from the bytes already here, retried for S seconds
+(default 60). Directories are refused. Progress on a terminal; --json prints a
+summary.",
+    },
+    CommandHelp {
+        name: "put",
+        args: "LOCAL|- DEVICE REMOTE [--json] [--timeout S]",
+        options: &["--json", "--timeout"],
+        about: "copies file LOCAL (-: stdin, read whole first for its size and sha256) to
+REMOTE on DEVICE: written to a temp file there, checked against the sha256,
+then renamed over REMOTE, which keeps its old content until then. A transfer
+cut by a broken link resumes from what the device holds, retried for S seconds
+(default 60). The device's file_transfer limits apply (chroot, allow_overwrite,
+max_file_size...); a refusal gives its reason (exit 1). Progress on a
+terminal; --json prints a summary.",
+    },
+    CommandHelp {
         name: "known-devices",
         args: "[forget DEVICE...]",
         options: &[],

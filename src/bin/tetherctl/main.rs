@@ -6,6 +6,7 @@ mod cmd;
 mod cmds;
 mod completions;
 mod devices;
+mod files;
 mod format;
 mod help;
 mod known;
@@ -131,5 +132,8 @@ fn run() -> Result<u8, Failure> {
         Command::KnownDevices { forget } => known::run(&settings.trust, forget),
         Command::Interactive(request) => remote::interactive(&settings, request),
         Command::Forward { device, specs } => remote::forward(&settings, device, specs),
+        Command::Ls { device, path, json } => files::ls(&settings, device, path, *json),
+        Command::Get(request) => files::get(&settings, request),
+        Command::Put(request) => files::put(&settings, request),
     }
 }

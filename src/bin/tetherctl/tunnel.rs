@@ -46,6 +46,8 @@ pub struct Link {
     held: Option<Vec<u8>>,
     /// When the last probe went (see `PROBE_AFTER`).
     probed_at: Option<Instant>,
+    /// The device's signed answer: its key share, and what the op adds (a get's size).
+    pub answer: Map<String, Value>,
 }
 
 /// What happened, for the command driving the tunnel: data, eof and frames are handled here.
@@ -152,6 +154,7 @@ pub fn open(
         ended_by_device: false,
         held: None,
         probed_at: None,
+        answer: result.as_object().cloned().unwrap_or_default(),
     })
 }
 
