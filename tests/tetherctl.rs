@@ -880,7 +880,7 @@ fn bash_completes_commands_options_devices_and_ops() {
     assert_eq!(complete(&format!("{CTL_BIN} --broker {url} cmd d"), &[]), ["dev1"]);
     assert_eq!(complete(&format!("{CTL_BIN} watch "), &[("TETHER_BROKER", &url)]), ["dev1"]);
     let ops = complete(&format!("{CTL_BIN} --broker {url} cmd dev1 p"), &[]);
-    assert_eq!(ops, ["ping"]);
+    assert_eq!(ops, ["ping", "put"]);
 }
 
 #[test]
