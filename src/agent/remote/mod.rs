@@ -345,7 +345,12 @@ impl Remote {
         match message {
             Message::Data { stream, bytes } => {
                 if let Some(Transfer::Receive(receiving)) = &mut session.transfer {
-                    if let Err(why) = receiving.write(&bytes) {
+                    // A put's file comes on stream 0 only.
+                    let written = match stream {
+                        0 => receiving.write(&bytes),
+                        _ => Err(format!("a put takes its file on stream 0, not {stream}")),
+                    };
+                    if let Err(why) = written {
                         end(&id, session, &why, registry);
                     }
                     return;
