@@ -18,14 +18,14 @@ use super::identity;
 use super::ledger::{Key, Ledger, Phase};
 use super::outbox::{Kind, Outbox};
 use super::remote::{Opener, Remote};
-use super::trust::{sha256_hex, Admitted, Trust};
+use super::trust::{Admitted, Trust};
 use crate::config::Config;
 use crate::fsutil::error_text;
 use crate::protocol::{
     CommandState, Op, Topics, MAX_COMMAND_BYTES, MAX_COMMAND_ID_BYTES, MAX_OPEN_COMMANDS, OPS,
 };
 use crate::text::Printable;
-use crate::trust::{Addressed, Answer, DeviceKey, Outcome};
+use crate::trust::{sha256_hex, Addressed, Answer, DeviceKey, Outcome};
 use crate::worker::Workers;
 
 /// What the commands need from the rest of the agent.

@@ -5,13 +5,14 @@
 use serde_json::{Map, Value};
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::config::TrustConfig;
 use crate::fsutil;
 use crate::protocol::Status;
 use crate::text::Printable;
-use crate::trust::{check_request, verify_init, Addressed, AgeLimit, AuthorizedKeys, DeviceKey, Refusal};
+use crate::trust::{
+    check_request, sha256_hex, verify_init, Addressed, AgeLimit, AuthorizedKeys, DeviceKey, Refusal,
+};
 
 /// The device key made at first start, when none is provisioned.
 const DEVICE_KEY_FILE: &str = "device_key";
@@ -54,7 +55,8 @@ impl Trust {
         let at = Addressed { device: &self.device, op, id };
         let limit =
             AgeLimit { max_age_s: self.config.max_age_s, clock_sane_after: crate::trust::CLOCK_SANE_AFTER };
-        check_request(&verified.request, at, unix_now(), limit).map_err(|refusal| refusal.to_string())?;
+        check_request(&verified.request, at, super::unix_seconds(), limit)
+            .map_err(|refusal| refusal.to_string())?;
         Ok(Admitted {
             issued: Some(verified.request.issued),
             params: verified.request.params,
@@ -136,14 +138,6 @@ impl Trust {
     pub fn operator_count(&self) -> usize {
         self.operators.len()
     }
-}
-
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    hex(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// What `--check-config` says of the operators' keys: each line the agent will skip, or that
@@ -228,8 +222,4 @@ pub fn with_key(mut status: Status, key: Option<&DeviceKey>) -> Status {
         status.fingerprint = Some(key.fingerprint());
     }
     status
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }

@@ -300,11 +300,6 @@ impl Tunnel {
         self.ack_due.is_some() || self.resend_wanted
     }
 
-    /// Bytes held for resending.
-    pub fn held_bytes(&self) -> usize {
-        self.unacked.frames.front().map_or(0, |&(_, start, _)| self.unacked.bytes.len() - start)
-    }
-
     fn rewind(&mut self) {
         self.send_from = self.unacked.frames.front().map_or(self.next_seq, |&(seq, _, _)| seq);
     }

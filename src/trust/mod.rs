@@ -29,6 +29,16 @@ pub use sshsig::SshSig;
 
 use crate::text::Printable;
 
+/// Lower-case hex, as sha256sum prints digests.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The sha256 of `bytes`, in hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
+}
+
 /// Operators sign requests in this namespace.
 pub const REQUEST_NAMESPACE: &str = "tether";
 /// Devices sign their answers in this one: an answer can never pass for a request.

@@ -97,7 +97,7 @@ impl State {
 pub fn temp_name(target: &Path, size: u64, sha256: &str) -> String {
     let mut key = target.as_os_str().as_encoded_bytes().to_vec();
     key.extend_from_slice(format!("|{size}|{sha256}").as_bytes());
-    let digest = super::super::trust::sha256_hex(&key);
+    let digest = crate::trust::sha256_hex(&key);
     format!("{TEMP_PREFIX}{}{TEMP_SUFFIX}", &digest[..16])
 }
 

@@ -290,7 +290,7 @@ fn open_last(
 /// The sha256 (hex) of the first `len` bytes of `file`, whatever its position: a resumed
 /// transfer checks the part already there, a finished one the whole file.
 pub fn sha256_prefix(file: &File, len: u64) -> io::Result<String> {
-    Ok(super::trust::hex(hash_prefix(file, len)?.finish().as_ref()))
+    Ok(crate::trust::hex(hash_prefix(file, len)?.finish().as_ref()))
 }
 
 /// The sha256 context fed with the first `len` bytes of `file`: a resumed get goes on hashing

@@ -72,7 +72,7 @@ fn read(access: &FileAccess, path: &str) -> Result<String, FileError> {
 }
 
 fn sha(bytes: &[u8]) -> String {
-    super::super::trust::sha256_hex(bytes)
+    crate::trust::sha256_hex(bytes)
 }
 
 fn request<'a>(path: &'a str, content: &[u8], sha256: &'a str) -> PutRequest<'a> {

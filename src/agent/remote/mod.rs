@@ -839,7 +839,7 @@ fn close_stream(session: &mut Session, stream: StreamId, reason: &str, registry:
 
 fn check_fresh(issued: Option<u64>) -> Result<(), String> {
     let Some(issued) = issued else { return Ok(()) };
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let now = super::unix_seconds();
     if now < crate::trust::CLOCK_SANE_AFTER {
         return Ok(());
     }

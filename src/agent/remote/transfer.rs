@@ -10,9 +10,9 @@ use std::io::{Cursor, Read, Seek, SeekFrom};
 use std::time::Instant;
 
 use crate::agent::files::{hash_prefix, FileAccess, PutRequest, PutTarget, RateLimiter};
-use crate::agent::trust::hex;
 use crate::protocol::Op;
 use crate::stream::{Message, Tunnel};
+use crate::trust::hex;
 
 /// A file op's tunnel: what it sends or receives.
 pub enum Transfer {

@@ -16,6 +16,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use tether::agent::files::sha256_prefix;
 use tether::stream::endpoint::{Endpoint, Endpoints, OnEof};
 use tether::stream::Message;
 
@@ -360,19 +361,8 @@ fn discard(temp: &Option<PathBuf>, message: String) -> Failure {
 }
 
 fn sha256_of(file: &File) -> Result<String, Failure> {
-    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
-    let mut reader = file.try_clone().map_err(local_error)?;
-    reader.seek(SeekFrom::Start(0)).map_err(local_error)?;
-    let mut buf = vec![0u8; 256 * 1024];
-    loop {
-        match reader.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => context.update(&buf[..n]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(local_error(e)),
-        }
-    }
-    Ok(context.finish().as_ref().iter().map(|b| format!("{b:02x}")).collect())
+    let len = file.metadata().map_err(local_error)?.len();
+    sha256_prefix(file, len).map_err(local_error)
 }
 
 /// An anonymous file in memory: a listing, a get to stdout, a put from stdin.
