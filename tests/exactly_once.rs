@@ -64,15 +64,6 @@ fn wait_all_final(
     }
 }
 
-fn vm_rss_kb(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
 /// A reboot command that only writes down which command asked for it, in `marker`; the boot
 /// id the agent reads is in `boot_id`.
 struct FakeReboot {

@@ -11,10 +11,6 @@ use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-fn sha256_hex(bytes: &[u8]) -> String {
-    ring::digest::digest(&ring::digest::SHA256, bytes).as_ref().iter().map(|b| format!("{b:02x}")).collect()
-}
-
 #[test]
 fn exec_returns_stdout_stderr_and_the_exit_code_apart() {
     let s = Setup::new("dev-exec", json!({}));
@@ -39,7 +35,7 @@ fn exec_pipes_50_mib_of_stdin_through_sha256sum() {
     let started = Instant::now();
     let out = s.exec(&["sha256sum"], &data);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    let expected = sha256_hex(&data);
+    let expected = tether::trust::sha256_hex(&data);
     assert!(text(&out.stdout).starts_with(&expected), "{} vs {expected}", text(&out.stdout));
     eprintln!("50 MiB through exec in {:?}", started.elapsed());
 }

@@ -257,17 +257,9 @@ fn connecting_to(pid: u32, port: u16) -> bool {
 }
 
 fn sha256_of_file(path: &Path) -> String {
-    let mut file = File::open(path).unwrap();
-    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf).unwrap();
-        if n == 0 {
-            break;
-        }
-        context.update(&buf[..n]);
-    }
-    context.finish().as_ref().iter().map(|b| format!("{b:02x}")).collect()
+    let file = File::open(path).unwrap();
+    let len = file.metadata().unwrap().len();
+    tether::agent::files::sha256_prefix(&file, len).unwrap()
 }
 
 /// Writes `size` random bytes to `path`.

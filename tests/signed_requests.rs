@@ -330,14 +330,6 @@ fn keys_rotates_the_operators_and_will_not_lock_out_its_sender_unless_forced() {
     assert_eq!(final_state(&mut sub, &new)["status"], "successful");
 }
 
-fn sha256_hex(text: &str) -> String {
-    ring::digest::digest(&ring::digest::SHA256, text.as_bytes())
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
 /// A `keys` command is recorded `executing` before authorized_keys is touched: a crash in
 /// between is settled at the next start by what the file holds, so the command ends in the one
 /// final state that matches the keys the device trusts.
@@ -361,7 +353,7 @@ fn a_keys_command_cut_by_a_crash_is_settled_by_what_the_file_holds() {
     let mut lines = read_to_string(&journal);
     for (id, text) in [("written", &written), ("unwritten", &unwritten)] {
         let line = json!({"op": "keys", "id": id, "state": {"status": "executing"},
-                          "keys_sha256": sha256_hex(text), "by": "old@ops SHA256:x"});
+                          "keys_sha256": tether::trust::sha256_hex(text.as_bytes()), "by": "old@ops SHA256:x"});
         lines.push_str(&format!("{line}\n"));
     }
     write_file(&journal, &lines);

@@ -1461,3 +1461,13 @@ pub fn write_file(path: &Path, text: &str) {
 pub fn read_to_string(path: &Path) -> String {
     fs::read_to_string(path).unwrap_or_default()
 }
+
+/// A process's resident memory (VmRSS, kB); 0 once it is gone.
+pub fn vm_rss_kb(pid: u32) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
