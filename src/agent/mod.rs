@@ -5,6 +5,7 @@ mod commands;
 mod heartbeat;
 pub mod identity;
 mod ledger;
+pub mod logs;
 mod outbox;
 pub mod remote;
 mod trust;
