@@ -31,6 +31,7 @@ pub struct Config {
     pub trust: TrustConfig,
     pub remote_access: RemoteAccessConfig,
     pub file_transfer: FileTransferConfig,
+    pub logs: LogsConfig,
 }
 
 /// Who may ask the device for what: docs/protocol.md, "Signed requests".
@@ -348,6 +349,120 @@ impl FileTransferConfig {
 /// A umask as people write it: `"0022"`.
 fn octal<S: serde::Serializer>(mode: &u32, serializer: S) -> Result<S::Ok, S::Error> {
     serializer.serialize_str(&format!("{mode:04o}"))
+}
+
+/// The logs `tetherctl logs` reads (src/agent/logs).
+#[derive(Debug, Clone, Serialize)]
+pub struct LogsConfig {
+    /// Each replaces the built-in source of its name, if there is one.
+    pub sources: Vec<LogSource>,
+    /// Whether the built-in sources (syslog, agent, logread, journal) are offered too.
+    pub builtin_sources: bool,
+}
+
+impl Default for LogsConfig {
+    fn default() -> Self {
+        LogsConfig { sources: Vec::new(), builtin_sources: true }
+    }
+}
+
+/// A log by name: files (paths, or patterns with `*` and `?` in the last component), or the
+/// output of a command (an argv, run without a shell).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct LogSource {
+    pub name: String,
+    #[serde(flatten)]
+    pub input: LogInput,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogInput {
+    Files(Vec<String>),
+    Command(Vec<String>),
+}
+
+/// Longest source name: it is typed on tetherctl's command line.
+const LOG_SOURCE_NAME_MAX: usize = 64;
+
+impl LogsConfig {
+    fn read(mut s: Section) -> Result<LogsConfig, ConfigError> {
+        let sources_key = s.key("sources");
+        let logs = LogsConfig {
+            sources: s.list("sources")?.into_iter().map(LogSource::read).collect::<Result<_, _>>()?,
+            builtin_sources: s.flag_or("builtin_sources", true)?,
+        };
+        s.finish()?;
+        for (i, source) in logs.sources.iter().enumerate() {
+            if logs.sources[..i].iter().any(|earlier| earlier.name == source.name) {
+                return Err(ConfigError(format!(
+                    "{sources_key}[{i}].name: \"{}\" is named twice",
+                    source.name
+                )));
+            }
+        }
+        Ok(logs)
+    }
+}
+
+impl LogSource {
+    fn read(mut s: Section) -> Result<LogSource, ConfigError> {
+        let (entry_key, name_key, files_key) = (s.path.clone(), s.key("name"), s.key("files"));
+        let (name, files, command) = (s.text("name")?, s.words("files")?, s.words("command")?);
+        let command_key = s.key("command");
+        s.finish()?;
+        let name = name.ok_or_else(|| {
+            ConfigError(format!("{name_key}: missing: the name tetherctl logs knows it by"))
+        })?;
+        check_log_source_name(&name_key, &name)?;
+        let input = match (files, command) {
+            (Some(files), None) => {
+                check_log_files(&files_key, &files)?;
+                LogInput::Files(files)
+            }
+            (None, Some(argv)) => {
+                check_argv(&command_key, &argv)?;
+                LogInput::Command(argv)
+            }
+            _ => {
+                return Err(ConfigError(format!(
+                    "{entry_key}: needs exactly one of \"files\" and \"command\""
+                )))
+            }
+        };
+        Ok(LogSource { name, input })
+    }
+}
+
+fn check_log_source_name(key: &str, name: &str) -> Result<(), ConfigError> {
+    let allowed = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.');
+    if name.is_empty() || name.len() > LOG_SOURCE_NAME_MAX || !name.bytes().all(allowed) {
+        return Err(ConfigError(format!(
+            "{key}: \"{name}\" is not a source name: 1 to {LOG_SOURCE_NAME_MAX} of A-Z a-z 0-9 - _ ."
+        )));
+    }
+    Ok(())
+}
+
+/// Absolute paths; wildcards in the last component only.
+fn check_log_files(key: &str, files: &[String]) -> Result<(), ConfigError> {
+    if files.is_empty() {
+        return Err(ConfigError(format!("{key}: must name at least one file, e.g. [\"/var/log/messages\"]")));
+    }
+    for (i, file) in files.iter().enumerate() {
+        let (dir, last) = file.rsplit_once('/').unwrap_or(("", file));
+        let problem = if !file.starts_with('/') {
+            "must be an absolute path"
+        } else if last.is_empty() {
+            "must name a file, not a directory"
+        } else if dir.contains(['*', '?']) {
+            "may have * and ? in its last component only, e.g. \"/var/log/*.log\""
+        } else {
+            continue;
+        };
+        return Err(ConfigError(format!("{key}[{i}]: \"{file}\" {problem}")));
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -675,6 +790,7 @@ impl Config {
                 .map(FileTransferConfig::read)
                 .transpose()?
                 .unwrap_or_default(),
+            logs: s.section("logs")?.map(LogsConfig::read).transpose()?.unwrap_or_default(),
         };
         s.finish()?;
         let broker = broker.ok_or_else(|| {
@@ -1120,6 +1236,89 @@ mod tests {
         }
         assert!(error_of(json!({"file_transfer": {"chroot_dir": "/"}}))
             .starts_with("file_transfer.chroot_dir: unknown key (the keys here are disable, chroot, "));
+    }
+
+    #[test]
+    fn log_sources() {
+        let config = Config::parse(
+            &json!({
+                "broker": {"url": "mqtt://h"},
+                "logs": {"sources": [
+                    {"name": "app", "files": ["/var/log/app/*.log", "/var/log/app.log"]},
+                    {"name": "modem", "command": ["/usr/bin/modem-log", "-f"]},
+                ], "builtin_sources": false},
+            })
+            .to_string(),
+        )
+        .unwrap();
+        let words = |w: &[&str]| w.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            config.logs.sources,
+            [
+                LogSource {
+                    name: "app".into(),
+                    input: LogInput::Files(words(&["/var/log/app/*.log", "/var/log/app.log"]))
+                },
+                LogSource {
+                    name: "modem".into(),
+                    input: LogInput::Command(words(&["/usr/bin/modem-log", "-f"]))
+                },
+            ]
+        );
+        assert!(!config.logs.builtin_sources);
+        let shown = config.redacted_json().unwrap();
+        assert_eq!(
+            shown["logs"]["sources"][1],
+            json!({"name": "modem", "command": ["/usr/bin/modem-log", "-f"]})
+        );
+        let defaults = Config::parse(r#"{"broker": {"url": "mqtt://h"}}"#).unwrap().logs;
+        assert!(defaults.sources.is_empty() && defaults.builtin_sources);
+
+        let source = |entry: Value| error_of(json!({"logs": {"sources": [entry]}}));
+        assert_eq!(
+            source(json!({"files": ["/var/log/x"]})),
+            "logs.sources[0].name: missing: the name tetherctl logs knows it by"
+        );
+        assert_eq!(
+            source(json!({"name": "a b", "files": ["/x"]})),
+            "logs.sources[0].name: \"a b\" is not a source name: 1 to 64 of A-Z a-z 0-9 - _ ."
+        );
+        assert_eq!(
+            source(json!({"name": "a", "files": ["/x"], "command": ["/bin/cat"]})),
+            "logs.sources[0]: needs exactly one of \"files\" and \"command\""
+        );
+        assert_eq!(
+            source(json!({"name": "a", "files": []})),
+            "logs.sources[0].files: must name at least one file, e.g. [\"/var/log/messages\"]"
+        );
+        assert_eq!(
+            source(json!({"name": "a", "files": ["/ok", "var/log/x"]})),
+            "logs.sources[0].files[1]: \"var/log/x\" must be an absolute path"
+        );
+        assert_eq!(
+            source(json!({"name": "a", "files": ["/var/log/*/x.log"]})),
+            "logs.sources[0].files[0]: \"/var/log/*/x.log\" may have * and ? in its last component only, e.g. \"/var/log/*.log\""
+        );
+        assert_eq!(
+            source(json!({"name": "a", "files": ["/var/log/"]})),
+            "logs.sources[0].files[0]: \"/var/log/\" must name a file, not a directory"
+        );
+        assert!(source(json!({"name": "a", "command": []}))
+            .starts_with("logs.sources[0].command: must start with"));
+        assert_eq!(
+            source(json!({"name": "a", "file": "/x"})),
+            "logs.sources[0].file: unknown key (the keys here are name, files, command)"
+        );
+        assert_eq!(
+            error_of(
+                json!({"logs": {"sources": [{"name": "a", "files": ["/x"]}, {"name": "a", "files": ["/y"]}]}})
+            ),
+            "logs.sources[1].name: \"a\" is named twice"
+        );
+        assert_eq!(
+            error_of(json!({"logs": {"builtin_sources": "no"}})),
+            "logs.builtin_sources: must be true or false, got \"no\""
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod files;
 mod heartbeat;
 pub mod identity;
 mod ledger;
+pub mod logs;
 mod outbox;
 pub mod remote;
 mod trust;

@@ -11,7 +11,8 @@
 # "reload"), force-reload, broken config (start/reload/restart refuse, a running agent is kept),
 # restart, stop (waits, removes the pidfile), kill -9 (status 1), a pidfile whose pid now belongs
 # to another program, ENABLED=no, a daemon that ignores SIGTERM (a stand-in script: SIGKILL after
-# STOP_TIMEOUT), LOG_TARGET=syslog through a fake logger, and starting without start-stop-daemon.
+# STOP_TIMEOUT), LOG_TARGET=syslog through a fake logger, LOGFILE rotated at LOG_MAX_KB (lines whole,
+# none lost across the rotation), and starting without start-stop-daemon.
 # Ends with "initd: N passed, N failed".
 #   TETHER_AGENT_BIN   the agent to test (default target/debug/tether-agent, built when missing)
 # check evals its conditions (single-quoted on purpose), which shellcheck cannot follow:
@@ -377,6 +378,41 @@ EOF
     check "LOG_TARGET=syslog: stop exit 0, the agent is gone" '[ "$rc" = 0 ] && dead "$pid"'
     check "LOG_TARGET=syslog: logger exits with the agent" 'wait_until 3 "dead \"\$lpid\""'
     MODE_PATH=$mode_path
+
+    # LOGFILE kept under LOG_MAX_KB: a stand-in writes 100 numbered lines (about 6 KiB)
+    cat >"$ROOT/usr/bin/chatty-agent" <<'EOF'
+#!/bin/sh
+case " $* " in *" --check-config "*) exit 0 ;; esac
+i=1
+while [ "$i" -le 100 ]; do
+    echo "chatty line $i, one of a hundred that make more than a KiB"
+    i=$((i + 1))
+done
+echo "chatty done" >&2
+while :; do sleep 1; done
+EOF
+    chmod +x "$ROOT/usr/bin/chatty-agent"
+    rm -f "$LOG" "$LOG.1"
+    initd DAEMON="$ROOT/usr/bin/chatty-agent" LOG_MAX_KB=1 start
+    pid=$(pidfile_pid)
+    check "LOG_MAX_KB=1: start exit 0, the pidfile holds the stand-in (not the rotating shell)" \
+        '[ "$rc" = 0 ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = chatty-agent ]'
+    check "LOG_MAX_KB=1: its stdout and stderr reach LOGFILE" 'wait_until 5 "grep -q \"chatty done\" \"\$LOG\""'
+    check "LOG_MAX_KB=1: LOGFILE was rotated to LOGFILE.1; neither is above 1 KiB and a line" \
+        '[ -s "$LOG.1" ] && [ "$(wc -c <"$LOG")" -le 1100 ] && [ "$(wc -c <"$LOG.1")" -le 1100 ]'
+    check "LOG_MAX_KB=1: every line whole, none lost between LOGFILE.1 and LOGFILE, up to the last" '
+        ! grep -hqv "^chatty \(line [0-9]*, one of a hundred that make more than a KiB\|done\)$" "$LOG.1" "$LOG" &&
+        cat "$LOG.1" "$LOG" | sed -n "s/^chatty line \([0-9]*\),.*/\1/p" |
+            awk "NR > 1 && \$1 != prev + 1 { bad = 1 } { prev = \$1 } END { exit bad || prev != 100 }"'
+    initd DAEMON="$ROOT/usr/bin/chatty-agent" stop
+    check "LOG_MAX_KB=1: stop exit 0; the rotating shell ends with the daemon" \
+        '[ "$rc" = 0 ] && dead "$pid" && wait_until 3 "[ -z \"\$(started_from \"\$ROOT\")\" ]"'
+    initd LOG_MAX_KB=0 start
+    pid=$(pidfile_pid)
+    check "LOG_MAX_KB=0: the agent appends to LOGFILE itself, no rotating shell" \
+        '[ "$rc" = 0 ] && is_agent "$pid" && wait_until 5 "grep -q . \"\$LOG\"" &&
+        [ "$(readlink "/proc/$pid/fd/2")" = "$LOG" ]'
+    initd stop
 
     # no start-stop-daemon at all
     initd START_STOP_DAEMON=none start

@@ -6,7 +6,7 @@
 use std::ffi::{CStr, CString, OsStr};
 use std::fs::OpenOptions;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
@@ -439,41 +439,41 @@ fn check_can_switch(name: &str, uid: libc::uid_t, agent_uid: libc::uid_t) -> Res
     ))
 }
 
+/// Reads what is there, for fds outside `stream::endpoint` (log followers, inotify).
+/// WouldBlock passes through; 0 is the end, which a PTY master reports as EIO once every
+/// process has closed the terminal.
+pub fn read_nonblocking(fd: impl AsFd, buf: &mut [u8]) -> io::Result<usize> {
+    let fd = fd.as_fd().as_raw_fd();
+    // SAFETY: reading into `buf`, of its own length.
+    let read = retrying(|| unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) });
+    match read {
+        Err(e) if e.raw_os_error() == Some(libc::EIO) => Ok(0),
+        read => read,
+    }
+}
+
+fn retrying(mut call: impl FnMut() -> isize) -> io::Result<usize> {
+    loop {
+        match call() {
+            -1 if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted => {}
+            -1 => return Err(io::Error::last_os_error()),
+            n => return Ok(n as usize),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::AsFd;
     use std::time::{Duration, Instant};
 
     const PATIENCE: Duration = Duration::from_secs(10);
-
-    /// Reads what is there (the agent reads through `stream::endpoint`). WouldBlock passes through; 0 is the end, which a PTY master reports
-    /// as EIO once every process has closed the terminal.
-    fn read_nonblocking(fd: impl AsFd, buf: &mut [u8]) -> io::Result<usize> {
-        let fd = fd.as_fd().as_raw_fd();
-        // SAFETY: reading into `buf`, of its own length.
-        let read = retrying(|| unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) });
-        match read {
-            Err(e) if e.raw_os_error() == Some(libc::EIO) => Ok(0),
-            read => read,
-        }
-    }
 
     /// Writes what fits; WouldBlock passes through.
     fn write_nonblocking(fd: impl AsFd, buf: &[u8]) -> io::Result<usize> {
         let fd = fd.as_fd().as_raw_fd();
         // SAFETY: writing from `buf`, of its own length.
         retrying(|| unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) })
-    }
-
-    fn retrying(mut call: impl FnMut() -> isize) -> io::Result<usize> {
-        loop {
-            match call() {
-                -1 if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted => {}
-                -1 => return Err(io::Error::last_os_error()),
-                n => return Ok(n as usize),
-            }
-        }
     }
 
     fn argv(words: &[&str]) -> Vec<String> {
