@@ -1142,7 +1142,7 @@ mod tests {
             ),
             (
                 json!({"trust": {"unsigned_ops": ["ping", "rebot"]}}),
-                "trust.unsigned_ops: unknown op \"rebot\" (the ops are ping, heartbeat, config, reboot, keys, shell, exec, forward, ls, get, put)",
+                "trust.unsigned_ops: unknown op \"rebot\" (the ops are ping, heartbeat, config, reboot, keys, shell, exec, forward, ls, get, put, logs)",
             ),
             (
                 json!({"trust": {"max_age_s": 5}}),

@@ -31,6 +31,7 @@ pub enum Op {
     Ls,
     Get,
     Put,
+    Logs,
 }
 
 /// The type a parameter's JSON value must have.
@@ -158,6 +159,22 @@ pub const OPS: &[OpSpec] = &[
         changes_device: false,
         summary: "write a file atomically, verified and resumable (tetherctl put)",
     },
+    OpSpec {
+        op: Op::Logs,
+        name: "logs",
+        params: &[
+            EPH,
+            WINDOW,
+            ParamSpec { name: "sources", kind: ParamType::Strings, required: false },
+            ParamSpec { name: "lines", kind: ParamType::Count, required: false },
+            ParamSpec { name: "since", kind: ParamType::String, required: false },
+            ParamSpec { name: "grep", kind: ParamType::String, required: false },
+            ParamSpec { name: "follow", kind: ParamType::Bool, required: false },
+            ParamSpec { name: "list", kind: ParamType::Bool, required: false },
+        ],
+        changes_device: false,
+        summary: "read (and follow) the device's logs, bounded on the device (tetherctl logs)",
+    },
 ];
 
 /// The parameters every tunnel op takes (docs/protocol.md, "Tunnels").
@@ -172,7 +189,7 @@ const PATH: ParamSpec = ParamSpec { name: "path", kind: ParamType::String, requi
 impl Op {
     /// Ops that open a tunnel: their answer carries the device's half of the key agreement.
     pub fn opens_tunnel(self) -> bool {
-        matches!(self, Op::Shell | Op::Exec | Op::Forward | Op::Ls | Op::Get | Op::Put)
+        matches!(self, Op::Shell | Op::Exec | Op::Forward | Op::Ls | Op::Get | Op::Put | Op::Logs)
     }
 
     pub fn from_name(name: &str) -> Option<Op> {

@@ -338,7 +338,7 @@ impl Commands {
                     Err(reason) => CommandState::Failed { reason },
                 }
             }
-            Op::Shell | Op::Exec | Op::Forward | Op::Ls | Op::Get | Op::Put => {
+            Op::Shell | Op::Exec | Op::Forward | Op::Ls | Op::Get | Op::Put | Op::Logs => {
                 let opener = Opener { by: &by, issued: admitted.issued };
                 match ctx.remote.open(key.op, &key.id, &admitted.params, opener, ctx.registry) {
                     Ok(result) => CommandState::Successful { result },

@@ -107,8 +107,7 @@ impl Agent {
         for leftover in files::cleanup_at_start(&config.state_dir) {
             log::info!("removed the temp file of an unfinished put: {}", leftover.display());
         }
-        let files = files::FileAccess::new(&config.file_transfer, &config.state_dir);
-        let remote = Remote::new(topics.clone(), &config.remote_access, files, Arc::clone(&waker));
+        let remote = Remote::new(topics.clone(), &config, Arc::clone(&waker));
         commands.recover(&mut outbox, &trust);
         // Read before the options: a file replaced in between makes the next SIGHUP reconnect
         // once for nothing, rather than miss a change.
@@ -348,7 +347,7 @@ impl Agent {
         self.heartbeat.reconfigure(&new.heartbeat);
         self.outbox.set_limits(new.offline_buffer.clone());
         self.trust.reload(&new.trust);
-        self.remote.reconfigure(&new.remote_access, &new.file_transfer);
+        self.remote.reconfigure(&new);
         self.config = new;
         log::info!("config reloaded");
     }

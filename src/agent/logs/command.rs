@@ -135,12 +135,13 @@ impl CommandLog {
         &mut self.pipes.child
     }
 
-    /// Appends the next lines to `out`, each ending in `\n`: More (call again), Wait (for a
-    /// descriptor), End (both pipes closed and everything given).
-    pub fn read(&mut self, out: &mut Vec<u8>) -> io::Result<Status> {
+    /// Appends the next lines of its output to `out` and of its complaints (stderr, neither
+    /// filtered nor cut to `-n`) to `errors`, each ending in `\n`: More (call again), Wait (for
+    /// a descriptor), End (both pipes closed and everything given).
+    pub fn read(&mut self, out: &mut Vec<u8>, errors: &mut Vec<u8>) -> io::Result<Status> {
         let (filter, tail) = (&mut self.filter, &mut self.tail);
         let from_stderr = read_some(&self.pipes.stderr, &mut self.stderr, &mut self.chunk, |text, cut| {
-            put_line(out, text, cut)
+            put_line(errors, text, cut)
         })?;
         let from_stdout = read_some(&self.pipes.stdout, &mut self.stdout, &mut self.chunk, |text, cut| {
             if filter.keep(text) {

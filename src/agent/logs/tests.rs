@@ -98,7 +98,7 @@ impl Followed {
         let deadline = Instant::now() + PATIENCE;
         while !self.text.ends_with(wanted) {
             assert!(Instant::now() < deadline, "waited for {wanted:?}, have {:?}", self.text);
-            self.poll.poll(&mut self.events, Some(Duration::from_millis(500))).unwrap();
+            wait(&mut self.poll, &mut self.events, Duration::from_millis(500));
             self.read_all();
         }
         std::mem::take(&mut self.text)
@@ -106,8 +106,16 @@ impl Followed {
 
     /// Whether a poll of `timeout` sees an event.
     fn woken_within(&mut self, timeout: Duration) -> bool {
-        self.poll.poll(&mut self.events, Some(timeout)).unwrap();
+        wait(&mut self.poll, &mut self.events, timeout);
         !self.events.is_empty()
+    }
+}
+
+/// A poll; a signal (other tests in this process watch some) wakes it like an empty event list.
+fn wait(poll: &mut Poll, events: &mut Events, timeout: Duration) {
+    match poll.poll(events, Some(timeout)) {
+        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => events.clear(),
+        result => result.unwrap(),
     }
 }
 
@@ -317,7 +325,7 @@ fn sh(script: &str) -> Vec<String> {
     vec!["/bin/sh".into(), "-c".into(), script.into()]
 }
 
-/// Everything a command source gives until it ends.
+/// Everything a command source gives until it ends: its lines, then its complaints.
 fn run(argv: &[String], query: &Query) -> String {
     let mut log = CommandLog::spawn(argv, query).unwrap();
     let poll = Poll::new().unwrap();
@@ -326,18 +334,19 @@ fn run(argv: &[String], query: &Query) -> String {
     }
     let mut poll = poll;
     let mut events = Events::with_capacity(4);
-    let mut out = Vec::new();
+    let (mut out, mut errors) = (Vec::new(), Vec::new());
     let deadline = Instant::now() + PATIENCE;
     loop {
         assert!(Instant::now() < deadline, "no end: {}", String::from_utf8_lossy(&out));
-        match log.read(&mut out).unwrap() {
+        match log.read(&mut out, &mut errors).unwrap() {
             Status::More => {}
-            Status::Wait => poll.poll(&mut events, Some(Duration::from_millis(500))).unwrap(),
+            Status::Wait => wait(&mut poll, &mut events, Duration::from_millis(500)),
             Status::End => break,
             Status::Notice(notice) => panic!("a command has no {notice:?}"),
         }
     }
     assert!(log.child().try_wait().is_some() || wait_a_little(&mut log));
+    out.extend_from_slice(&errors);
     String::from_utf8(out).unwrap()
 }
 

@@ -8,6 +8,7 @@
 //! `expire_after_s`, the process's exit, the agent's stop.
 
 mod forward;
+mod logs;
 pub mod process;
 mod transfer;
 
@@ -19,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::agent::files::{FileAccess, RateLimiter};
-use crate::config::{FileTransferConfig, RemoteAccessConfig};
+use crate::config::{Config, FileTransferConfig, LogsConfig, RemoteAccessConfig};
 use crate::net::client::Client;
 use crate::protocol::{Op, Topics};
 use crate::stream::endpoint::{self, Endpoint, Endpoints, Half, OnEof, READ_CHUNK};
@@ -27,6 +28,7 @@ use crate::stream::{Handshake, Message, Rejected, Role, StreamId, Tunnel, MIN_WI
 use crate::text::Printable;
 use crate::trust::base64;
 use forward::Connecting;
+use logs::LogReading;
 use process::{Child, PtyChild};
 use transfer::{Sent, Transfer};
 
@@ -63,6 +65,7 @@ pub struct Remote {
     /// `max_bytes_tx_per_minute` and `max_bytes_rx_per_minute`, shared by all transfers.
     tx_limit: RateLimiter,
     rx_limit: RateLimiter,
+    log_sources: LogsConfig,
 }
 
 /// What a tunnel request brings besides its parameters (from the trust check).
@@ -92,25 +95,23 @@ struct Session {
     held: Option<Vec<u8>>,
     /// When bytes were last read from the session's processes or sockets: output is activity.
     output_at: Instant,
-    /// ls, get, put: the file's side.
+    /// ls, get, put, logs --list: the file's side.
     transfer: Option<Transfer>,
+    /// logs: the sources being read.
+    logs: Option<LogReading>,
 }
 
 impl Remote {
-    pub fn new(
-        topics: Topics,
-        config: &RemoteAccessConfig,
-        files: FileAccess,
-        waker: Arc<mio::Waker>,
-    ) -> Remote {
-        let now = Instant::now();
-        let (tx_limit, rx_limit) = rate_limits(files.config(), now);
+    pub fn new(topics: Topics, config: &Config, waker: Arc<mio::Waker>) -> Remote {
+        let files = FileAccess::new(&config.file_transfer, &config.state_dir);
+        let (tx_limit, rx_limit) = rate_limits(&config.file_transfer, Instant::now());
         Remote {
             files,
             tx_limit,
             rx_limit,
             topics,
-            config: config.clone(),
+            config: config.remote_access.clone(),
+            log_sources: config.logs.clone(),
             tunnels: BTreeMap::new(),
             next_token: FIRST_TOKEN,
             forward: forward::Resolver::new(waker),
@@ -119,10 +120,11 @@ impl Remote {
         }
     }
 
-    pub fn reconfigure(&mut self, config: &RemoteAccessConfig, files: &FileTransferConfig) {
-        self.config = config.clone();
-        self.files.reconfigure(files);
-        (self.tx_limit, self.rx_limit) = rate_limits(files, Instant::now());
+    pub fn reconfigure(&mut self, config: &Config) {
+        self.config = config.remote_access.clone();
+        self.log_sources = config.logs.clone();
+        self.files.reconfigure(&config.file_transfer);
+        (self.tx_limit, self.rx_limit) = rate_limits(&config.file_transfer, Instant::now());
     }
 
     /// The subscription that brings the operators' frames.
@@ -178,6 +180,7 @@ impl Remote {
             held: None,
             output_at: now,
             transfer: None,
+            logs: None,
         };
         let mut result = json!({ "eph": device_key, "window": self.config.window });
         match op {
@@ -188,6 +191,17 @@ impl Remote {
                 if let (Some(result), Value::Object(about)) = (result.as_object_mut(), about) {
                     result.extend(about);
                 }
+            }
+            Op::Logs if params.get("list").and_then(Value::as_bool) == Some(true) => {
+                session.transfer = Some(transfer::listing_of(logs::listing(&self.log_sources)));
+            }
+            Op::Logs => {
+                let next_token = &mut self.next_token;
+                let take_token = || {
+                    *next_token += 1;
+                    Token(*next_token)
+                };
+                session.logs = Some(LogReading::start(&self.log_sources, params, registry, take_token)?);
             }
             _ => self.start_process(&mut session, params, registry)?,
         }
@@ -440,6 +454,9 @@ impl Remote {
             if let Some(endpoint) = session.endpoints.values_mut().find(|e| e.owns(token)) {
                 return endpoint.on_ready(token);
             }
+            if let Some(reading) = session.logs.as_mut().filter(|l| l.owns(token)) {
+                return reading.on_ready(token);
+            }
             let stream = session.connecting.iter().find(|(_, c)| c.token() == Some(token)).map(|(s, _)| *s);
             if let Some(stream) = stream {
                 let connecting = session.connecting.remove(&stream).expect("found above");
@@ -572,7 +589,8 @@ impl Remote {
                     close_stream(session, stream, &why, registry);
                 }
                 let read = read
-                    || pump_transfer(&id, session, client, &mut self.tx_limit, &mut self.scratch, registry);
+                    || pump_transfer(&id, session, client, &mut self.tx_limit, &mut self.scratch, registry)
+                    || pump_logs(&id, session, client, registry);
                 if let Some(Transfer::Receive(receiving)) = &mut session.transfer {
                     receiving.acknowledge(&mut session.tunnel, &mut self.rx_limit, now);
                 }
@@ -758,6 +776,23 @@ fn pump_transfer(
     }
 }
 
+/// A `logs` tunnel sends what its sources give while the window and the connection allow; it
+/// ends once every source ended and all went (never while following a file). Returns whether
+/// anything was read.
+fn pump_logs(id: &str, session: &mut Session, client: &Client, registry: &Registry) -> bool {
+    let Some(reading) = &mut session.logs else { return false };
+    let held = &session.held;
+    let may_send = || client.bulk_room() > 0 && held.is_none();
+    let pumped = reading.pump(&mut session.tunnel, may_send, registry);
+    if let Some(code) = pumped.done {
+        logs::finish(&mut session.tunnel, code);
+        log::info!("tunnel {}: logs sent", Printable(id));
+        end(id, session, "", registry);
+        return true;
+    }
+    pumped.read
+}
+
 /// The limiters of `max_bytes_tx_per_minute` and `max_bytes_rx_per_minute`.
 fn rate_limits(files: &FileTransferConfig, now: Instant) -> (RateLimiter, RateLimiter) {
     (
@@ -800,6 +835,9 @@ fn end(id: &str, session: &mut Session, reason: &str, registry: &Registry) {
     session.ending = Some(Instant::now() + LINGER);
     // An unfinished put's temp file stays for a retry to resume.
     session.transfer = None;
+    if let Some(mut reading) = session.logs.take() {
+        reading.close(registry);
+    }
     if let Some(process) = &mut session.process {
         process.terminate();
     }
@@ -863,6 +901,13 @@ fn describe(op: Op, params: &Map<String, Value>) -> String {
         Op::Ls | Op::Get | Op::Put => {
             let path = params.get("path").and_then(Value::as_str).unwrap_or("");
             format!("{} {}", op.name(), Printable(path))
+        }
+        Op::Logs => {
+            let names = params.get("sources").and_then(Value::as_array).map_or(Vec::new(), |names| {
+                names.iter().filter_map(Value::as_str).map(|n| Printable(n).to_string()).collect()
+            });
+            let follow = params.get("follow").and_then(Value::as_bool) == Some(true);
+            format!("logs {}{}", names.join(" "), if follow { " -f" } else { "" })
         }
         _ => op.name().to_string(),
     }

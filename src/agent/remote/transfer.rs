@@ -56,8 +56,7 @@ pub fn start(files: &FileAccess, op: Op, params: &Map<String, Value>) -> Result<
         Op::Ls => {
             let entries = files.ls(path).map_err(|e| e.0)?;
             let listing = serde_json::to_vec(&entries).map_err(|e| e.to_string())?;
-            let source = Box::new(Cursor::new(listing));
-            Ok((Transfer::Send(Sending { source, hash: None, offset: 0, sent: 0 }), json!({})))
+            Ok((listing_of(listing), json!({})))
         }
         Op::Get => {
             let source = files.get(path).map_err(|e| e.0)?;
@@ -87,6 +86,11 @@ pub fn start(files: &FileAccess, op: Op, params: &Map<String, Value>) -> Result<
             Ok((Transfer::Receive(receiving), json!({ "offset": offset })))
         }
     }
+}
+
+/// JSON on stream 0 (`ls`, `logs --list`), then the Report.
+pub fn listing_of(json: Vec<u8>) -> Transfer {
+    Transfer::Send(Sending { source: Box::new(Cursor::new(json)), hash: None, offset: 0, sent: 0 })
 }
 
 impl Sending {

@@ -8,6 +8,7 @@ use tether::protocol::check_device_id;
 
 use crate::files::Copy;
 use crate::help;
+use crate::logs::LogsRequest;
 use crate::remote::{ForwardSpec, Interactive};
 use crate::settings::ConnFlags;
 use crate::Failure;
@@ -67,6 +68,7 @@ pub enum Command {
     },
     Get(Copy),
     Put(Copy),
+    Logs(LogsRequest),
 }
 
 #[derive(Debug, PartialEq)]
@@ -104,6 +106,12 @@ struct CommandOptions {
     tty: bool,
     /// -e: the escape character, as given.
     escape: Option<String>,
+    /// logs: -n, -f, --since, --grep, --list.
+    lines: Option<u64>,
+    follow: bool,
+    since: Option<String>,
+    grep: Option<String>,
+    list: bool,
     pending: bool,
     final_only: bool,
     all: bool,
@@ -133,6 +141,9 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed, Failure> 
             || help::VALUE_OPTIONS.contains(&name.as_str())
             || name == "--timeout"
             || name == "-e"
+            || name == "-n"
+            || name == "--since"
+            || name == "--grep"
             || (name == "--json" && after_cmd);
         let value = match (takes_value, inline) {
             (true, Some(v)) => Some(v),
@@ -156,7 +167,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed, Failure> 
             ("-v" | "--verbose", _) => verbose = true,
             ("-h" | "--help", _) => help = true,
             ("-V" | "--version", _) => version = true,
-            ("-t" | "-e", value) => opts.set(&name, value)?,
+            ("-t" | "-e" | "-n" | "-f", value) => opts.set(&name, value)?,
             (flag, value) if flag.starts_with("--") => opts.set(flag, value)?,
             (flag, _) if flag.starts_with('-') && flag.len() > 1 => {
                 return Err(Failure::usage(format!("unknown option {flag}")))
@@ -255,6 +266,27 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed, Failure> 
             json,
             timeout: opts.timeout,
         }),
+        ("logs", [device, sources @ ..]) => {
+            let alone = opts.given.len() == 1 + usize::from(json) && sources.is_empty();
+            if opts.list && !alone {
+                return Err(Failure::usage("logs: --list takes no SOURCE and no other option but --json"));
+            }
+            if json && !opts.list {
+                return Err(Failure::usage(
+                    "logs: --json goes with --list (the lines come as the device has them)",
+                ));
+            }
+            Command::Logs(LogsRequest {
+                device: device_id(device)?,
+                sources: sources.to_vec(),
+                lines: opts.lines,
+                follow: opts.follow,
+                since: opts.since.clone(),
+                grep: opts.grep.clone(),
+                list: opts.list,
+                json,
+            })
+        }
         _ => return Err(wrong_arguments()),
     };
     Ok(Parsed::Run(Box::new(Args { conn, verbose, command })))
@@ -302,6 +334,28 @@ impl CommandOptions {
             ("-e", v) => {
                 self.escape = v;
                 "-e"
+            }
+            ("-n", Some(v)) => {
+                let lines =
+                    v.parse().map_err(|_| Failure::usage(format!("-n: {v:?} is not a number of lines")))?;
+                self.lines = Some(lines);
+                "-n"
+            }
+            ("-f", _) => {
+                self.follow = true;
+                "-f"
+            }
+            ("--since", v) => {
+                self.since = v;
+                "--since"
+            }
+            ("--grep", v) => {
+                self.grep = v;
+                "--grep"
+            }
+            ("--list", _) => {
+                self.list = true;
+                "--list"
             }
             (flag, _) => return Err(Failure::usage(format!("unknown option {flag}"))),
         };

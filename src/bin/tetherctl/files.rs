@@ -51,7 +51,23 @@ enum Outcome {
 }
 
 pub fn ls(settings: &Settings, device: &str, path: &str, as_json: bool) -> Result<u8, Failure> {
-    let link = tunnel::open(settings, device, "ls", params(&[("path", json!(path))]))?;
+    let entries = listing(settings, device, "ls", params(&[("path", json!(path))]))?;
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&entries).unwrap_or_default());
+    } else {
+        entries.iter().for_each(|entry| println!("{}", ls_line(entry)));
+    }
+    Ok(exit::SUCCESS)
+}
+
+/// The JSON list an op (`ls`, `logs --list`) sends on stream 0.
+pub fn listing(
+    settings: &Settings,
+    device: &str,
+    op: &str,
+    params: Map<String, Value>,
+) -> Result<Vec<Value>, Failure> {
+    let link = tunnel::open(settings, device, op, params)?;
     let mut listing = memory_file()?;
     match receive(link, &listing, &mut Progress::off())? {
         Outcome::Done(_) => {}
@@ -61,14 +77,7 @@ pub fn ls(settings: &Settings, device: &str, path: &str, as_json: bool) -> Resul
     }
     let mut text = String::new();
     listing.seek(SeekFrom::Start(0)).and_then(|_| listing.read_to_string(&mut text)).map_err(local_error)?;
-    let entries: Vec<Value> = serde_json::from_str(&text)
-        .map_err(|e| Failure::error(format!("a listing that is not JSON: {e}")))?;
-    if as_json {
-        println!("{}", serde_json::to_string_pretty(&entries).unwrap_or_default());
-    } else {
-        entries.iter().for_each(|entry| println!("{}", ls_line(entry)));
-    }
-    Ok(exit::SUCCESS)
+    serde_json::from_str(&text).map_err(|e| Failure::error(format!("a listing that is not JSON: {e}")))
 }
 
 /// `-rw-r--r-- root root 1234 2024-05-01 12:00 name -> link`, like ls -l.

@@ -104,6 +104,21 @@ Within the device's file_transfer limits (chroot, follow_symlinks). --json: the
 entries as the device sent them.",
     },
     CommandHelp {
+        name: "logs",
+        args: "DEVICE [SOURCE...] [-n N] [-f] [--since TIME] [--grep RE] | DEVICE --list [--json]",
+        options: &["-n", "-f", "--since", "--grep", "--list", "--json"],
+        about: "prints the lines of the device's logs (default: its system log; --list shows
+the sources it offers: its logs.sources config and the built-in syslog, agent,
+logread, journal). -n N: the last N lines; --since TIME: lines written from
+then on (2026-12-04T10:00:00Z; \"2026-12-04 10:00\" in the device's local time;
+or a time ago: 30s, 10m, 2h, 1d, 1w); --grep RE: lines matching the regular
+expression. All applied on the device, so only
+those lines cross the link. -f: then follow what is written, across rotation
+(rename) and truncation, until interrupted. Lines of several sources are
+prefixed with the source's name; what happens to a source (missing, rotated)
+is told on stderr; exit 1 if a source could not be read.",
+    },
+    CommandHelp {
         name: "get",
         args: "DEVICE REMOTE [LOCAL|-] [--json] [--timeout S]",
         options: &["--json", "--timeout"],

@@ -10,6 +10,7 @@ mod files;
 mod format;
 mod help;
 mod known;
+mod logs;
 mod remote;
 mod session;
 mod settings;
@@ -135,5 +136,6 @@ fn run() -> Result<u8, Failure> {
         Command::Ls { device, path, json } => files::ls(&settings, device, path, *json),
         Command::Get(request) => files::get(&settings, request),
         Command::Put(request) => files::put(&settings, request),
+        Command::Logs(request) => logs::logs(&settings, request),
     }
 }

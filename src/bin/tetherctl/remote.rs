@@ -66,7 +66,8 @@ pub fn interactive(settings: &Settings, req: &Interactive) -> Result<u8, Failure
     if on_terminal {
         link.watch_resize()?;
     }
-    let io = LocalIo::new(&mut link, req.pty, if on_terminal { req.escape } else { None })?;
+    let keyboard = Some(if on_terminal { req.escape } else { None });
+    let io = LocalIo::new(&mut link, req.pty, keyboard)?;
     let (code, message) = run_interactive(link, io, req.timeout);
     if let Some(raw) = &mut raw {
         raw.restore();
@@ -77,15 +78,18 @@ pub fn interactive(settings: &Settings, req: &Interactive) -> Result<u8, Failure
     Ok(code)
 }
 
-/// stdin, stdout and stderr as the tunnel's local ends; their non-blocking guards.
-struct LocalIo {
+/// stdin (unless the remote side reads nothing), stdout and stderr as the tunnel's local
+/// ends; their non-blocking guards.
+pub struct LocalIo {
     endpoints: Endpoints,
-    keyboard: Keyboard,
+    keyboard: Option<Keyboard>,
     _guards: Vec<NonBlockingFd>,
 }
 
 impl LocalIo {
-    fn new(link: &mut Link, pty: bool, escape: Option<u8>) -> Result<LocalIo, Failure> {
+    /// `keyboard`: stdin is read, with this escape character (None: no escapes); None: stdin
+    /// is left alone.
+    pub fn new(link: &mut Link, pty: bool, keyboard: Option<Option<u8>>) -> Result<LocalIo, Failure> {
         let mut guards = Vec::new();
         let mut nonblocking = |fd: RawFd| -> Result<OwnedFd, Failure> {
             let guard = NonBlockingFd::new(fd).map_err(|e| Failure::error(format!("fd {fd}: {e}")))?;
@@ -95,24 +99,28 @@ impl LocalIo {
         };
         let stdout = nonblocking(1)?;
         let stderr = if pty { None } else { Some(nonblocking(2)?) };
-        let stdin = nonblocking(0)?;
+        let stdin = keyboard.map(|escape| Ok::<_, Failure>((nonblocking(0)?, escape))).transpose()?;
         let mut endpoints = Endpoints::new();
         endpoints.insert(0, link.endpoint(None, Some(stdout), OnEof::Ignore)?);
         if let Some(stderr) = stderr {
             endpoints.insert(1, link.endpoint(None, Some(stderr), OnEof::Ignore)?);
         }
-        let keyboard =
-            Keyboard::new(link.endpoint(Some(stdin), None, OnEof::Ignore)?, EscapeFilter::new(escape));
+        let keyboard = stdin
+            .map(|(stdin, escape)| {
+                let endpoint = link.endpoint(Some(stdin), None, OnEof::Ignore)?;
+                Ok::<_, Failure>(Keyboard::new(endpoint, EscapeFilter::new(escape)))
+            })
+            .transpose()?;
         Ok(LocalIo { endpoints, keyboard, _guards: guards })
     }
 }
 
 /// Runs until the remote side ends; returns the exit code, and what to tell the user.
-fn run_interactive(mut link: Link, mut io: LocalIo, timeout: Option<Duration>) -> (u8, Option<String>) {
+pub fn run_interactive(mut link: Link, mut io: LocalIo, timeout: Option<Duration>) -> (u8, Option<String>) {
     let deadline = timeout.map(|t| Instant::now() + t);
     let mut exit_code: Option<i32> = None;
     let (reason, code, message) = loop {
-        let step = match link.step(&mut io.endpoints, Some(&mut io.keyboard), deadline) {
+        let step = match link.step(&mut io.endpoints, io.keyboard.as_mut(), deadline) {
             Ok(step) => step,
             Err(failure) => break (failure.message.clone(), failure.code, Some(failure.message)),
         };
