@@ -281,3 +281,18 @@ fn a_followed_command_runs_until_the_operator_stops() {
     let gone = common::wait_until(secs(20), || !Path::new(&format!("/proc/{pid}")).exists());
     assert!(gone, "the command source {pid} outlived its tunnel");
 }
+
+/// The agent's own log, as the init script keeps it in a file, named here in a source given by
+/// a config reload (SIGHUP): what an operator reads first when a device misbehaves.
+#[test]
+fn the_agents_own_log_is_a_source() {
+    let s = device("dev-logs-agent", json!([]), false);
+    let mut config: Value = serde_json::from_slice(&fs::read(s.agent.config_path()).unwrap()).unwrap();
+    config["logs"]["sources"] = json!([{ "name": "agent", "files": [s.agent.log_path()] }]);
+    s.agent.write_config(config);
+    s.agent.signal(libc::SIGHUP);
+    assert!(s.agent.wait_log("config reloaded", secs(10)));
+    let out = ok(&s.tetherctl(&["logs", &s.device, "agent", "--grep", "config reloaded"]).output().unwrap());
+    assert_eq!(out.lines().count(), 1, "{out}");
+    assert!(out.contains("config reloaded"), "{out}");
+}
