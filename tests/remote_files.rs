@@ -149,3 +149,26 @@ fn a_get_cut_by_a_broker_restart_resumes_with_the_right_hash() {
         log.lines().filter_map(|l| l.split(" sent ").nth(1)?.split(' ').next()?.parse::<u64>().ok()).sum();
     assert!(sent < 2 * size as u64, "not restarted from zero: {sent} bytes sent for {size}");
 }
+
+/// A fetched file takes the device's mode less the local umask, as cp and scp do.
+#[test]
+fn get_gives_the_devices_mode_less_the_local_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let (s, root) = device("dev-mode", json!({}));
+    let script = root.path().join("tool.sh");
+    fs::write(&script, b"#!/bin/sh\n").unwrap();
+    fs::set_permissions(&script, fs::Permissions::from_mode(0o777)).unwrap();
+    let here = tempfile::tempdir().unwrap();
+    let local = here.path().join("tool.sh");
+    let mut get = s.tetherctl(&["get", &s.device, "/tool.sh", str_of(&local)]);
+    // SAFETY: umask in the child before exec; it touches no memory.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        get.pre_exec(|| {
+            libc::umask(0o027);
+            Ok(())
+        });
+    }
+    ok(&get.output().unwrap());
+    assert_eq!(fs::metadata(&local).unwrap().permissions().mode() & 0o777, 0o750);
+}

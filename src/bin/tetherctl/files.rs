@@ -179,7 +179,8 @@ pub fn get(settings: &Settings, req: &Copy) -> Result<u8, Failure> {
     }
     match (&target, &temp_path) {
         (Some(target), Some(temp_path)) => {
-            let mode = answer.get("mode").and_then(Value::as_u64).unwrap_or(0o644) as u32 & 0o777;
+            // As cp and scp without -p: the device's mode, less this user's umask.
+            let mode = answer.get("mode").and_then(Value::as_u64).unwrap_or(0o644) as u32 & 0o777 & !umask();
             let _ = fs::set_permissions(temp_path, fs::Permissions::from_mode(mode));
             fs::rename(temp_path, target).map_err(local_error)?;
         }
@@ -375,6 +376,15 @@ fn sha256_of(file: &File) -> Result<String, Failure> {
 }
 
 /// An anonymous file in memory: a listing, a get to stdout, a put from stdin.
+/// The process's umask (read by setting it, then putting it back: the only way there is).
+fn umask() -> u32 {
+    // SAFETY: umask has no preconditions; tetherctl creates no files on other threads.
+    let mask = unsafe { libc::umask(0o022) };
+    // SAFETY: as above.
+    unsafe { libc::umask(mask) };
+    mask as u32
+}
+
 fn memory_file() -> Result<File, Failure> {
     // SAFETY: a C string literal; the descriptor returned is ours.
     let fd = unsafe { libc::memfd_create(c"tetherctl".as_ptr(), libc::MFD_CLOEXEC) };
