@@ -32,6 +32,7 @@ pub struct Config {
     pub remote_access: RemoteAccessConfig,
     pub file_transfer: FileTransferConfig,
     pub logs: LogsConfig,
+    pub updates: UpdatesConfig,
 }
 
 /// Who may ask the device for what: docs/protocol.md, "Signed requests".
@@ -465,6 +466,33 @@ fn check_log_files(key: &str, files: &[String]) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// Software updates (issue 11): where their downloads go and whom an `https://` download
+/// trusts (src/agent/update).
+#[derive(Debug, Clone, Serialize)]
+pub struct UpdatesConfig {
+    /// PEM CA(s) trusted for downloads instead of the system store.
+    pub ca_file: Option<PathBuf>,
+    /// Downloads are written, and resumed, here; made private (0700) when missing.
+    pub download_dir: PathBuf,
+}
+
+impl UpdatesConfig {
+    /// The defaults, for the agent's `state_dir`.
+    pub fn new(state_dir: &Path) -> UpdatesConfig {
+        UpdatesConfig { ca_file: None, download_dir: state_dir.join("downloads") }
+    }
+
+    fn read(mut s: Section, state_dir: &Path) -> Result<UpdatesConfig, ConfigError> {
+        let d = UpdatesConfig::new(state_dir);
+        let updates = UpdatesConfig {
+            ca_file: s.path("ca_file")?,
+            download_dir: s.path("download_dir")?.unwrap_or(d.download_dir),
+        };
+        s.finish()?;
+        Ok(updates)
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct OfflineBufferConfig {
     pub max_messages: usize,
@@ -590,11 +618,7 @@ impl BrokerConfig {
             ("broker.key_file", &self.key_file),
             ("broker.password_file", &self.password_file),
         ] {
-            if let Some(path) = path {
-                if let Err(e) = std::fs::metadata(path) {
-                    return fail(format!("{key}: {}: {}", path.display(), crate::fsutil::error_text(&e)));
-                }
-            }
+            check_exists(key, path.as_deref())?;
         }
         if self.cert_file.is_some() != self.key_file.is_some() {
             return fail("broker.cert_file and broker.key_file go together".into());
@@ -733,6 +757,14 @@ impl TrustConfig {
     }
 }
 
+/// A file a setting names must be there (its content is read where it is used).
+fn check_exists(key: &str, path: Option<&Path>) -> Result<(), ConfigError> {
+    let Some(path) = path else { return Ok(()) };
+    std::fs::metadata(path)
+        .map(drop)
+        .map_err(|e| ConfigError(format!("{key}: {}: {}", path.display(), crate::fsutil::error_text(&e))))
+}
+
 /// An argv must start with the program: "[]" or "[\"\"]" would run nothing.
 fn check_argv(key: &str, argv: &[String]) -> Result<(), ConfigError> {
     match argv.first() {
@@ -765,11 +797,11 @@ impl Config {
 
     fn read(mut s: Section) -> Result<Config, ConfigError> {
         let broker = s.section("broker")?.map(BrokerConfig::read).transpose()?;
+        let state_dir: PathBuf = s.path("state_dir")?.unwrap_or_else(|| "/var/lib/tether".into());
         let config = Config {
             broker: BrokerConfig::new(String::new()),
             device_id: s.text("device_id")?,
             topic_root: s.text("topic_root")?.unwrap_or_else(|| "tether".into()),
-            state_dir: s.path("state_dir")?.unwrap_or_else(|| "/var/lib/tether".into()),
             heartbeat: s.section("heartbeat")?.map(HeartbeatConfig::read).transpose()?.unwrap_or_default(),
             reconnect: s.section("reconnect")?.map(ReconnectConfig::read).transpose()?.unwrap_or_default(),
             offline_buffer: s
@@ -791,6 +823,11 @@ impl Config {
                 .transpose()?
                 .unwrap_or_default(),
             logs: s.section("logs")?.map(LogsConfig::read).transpose()?.unwrap_or_default(),
+            updates: match s.section("updates")? {
+                Some(updates) => UpdatesConfig::read(updates, &state_dir)?,
+                None => UpdatesConfig::new(&state_dir),
+            },
+            state_dir,
         };
         s.finish()?;
         let broker = broker.ok_or_else(|| {
@@ -808,6 +845,7 @@ impl Config {
         crate::protocol::check_topic_root(&self.topic_root)
             .map_err(|e| ConfigError(format!("topic_root: {e}")))?;
         check_argv("reboot_command", &self.reboot_command)?;
+        check_exists("updates.ca_file", self.updates.ca_file.as_deref())?;
         if let Some(level) = &self.log_level {
             crate::logging::check_level(level).map_err(|e| ConfigError(format!("log_level: {e}")))?;
         }
@@ -1198,6 +1236,39 @@ mod tests {
         assert_eq!(config.state_dir, Path::new("/var/lib/tether"));
         assert_eq!(config.topic_root, "tether");
         assert_eq!(config.reboot_command, ["/sbin/reboot"]);
+    }
+
+    #[test]
+    fn updates_download_dir_follows_state_dir_and_errors_name_the_key() {
+        let parse = |patch: Value| {
+            let mut config = json!({"broker": {"url": "mqtt://h"}});
+            merge(&mut config, patch);
+            Config::parse(&config.to_string()).map(|c| c.updates).map_err(|e| e.0)
+        };
+        let d = parse(json!({})).unwrap();
+        assert_eq!((d.ca_file, d.download_dir.as_path()), (None, Path::new("/var/lib/tether/downloads")));
+        let moved = parse(json!({"state_dir": "/data/tether"})).unwrap();
+        assert_eq!(moved.download_dir, Path::new("/data/tether/downloads"));
+        let set = parse(json!({"updates": {"download_dir": "/mnt/big", "ca_file": "/"}})).unwrap();
+        assert_eq!(
+            (set.download_dir.as_path(), set.ca_file.as_deref()),
+            (Path::new("/mnt/big"), Some(Path::new("/")))
+        );
+        for (patch, message) in [
+            (
+                json!({"updates": {"ca_file": "/nonexistent/ca.pem"}}),
+                "updates.ca_file: /nonexistent/ca.pem: No such file or directory",
+            ),
+            (json!({"updates": {"download_dir": ""}}), "updates.download_dir: must be a path"),
+            (
+                json!({"updates": {"dir": "/x"}}),
+                "updates.dir: unknown key (the keys here are ca_file, download_dir)",
+            ),
+            (json!({"updates": []}), "updates: must be an object"),
+        ] {
+            let error = parse(patch.clone()).unwrap_err();
+            assert!(error.starts_with(message), "{patch}: {error}");
+        }
     }
 
     #[test]

@@ -127,6 +127,24 @@ pub fn error_text(e: &io::Error) -> String {
     }
 }
 
+/// Bytes that unprivileged users may still write on the filesystem of `fd`.
+pub fn free_bytes(fd: impl std::os::fd::AsFd) -> io::Result<u64> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: statvfs is plain numbers, so all-zero is valid.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `st` is writable. (A hung NFS server can make it wait: retried when a signal cuts it.)
+    while unsafe { libc::fstatvfs(fd.as_fd().as_raw_fd(), &mut st) } != 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+    // The field types differ between libcs and word sizes, hence the casts.
+    let (available, fragment, block) = (st.f_bavail as u64, st.f_frsize as u64, st.f_bsize as u64);
+    // Very old kernels leave f_frsize zero; f_bsize is the unit then.
+    Ok(available.saturating_mul(if fragment > 0 { fragment } else { block }))
+}
+
 /// Reads a small state file; `Ok(None)` when it does not exist.
 pub fn read_optional(path: &Path) -> io::Result<Option<Vec<u8>>> {
     match fs::read(path) {

@@ -10,6 +10,7 @@ pub mod logs;
 mod outbox;
 pub mod remote;
 mod trust;
+pub mod update;
 
 use mio::{Events, Poll, Token, Waker};
 use std::path::PathBuf;

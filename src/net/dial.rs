@@ -179,7 +179,7 @@ impl Dialer {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => {
                     self.certificate_rejected =
-                        tls_error(&e).is_some_and(super::tls::is_certificate_rejection);
+                        super::tls::error_in(&e).is_some_and(super::tls::is_certificate_rejection);
                     return Err(describe_io(&e));
                 }
             }
@@ -301,7 +301,7 @@ fn tcp_connected(sock: &TcpStream) -> io::Result<bool> {
 
 /// Words for an I/O error, naming TLS causes when the error wraps one.
 pub fn describe_io(e: &io::Error) -> String {
-    if let Some(tls) = tls_error(e) {
+    if let Some(tls) = super::tls::error_in(e) {
         return super::tls::describe_error(tls);
     }
     match e.kind() {
@@ -311,10 +311,6 @@ pub fn describe_io(e: &io::Error) -> String {
         io::ErrorKind::UnexpectedEof => "connection closed unexpectedly".into(),
         _ => e.to_string(),
     }
-}
-
-fn tls_error(e: &io::Error) -> Option<&rustls::Error> {
-    e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>())
 }
 
 fn describe_ws(e: tungstenite::Error) -> String {

@@ -14,10 +14,8 @@ pub struct TlsFiles<'a> {
 }
 
 pub fn client_config(files: &TlsFiles) -> Result<Arc<ClientConfig>, String> {
-    let roots = match files.ca_file {
-        Some(path) => roots_from_file("broker.ca_file", path)?,
-        None => system_roots()?,
-    };
+    let mut roots = RootCertStore::empty();
+    roots.add_parsable_certificates(trusted_certs("broker.ca_file", files.ca_file)?);
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -50,23 +48,30 @@ fn read_certs(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, St
     Ok(certs)
 }
 
-fn roots_from_file(key: &str, path: &Path) -> Result<RootCertStore, String> {
-    let mut roots = RootCertStore::empty();
-    for cert in read_certs(key, path)? {
-        roots.add(cert).map_err(|e| format!("{key}: {}: {e}", path.display()))?;
+/// The CA certificates to trust: every one in `ca_file`, the value of config key `ca_key`
+/// (named in errors: a certificate that is not a usable CA is one), else the usable ones of
+/// the system store (none is an error that says to set `ca_key`).
+pub fn trusted_certs(ca_key: &str, ca_file: Option<&Path>) -> Result<Vec<CertificateDer<'static>>, String> {
+    let usable = |cert: &CertificateDer<'static>| RootCertStore::empty().add(cert.clone());
+    let Some(path) = ca_file else {
+        let found = rustls_native_certs::load_native_certs();
+        let certs: Vec<_> = found.certs.into_iter().filter(|cert| usable(cert).is_ok()).collect();
+        if certs.is_empty() {
+            let why = found.errors.first().map(|e| format!(": {e}")).unwrap_or_default();
+            return Err(format!("no trusted CA certificates in the system store{why}; set {ca_key}"));
+        }
+        return Ok(certs);
+    };
+    let certs = read_certs(ca_key, path)?;
+    for cert in &certs {
+        usable(cert).map_err(|e| format!("{ca_key}: {}: {e}", path.display()))?;
     }
-    Ok(roots)
+    Ok(certs)
 }
 
-fn system_roots() -> Result<RootCertStore, String> {
-    let found = rustls_native_certs::load_native_certs();
-    let mut roots = RootCertStore::empty();
-    let (added, _ignored) = roots.add_parsable_certificates(found.certs);
-    if added == 0 {
-        let why = found.errors.first().map(|e| format!(": {e}")).unwrap_or_default();
-        return Err(format!("no trusted CA certificates in the system store{why}; set broker.ca_file"));
-    }
-    Ok(roots)
+/// The TLS error an I/O error wraps, if any (rustls reports through `io::Error`).
+pub fn error_in(e: &std::io::Error) -> Option<&rustls::Error> {
+    e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>())
 }
 
 /// Whether the broker's certificate failed verification (unknown CA, wrong host name, expired...):
@@ -75,16 +80,23 @@ pub fn is_certificate_rejection(err: &rustls::Error) -> bool {
     matches!(err, rustls::Error::InvalidCertificate(_))
 }
 
-/// Says in words why a TLS connection failed; rustls' own texts name the cause but not the fix.
+/// Says in words why a TLS connection to the broker failed; rustls' own texts name the cause
+/// but not the fix.
 pub fn describe_error(err: &rustls::Error) -> String {
+    describe_error_of(err, "broker", "broker.ca_file")
+}
+
+/// `describe_error` for a connection to `server` ("broker", "download server"), whose CA
+/// certificates come from config key `ca_key`.
+pub fn describe_error_of(err: &rustls::Error, server: &str, ca_key: &str) -> String {
     use rustls::CertificateError as C;
     match err {
         rustls::Error::InvalidCertificate(C::UnknownIssuer) => {
-            "TLS: server certificate is signed by an unknown CA (UnknownIssuer): check broker.ca_file".into()
+            format!("TLS: server certificate is signed by an unknown CA (UnknownIssuer): check {ca_key}")
         }
         rustls::Error::InvalidCertificate(C::NotValidForName)
         | rustls::Error::InvalidCertificate(C::NotValidForNameContext { .. }) => {
-            "TLS: server certificate is not valid for the broker's host name (NotValidForName)".into()
+            format!("TLS: server certificate is not valid for the {server}'s host name (NotValidForName)")
         }
         rustls::Error::InvalidCertificate(C::Expired)
         | rustls::Error::InvalidCertificate(C::ExpiredContext { .. }) => {
@@ -93,7 +105,7 @@ pub fn describe_error(err: &rustls::Error) -> String {
         rustls::Error::AlertReceived(alert) => {
             let name = alert.as_str().map_or_else(|| format!("number {}", u8::from(*alert)), str::to_string);
             format!(
-                "TLS: the broker refused the handshake (alert {name}); does it require a client certificate?"
+                "TLS: the {server} refused the handshake (alert {name}); does it require a client certificate?"
             )
         }
         other => format!("TLS: {other}"),

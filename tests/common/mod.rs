@@ -127,6 +127,15 @@ pub fn signal(pid: u32, sig: i32) {
     }
 }
 
+/// Stops a server with SIGTERM and waits for it to exit; SIGKILL when it has not within 10 s.
+pub fn terminate(mut child: Child) {
+    signal(child.id(), libc::SIGTERM);
+    if wait_child(&mut child, secs(10)).is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
 /// Waits for a child to exit, up to `timeout`.
 pub fn wait_child(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
     let end = Instant::now() + timeout;
@@ -198,6 +207,15 @@ fn make_leaf(dir: &Path, ca: &str, name: &str, cn: &str, section: &str) {
              -out {name}.pem -days 30 -extfile openssl.cnf -extensions {section}"
         ),
     );
+}
+
+/// In `dir`: a test CA (`ca.pem`, `ca.key`), a server certificate it signed for localhost and
+/// 127.0.0.1 (`server.pem`, `server.key`), and an unrelated CA (`wrongca.pem`).
+pub fn make_test_certs(dir: &Path) {
+    fs::write(dir.join("openssl.cnf"), OPENSSL_CNF).unwrap();
+    make_ca(dir, "ca", "Tether-Test-CA");
+    make_leaf(dir, "ca", "server", "localhost", "server");
+    make_ca(dir, "wrongca", "Unrelated-Test-CA");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -311,10 +329,7 @@ impl Broker {
     pub fn start(opts: BrokerOpts) -> Broker {
         let dir = tempfile::Builder::new().prefix("tether-broker-").tempdir().unwrap();
         let d = dir.path();
-        fs::write(d.join("openssl.cnf"), OPENSSL_CNF).unwrap();
-        make_ca(d, "ca", "Tether-Test-CA");
-        make_leaf(d, "ca", "server", "localhost", "server");
-        make_ca(d, "wrongca", "Unrelated-Test-CA");
+        make_test_certs(d);
         make_leaf(d, "ca", "wrongname", "wrong.example", "wrongname");
 
         let mut admin = None;
@@ -430,12 +445,8 @@ impl Broker {
 
     /// Stops the broker (SIGTERM: it saves its database) and waits for it to exit.
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            signal(child.id(), libc::SIGTERM);
-            if wait_child(&mut child, secs(10)).is_none() {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
+        if let Some(child) = self.child.take() {
+            terminate(child);
         }
     }
 
@@ -718,6 +729,7 @@ impl Msg {
 }
 
 pub mod cluster;
+pub mod http;
 pub mod raw;
 pub mod remote;
 pub mod ssh;

@@ -296,10 +296,23 @@ pub fn sha256_prefix(file: &File, len: u64) -> io::Result<String> {
 /// The sha256 context fed with the first `len` bytes of `file`: a resumed get goes on hashing
 /// from there, so that its report covers the whole file.
 pub fn hash_prefix(file: &File, len: u64) -> io::Result<ring::digest::Context> {
+    hash_prefix_until(file, len, || false)
+}
+
+/// `hash_prefix`, asking `stop` before each block of 64 KiB: a long file is not read to its end
+/// once the work is cancelled (an error "cancelled" then).
+pub fn hash_prefix_until(
+    file: &File,
+    len: u64,
+    stop: impl Fn() -> bool,
+) -> io::Result<ring::digest::Context> {
     let mut context = ring::digest::Context::new(&ring::digest::SHA256);
     let mut buf = vec![0u8; 64 * 1024];
     let mut done = 0u64;
     while done < len {
+        if stop() {
+            return Err(io::Error::other("cancelled"));
+        }
         let want = buf.len().min((len - done).try_into().unwrap_or(usize::MAX));
         let n = match file.read_at(&mut buf[..want], done) {
             Ok(0) => {

@@ -129,7 +129,7 @@ impl FileAccess {
         let shown = &location.shown;
         let resumed = if self.journal.made(&temp.path) { resumable(dir, &temp.name, size) } else { None };
         let held = resumed.as_ref().map_or(0, |(_, held)| *held);
-        let free = sys::free_bytes(dir).map_err(|e| io_error(shown, &e))?;
+        let free = crate::fsutil::free_bytes(dir).map_err(|e| io_error(shown, &e))?;
         check_space(&shown_dir(location), free, size - held)?;
         let put = self.journal.claim(&temp.path).map_err(|e| {
             FileError(format!("{shown}: cannot record the put in state_dir: {}", error_text(&e)))

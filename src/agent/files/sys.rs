@@ -91,19 +91,6 @@ pub fn renameat(dir: impl AsFd, from: &CStr, to: &CStr, replace: bool) -> io::Re
     }
 }
 
-/// Bytes that unprivileged users may still write on the filesystem of `fd`.
-pub fn free_bytes(fd: impl AsFd) -> io::Result<u64> {
-    // SAFETY: statvfs is plain numbers, so all-zero is valid.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    let raw = fd.as_fd().as_raw_fd();
-    // SAFETY: `st` is writable.
-    check(|| unsafe { libc::fstatvfs(raw, &mut st) }.into())?;
-    // The field types differ between libcs and word sizes, hence the casts.
-    let (available, fragment, block) = (st.f_bavail as u64, st.f_frsize as u64, st.f_bsize as u64);
-    // Very old kernels leave f_frsize zero; f_bsize is the unit then.
-    Ok(available.saturating_mul(if fragment > 0 { fragment } else { block }))
-}
-
 /// Whether `fd` is on procfs, where links are "magic": /proc/PID/root, cwd, fd/N lead wherever
 /// the process's are, whatever their text says.
 #[allow(clippy::unnecessary_cast)] // f_type is signed or unsigned, 32 or 64 bits, by target
