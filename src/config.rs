@@ -474,12 +474,24 @@ pub struct UpdatesConfig {
     pub ca_file: Option<PathBuf>,
     /// Downloads are written, and resumed, here; made private (0700) when missing.
     pub download_dir: PathBuf,
+    /// While this file exists, a flow waits before its first step (the update inhibitor).
+    pub hold_file: PathBuf,
+    /// How long a flow waits for the hold file to go at most.
+    pub hold_max_s: u64,
+    /// Where `service` steps find init scripts.
+    pub init_dir: PathBuf,
 }
 
 impl UpdatesConfig {
     /// The defaults, for the agent's `state_dir`.
     pub fn new(state_dir: &Path) -> UpdatesConfig {
-        UpdatesConfig { ca_file: None, download_dir: state_dir.join("downloads") }
+        UpdatesConfig {
+            ca_file: None,
+            download_dir: state_dir.join("downloads"),
+            hold_file: "/run/tether-update-hold".into(),
+            hold_max_s: 3600,
+            init_dir: "/etc/init.d".into(),
+        }
     }
 
     fn read(mut s: Section, state_dir: &Path) -> Result<UpdatesConfig, ConfigError> {
@@ -487,6 +499,9 @@ impl UpdatesConfig {
         let updates = UpdatesConfig {
             ca_file: s.path("ca_file")?,
             download_dir: s.path("download_dir")?.unwrap_or(d.download_dir),
+            hold_file: s.path("hold_file")?.unwrap_or(d.hold_file),
+            hold_max_s: s.number("hold_max_s", SECONDS, 0..=30 * 86_400, d.hold_max_s)?,
+            init_dir: s.path("init_dir")?.unwrap_or(d.init_dir),
         };
         s.finish()?;
         Ok(updates)
@@ -1180,7 +1195,7 @@ mod tests {
             ),
             (
                 json!({"trust": {"unsigned_ops": ["ping", "rebot"]}}),
-                "trust.unsigned_ops: unknown op \"rebot\" (the ops are ping, heartbeat, config, reboot, keys, shell, exec, forward, ls, get, put, logs)",
+                "trust.unsigned_ops: unknown op \"rebot\" (the ops are ping, heartbeat, config, reboot, keys, shell, exec, forward, ls, get, put, logs, update)",
             ),
             (
                 json!({"trust": {"max_age_s": 5}}),

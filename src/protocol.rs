@@ -32,6 +32,7 @@ pub enum Op {
     Get,
     Put,
     Logs,
+    Update,
 }
 
 /// The type a parameter's JSON value must have.
@@ -43,6 +44,8 @@ pub enum ParamType {
     Bool,
     /// A list of strings.
     Strings,
+    /// A JSON object.
+    Object,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -175,6 +178,13 @@ pub const OPS: &[OpSpec] = &[
         changes_device: false,
         summary: "read (and follow) the device's logs, bounded on the device (tetherctl logs)",
     },
+    OpSpec {
+        op: Op::Update,
+        name: "update",
+        params: &[ParamSpec { name: "flow", kind: ParamType::Object, required: true }],
+        changes_device: true,
+        summary: "run an update flow: downloads, installs, commands, reboots (tetherctl update)",
+    },
 ];
 
 /// The parameters every tunnel op takes (docs/protocol.md, "Tunnels").
@@ -235,6 +245,7 @@ impl ParamType {
             ParamType::Count => value.is_u64(),
             ParamType::Bool => value.is_boolean(),
             ParamType::Strings => value.as_array().is_some_and(|items| items.iter().all(Value::is_string)),
+            ParamType::Object => value.is_object(),
         }
     }
 
@@ -244,6 +255,7 @@ impl ParamType {
             ParamType::Count => "a whole number from 0 up",
             ParamType::Bool => "true or false",
             ParamType::Strings => "a list of strings",
+            ParamType::Object => "a JSON object",
         }
     }
 }

@@ -19,6 +19,8 @@ use super::ledger::{Key, Ledger, Phase};
 use super::outbox::{Kind, Outbox};
 use super::remote::{Opener, Remote};
 use super::trust::{Admitted, Trust};
+use super::update::flow::Flow;
+use super::update::Updates;
 use crate::config::Config;
 use crate::fsutil::error_text;
 use crate::protocol::{
@@ -35,6 +37,7 @@ pub struct Context<'a> {
     pub config: &'a Config,
     pub trust: &'a mut Trust,
     pub remote: &'a mut Remote,
+    pub updates: &'a Updates,
     pub registry: &'a mio::Registry,
 }
 
@@ -63,6 +66,8 @@ enum Change {
     Reboot(Vec<String>),
     /// Writes authorized_keys (its new text).
     Keys(String),
+    /// Begins an update flow (its journal takes over from there).
+    Update(Box<Flow>),
 }
 
 /// The last `RECENT_REFUSALS` requests refused, as hashes of (topic, payload), in a ring.
@@ -126,10 +131,12 @@ impl Commands {
     /// boot id changed, a `keys` command if authorized_keys holds its keys; anything else was
     /// cut short), and queues every state the broker may not have, so a final state lost in a
     /// crash is published again.
-    pub fn recover(&mut self, outbox: &mut Outbox, trust: &Trust) {
+    /// `resumed_update`: the `update` command whose flow the update journal took up again.
+    pub fn recover(&mut self, outbox: &mut Outbox, trust: &Trust, resumed_update: Option<&str>) {
         let boot = identity::boot_id();
         for (key, phase) in self.ledger.unacknowledged() {
-            if phase == Phase::Executing {
+            let resumed = key.op == Op::Update && resumed_update == Some(&*key.id);
+            if phase == Phase::Executing && !resumed {
                 let mark = self.ledger.get(&key).and_then(|r| r.mark.clone());
                 let state = match (key.op, mark) {
                     (Op::Reboot, Some(then)) if *then != boot => {
@@ -141,6 +148,10 @@ impl Commands {
                     (Op::Keys, Some(sha256)) if trust.keys_on_disk_sha256().as_deref() == Some(&*sha256) => {
                         CommandState::Successful { result: json!({ "keys": trust.operator_count() }) }
                     }
+                    (Op::Update, _) => CommandState::Failed {
+                        reason: "interrupted: the agent restarted before the flow's first step (nothing ran)"
+                            .into(),
+                    },
                     (Op::Keys, _) => CommandState::Failed {
                         reason: "interrupted: the agent restarted before authorized_keys was replaced \
                                  (it is unchanged)"
@@ -243,7 +254,7 @@ impl Commands {
     /// End of a loop turn: makes this turn's ledger changes durable, then carries out the
     /// commands that change the device. Called before the outbox sends anything, so the broker
     /// never hears of a state the ledger could forget in a crash.
-    pub fn commit(&mut self, outbox: &mut Outbox, trust: &mut Trust) {
+    pub fn commit(&mut self, outbox: &mut Outbox, trust: &mut Trust, updates: &mut Updates) {
         let durable = self.commit_ledger();
         for (key, change) in std::mem::take(&mut self.to_start) {
             let outcome = match (&durable, change) {
@@ -258,6 +269,10 @@ impl Commands {
                     Err(reason) => Err(reason),
                 },
                 (Ok(()), Change::Keys(text)) => trust.write_keys(&text).map(|count| json!({ "keys": count })),
+                (Ok(()), Change::Update(flow)) => match updates.begin(&key.id, *flow) {
+                    Ok(()) => continue, // answered when the flow ends
+                    Err(reason) => Err(reason),
+                },
             };
             let state = match outcome {
                 Ok(result) => CommandState::Successful { result },
@@ -345,6 +360,13 @@ impl Commands {
                     Err(reason) => CommandState::Failed { reason },
                 }
             }
+            Op::Update => match self.check_update(&admitted.params, ctx.updates) {
+                Ok(flow) => {
+                    self.mark_executing(&key, None, by, ctx.outbox);
+                    return self.to_start.push((key, Change::Update(Box::new(flow))));
+                }
+                Err(reason) => CommandState::Failed { reason },
+            },
             Op::Ping => self.ping(),
             Op::Config => match ctx.config.redacted_json() {
                 Ok(result) => CommandState::Successful { result },
@@ -374,6 +396,25 @@ impl Commands {
     fn mark_executing(&mut self, key: &Key, mark: Option<String>, by: String, outbox: &mut Outbox) {
         self.ledger.set_state(key, CommandState::Executing, mark, Some(by));
         outbox.push(Kind::CommandState, self.topic(key), CommandState::Executing.to_payload(), true);
+    }
+
+    /// The flow of an `update` request, if it may begin: readable whole, and no other under way.
+    fn check_update(&self, params: &Map<String, Value>, updates: &Updates) -> Result<Flow, String> {
+        let under_way = updates.busy().map(str::to_string).or_else(|| {
+            self.to_start.iter().find(|(_, c)| matches!(c, Change::Update(_))).map(|(k, _)| k.id.to_string())
+        });
+        if let Some(id) = under_way {
+            return Err(format!(
+                "an update is under way (command {}): send this one after it ends",
+                Printable(&id)
+            ));
+        }
+        Flow::from_json(params.get("flow").unwrap_or(&Value::Null)).map_err(|e| format!("flow: {e}"))
+    }
+
+    /// The final state of an update flow.
+    pub fn finish_update(&mut self, id: &str, state: CommandState, outbox: &mut Outbox) {
+        self.finish(&Key::new(Op::Update, id), state, outbox);
     }
 
     fn reboot_under_way(&self) -> Option<String> {

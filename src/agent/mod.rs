@@ -28,6 +28,7 @@ use heartbeat::Heartbeat;
 use outbox::{Kind, Outbox};
 use remote::Remote;
 use trust::Trust;
+use update::Updates;
 
 pub use trust::check_operators;
 
@@ -60,6 +61,7 @@ pub struct Agent {
     commands: Commands,
     trust: Trust,
     remote: Remote,
+    updates: Updates,
     /// Signs the device's answers; in its status for operators to pin. None when it could not
     /// be read or made (the agent runs on, its answers unsigned).
     device_key: Option<Arc<DeviceKey>>,
@@ -109,7 +111,9 @@ impl Agent {
             log::info!("removed the temp file of an unfinished put: {}", leftover.display());
         }
         let remote = Remote::new(topics.clone(), &config, Arc::clone(&waker));
-        commands.recover(&mut outbox, &trust);
+        let mut updates = Updates::new(update::Settings::of(&config), topics.clone(), Arc::clone(&waker));
+        let resumed_update = updates.resume();
+        commands.recover(&mut outbox, &trust, resumed_update.as_deref());
         // Read before the options: a file replaced in between makes the next SIGHUP reconnect
         // once for nothing, rather than miss a change.
         let broker_inputs = BrokerInputs::read(&config.broker);
@@ -129,6 +133,7 @@ impl Agent {
             commands,
             trust,
             remote,
+            updates,
             device_key,
             online_since: 0,
             status_refresh_at: None,
@@ -156,7 +161,10 @@ impl Agent {
             }
             self.on_timers(Instant::now());
             self.dispatch_client_events();
-            self.commands.commit(&mut self.outbox, &mut self.trust);
+            self.commands.commit(&mut self.outbox, &mut self.trust, &mut self.updates);
+            for (id, state) in self.updates.take_finished() {
+                self.commands.finish_update(&id, state, &mut self.outbox);
+            }
             if self.stop.is_none() {
                 self.outbox.pump(&mut self.client);
                 self.remote.pump(&mut self.client, self.poll.registry());
@@ -182,6 +190,7 @@ impl Agent {
             self.stop.as_ref().map(|stop| stop.deadline),
             self.status_refresh_at,
             self.remote.next_deadline(self.client.bulk_room() > 0),
+            self.updates.next_deadline(),
         ]
         .into_iter()
         .flatten()
@@ -193,6 +202,7 @@ impl Agent {
         self.outbox.on_timer(now);
         self.on_status_timer(now);
         self.remote.on_timer(self.poll.registry(), now);
+        self.updates.on_timer(now, &mut self.outbox);
         if self.stop.is_none() {
             // A failure is logged where it happens; the next interval tries again.
             let _ = self.heartbeat.on_timer(now, &self.outbox);
@@ -204,6 +214,7 @@ impl Agent {
         let queued = self.heartbeat.on_wake(&mut self.outbox);
         self.commands.on_heartbeats_queued(&queued, &mut self.outbox);
         self.commands.on_wake(&mut self.outbox);
+        self.updates.on_wake();
     }
 
     fn on_signals(&mut self) {
@@ -239,6 +250,7 @@ impl Agent {
                         config: &self.config,
                         trust: &mut self.trust,
                         remote: &mut self.remote,
+                        updates: &self.updates,
                         registry: self.poll.registry(),
                     };
                     self.commands.on_message(&publish.topic, &publish.payload, &mut ctx);
@@ -349,6 +361,7 @@ impl Agent {
         self.outbox.set_limits(new.offline_buffer.clone());
         self.trust.reload(&new.trust);
         self.remote.reconfigure(&new);
+        self.updates.reconfigure(update::Settings::of(&new));
         self.config = new;
         log::info!("config reloaded");
     }

@@ -137,6 +137,26 @@ pub fn terminate(mut child: Child) {
 }
 
 /// Waits for a child to exit, up to `timeout`.
+/// Waits for a child whose stdout and stderr are piped, and reads them; kills it and panics
+/// after `timeout`.
+pub fn wait_child_output(child: &mut Child, timeout: Duration) -> std::process::Output {
+    let Some(status) = wait_child(child, timeout) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("pid {} did not exit within {timeout:?}", child.id());
+    };
+    let read = |pipe: Option<&mut dyn std::io::Read>| {
+        let mut bytes = Vec::new();
+        if let Some(pipe) = pipe {
+            pipe.read_to_end(&mut bytes).unwrap();
+        }
+        bytes
+    };
+    let stdout = read(child.stdout.as_mut().map(|p| p as &mut dyn std::io::Read));
+    let stderr = read(child.stderr.as_mut().map(|p| p as &mut dyn std::io::Read));
+    std::process::Output { status, stdout, stderr }
+}
+
 pub fn wait_child(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
     let end = Instant::now() + timeout;
     loop {

@@ -28,6 +28,16 @@ impl Setup {
 
     /// Over `listener`, with `sections` merged into the device's config.
     pub fn with_sections(device: &str, sections: Value, listener: Listener) -> Setup {
+        Setup::with_sections_env(device, sections, listener, &[])
+    }
+
+    /// `with_sections`, the agent started with `env` added to its environment.
+    pub fn with_sections_env(
+        device: &str,
+        sections: Value,
+        listener: Listener,
+        env: &[(&str, &str)],
+    ) -> Setup {
         let broker = Broker::start_default();
         let dir = tempfile::tempdir().unwrap();
         let key = keygen(dir.path(), "operator", &["-t", "ed25519"]);
@@ -43,7 +53,7 @@ impl Setup {
         );
         merge(&mut config, sections);
         let mut sub = Sub::new(&broker, &status_topic(device));
-        let agent = Agent::start(config);
+        let agent = Agent::start_with_env(config, env);
         sub.expect_online(device, secs(15));
         Setup { broker, agent, device: device.to_string(), dir, key, listener }
     }

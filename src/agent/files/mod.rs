@@ -11,7 +11,7 @@ mod put;
 mod rate;
 mod resolve;
 mod sys;
-mod users;
+pub mod users;
 
 use serde::Serialize;
 use std::collections::HashMap;

@@ -10,6 +10,7 @@ use crate::files::Copy;
 use crate::help;
 use crate::logs::LogsRequest;
 use crate::remote::{ForwardSpec, Interactive};
+use crate::rollout::{Rollout, Targets};
 use crate::settings::ConnFlags;
 use crate::Failure;
 
@@ -69,6 +70,11 @@ pub enum Command {
     Get(Copy),
     Put(Copy),
     Logs(LogsRequest),
+    Update(Rollout),
+    UpdateStatus {
+        id: String,
+        json: bool,
+    },
 }
 
 #[derive(Debug, PartialEq)]
@@ -112,6 +118,10 @@ struct CommandOptions {
     since: Option<String>,
     grep: Option<String>,
     list: bool,
+    /// update: --batch, --max-failures, --where (--all is `all`).
+    batch: Option<usize>,
+    max_failures: Option<usize>,
+    where_expr: Option<String>,
     pending: bool,
     final_only: bool,
     all: bool,
@@ -144,6 +154,9 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed, Failure> 
             || name == "-n"
             || name == "--since"
             || name == "--grep"
+            || name == "--batch"
+            || name == "--max-failures"
+            || name == "--where"
             || (name == "--json" && after_cmd);
         let value = match (takes_value, inline) {
             (true, Some(v)) => Some(v),
@@ -287,6 +300,29 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed, Failure> 
                 json,
             })
         }
+        ("update", [status, id]) if status == "status" => Command::UpdateStatus { id: id.clone(), json },
+        ("update", [flow, devices @ ..]) => {
+            let targets = match (opts.all, &opts.where_expr, devices.is_empty()) {
+                (true, None, true) => Targets::All,
+                (false, Some(expr), true) => Targets::Where(expr.clone()),
+                (false, None, false) => {
+                    Targets::Devices(devices.iter().map(|d| device_id(d)).collect::<Result<_, _>>()?)
+                }
+                _ => {
+                    return Err(Failure::usage(
+                        "update: name the devices, or --all, or --where EXPR (one of them)",
+                    ))
+                }
+            };
+            Command::Update(Rollout {
+                flow_file: PathBuf::from(flow),
+                targets,
+                batch: opts.batch.unwrap_or(10),
+                max_failures: opts.max_failures,
+                json,
+                timeout: opts.timeout,
+            })
+        }
         _ => return Err(wrong_arguments()),
     };
     Ok(Parsed::Run(Box::new(Args { conn, verbose, command })))
@@ -356,6 +392,24 @@ impl CommandOptions {
             ("--list", _) => {
                 self.list = true;
                 "--list"
+            }
+            ("--batch" | "--max-failures", Some(v)) => {
+                let n: usize = v
+                    .parse()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .ok_or_else(|| Failure::usage(format!("{flag}: {v:?} is not a number from 1 up")))?;
+                if flag == "--batch" {
+                    self.batch = Some(n);
+                    "--batch"
+                } else {
+                    self.max_failures = Some(n);
+                    "--max-failures"
+                }
+            }
+            ("--where", v) => {
+                self.where_expr = v;
+                "--where"
             }
             (flag, _) => return Err(Failure::usage(format!("unknown option {flag}"))),
         };

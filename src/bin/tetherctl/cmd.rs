@@ -142,7 +142,7 @@ pub fn prepare(
 /// The key the device's answer must be signed with: the one recorded (a status that presents
 /// another stops tetherctl here), else the status's, recorded now; None for a device without
 /// a key (an agent older than signed answers).
-fn device_key(
+pub fn device_key(
     trust: &TrustSettings,
     device: &str,
     status: Option<&[u8]>,

@@ -119,6 +119,20 @@ prefixed with the source's name; what happens to a source (missing, rotated)
 is told on stderr; exit 1 if a source could not be read.",
     },
     CommandHelp {
+        name: "update",
+        args: "FLOW.json (DEVICE... | --all | --where KEY=VALUE[,...]) [--batch N] [--max-failures K] [--json] [--timeout S] | status ID [--json]",
+        options: &["--all", "--where", "--batch", "--max-failures", "--json", "--timeout"],
+        about: "rolls the update flow in FLOW.json (docs/updates.md) out to the devices named,
+all devices (--all), or those whose status or heartbeat has each KEY=VALUE
+(--where version=1.2.0), in waves of N (default 10): a wave is sent, then
+waited for until each device is final, or offline (its flow stays queued for
+it: pending). Once K devices failed, no more waves go. Each request is signed
+for its device and each answer checked against the device's key. Shows a
+table on a terminal, JSON lines otherwise. `update status ID` shows a rollout
+again from the retained states. Exit 0: all successful; 1: some failed or the
+rollout stopped; 2: some pending.",
+    },
+    CommandHelp {
         name: "get",
         args: "DEVICE REMOTE [LOCAL|-] [--json] [--timeout S]",
         options: &["--json", "--timeout"],

@@ -12,6 +12,7 @@ mod help;
 mod known;
 mod logs;
 mod remote;
+mod rollout;
 mod session;
 mod settings;
 mod sign;
@@ -137,5 +138,7 @@ fn run() -> Result<u8, Failure> {
         Command::Get(request) => files::get(&settings, request),
         Command::Put(request) => files::put(&settings, request),
         Command::Logs(request) => logs::logs(&settings, request),
+        Command::Update(request) => rollout::run(&settings, request),
+        Command::UpdateStatus { id, json } => rollout::status(&settings, id, *json),
     }
 }

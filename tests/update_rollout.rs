@@ -1,0 +1,113 @@
+//! `tetherctl update` rolls one flow out to 50 real agents behind one Mosquitto, in waves:
+//! a wave with failures stops the rollout, an offline device gets the flow queued and runs it
+//! when it comes back, and `tetherctl update status ID` finds the rollout again.
+
+mod common;
+
+use common::ssh::{keygen, public_line};
+use common::{merge, secs, write_file, Agent, Broker, Listener, Sub};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::fs;
+use std::process::Command;
+
+const DEVICES: usize = 50;
+
+fn device_name(i: usize) -> String {
+    format!("fleet-{i:02}")
+}
+
+#[test]
+fn a_rollout_goes_in_waves_and_stops_at_max_failures() {
+    let broker = Broker::start_default();
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path(), "operator", &["-t", "ed25519"]);
+    let authorized = dir.path().join("authorized_keys");
+    write_file(&authorized, &public_line(&key));
+    // Devices with a file here fail the flow's check.
+    let failing = dir.path().join("failing");
+    fs::create_dir(&failing).unwrap();
+    for i in [21, 24, 27] {
+        fs::write(failing.join(device_name(i)), b"").unwrap();
+    }
+    let mut sub = Sub::new(&broker, "tether/+/status");
+    let mut agents: Vec<Agent> = (0..DEVICES)
+        .map(|i| {
+            let mut config = broker.agent_config(&device_name(i));
+            merge(&mut config, json!({"broker": {"url": broker.url(Listener::Mqtts), "ca_file": broker.ca_file()}, "trust": {"authorized_keys": authorized}}));
+            Agent::start(config)
+        })
+        .collect();
+    let mut online = std::collections::BTreeSet::new();
+    sub.expect("all devices online", secs(120), |m| {
+        if m.payload.contains("\"online\":true") {
+            online.insert(m.topic.clone());
+        }
+        online.len() == DEVICES
+    });
+    // One device goes away before the rollout: its flow waits for it.
+    agents[5].term();
+    sub.expect_offline(&device_name(5), secs(15));
+
+    let check = format!("[ ! -e {}/$TETHER_DEVICE_ID ]", failing.display());
+    let flow = json!({"name": "fleet", "version": "7", "steps": [{"name": "check", "type": "run", "argv": ["sh", "-c", check]}]});
+    let flow_file = dir.path().join("flow.json");
+    fs::write(&flow_file, flow.to_string()).unwrap();
+    let tetherctl = |args: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tetherctl"));
+        cmd.env_remove("SSH_AUTH_SOCK")
+            .env("TETHER_BROKER", broker.url(Listener::Mqtts))
+            .env("TETHER_CA", broker.ca_file())
+            .env("TETHER_IDENTITY", &key)
+            .env("TETHER_KNOWN_DEVICES", dir.path().join("known_devices"))
+            .args(args);
+        cmd.output().unwrap()
+    };
+    let out = tetherctl(&[
+        "update",
+        flow_file.to_str().unwrap(),
+        "--all",
+        "--batch",
+        "10",
+        "--max-failures",
+        "3",
+        "--json",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    // The last line of each device: where it ended.
+    let mut last: BTreeMap<String, Value> = BTreeMap::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let v: Value = serde_json::from_str(line).unwrap();
+        last.insert(v["device"].as_str().unwrap().to_string(), v);
+    }
+    for (i, agent) in agents.iter().enumerate() {
+        let name = device_name(i);
+        let state = last.get(&name).map(|v| v["state"].as_str().unwrap().to_string());
+        let expected = match i {
+            5 => Some("pending"),
+            21 | 24 | 27 => Some("failed"),
+            0..=29 => Some("successful"),
+            _ => None, // the rollout stopped before their wave
+        };
+        assert_eq!(state.as_deref(), expected, "{name}: {:?}", last.get(&name));
+        if i >= 30 {
+            assert!(!agent.log_contains("command update/"), "{name} got the flow");
+        }
+    }
+    assert!(last[&device_name(21)]["reason"].as_str().unwrap().contains("exited with 1"));
+    assert!(stderr.contains("3 device(s) failed (--max-failures 3): the rollout stopped"), "{stderr}");
+    let id = stderr.split("rollout ").nth(1).unwrap().split(':').next().unwrap().to_string();
+
+    // The device that was away comes back and runs its queued flow.
+    agents[5].restart();
+    let name = device_name(5);
+    assert!(agents[5].wait_log("command update/", secs(30)));
+    assert!(agents[5].wait_log(": successful", secs(30)), "{}", agents[5].log());
+    let out = tetherctl(&["update", "status", &id, "--json"]);
+    let states: Vec<Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(states.len(), 30, "the devices the rollout reached");
+    assert!(states.iter().any(|s| s["device"] == name.as_str() && s["state"] == "successful"), "{states:?}");
+    assert_eq!(out.status.code(), Some(1), "three failed");
+}
