@@ -1277,7 +1277,11 @@ mod tests {
             (json!({"updates": {"download_dir": ""}}), "updates.download_dir: must be a path"),
             (
                 json!({"updates": {"dir": "/x"}}),
-                "updates.dir: unknown key (the keys here are ca_file, download_dir)",
+                "updates.dir: unknown key (the keys here are ca_file, download_dir, hold_file, hold_max_s, init_dir)",
+            ),
+            (
+                json!({"updates": {"hold_max_s": -1}}),
+                "updates.hold_max_s: must be a whole number of seconds from 0 to 2592000",
             ),
             (json!({"updates": []}), "updates: must be an object"),
         ] {
