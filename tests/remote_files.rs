@@ -4,41 +4,13 @@
 
 mod common;
 
-use common::remote::{run_with_input, text, Setup};
-use common::{secs, Listener};
+use common::files::{device, failed_with, ok, random_bytes, str_of};
+use common::remote::{run_with_input, text};
+use common::secs;
 use serde_json::{json, Value};
 use std::fs;
 use std::os::unix::fs::symlink;
-use std::path::{Path, PathBuf};
-use std::process::Output;
-
-/// A device whose file_transfer chroot is a temp dir of its own, with `settings` added.
-fn device(name: &str, settings: Value) -> (Setup, tempfile::TempDir) {
-    let root = tempfile::tempdir().unwrap();
-    let mut file_transfer = json!({ "chroot": root.path() });
-    common::merge(&mut file_transfer, settings);
-    let s = Setup::with_sections(name, json!({ "file_transfer": file_transfer }), Listener::Wss);
-    (s, root)
-}
-
-fn random_bytes(len: usize) -> Vec<u8> {
-    let mut data = vec![0u8; len];
-    tether::random::fill(&mut data);
-    data
-}
-
-fn ok(out: &Output) {
-    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
-}
-
-fn failed_with(out: &Output, reason: &str) {
-    assert_eq!(out.status.code(), Some(1), "stdout: {}", text(&out.stdout));
-    assert!(text(&out.stderr).contains(reason), "{reason:?} not in: {}", text(&out.stderr));
-}
-
-fn str_of(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
+use std::path::PathBuf;
 
 #[test]
 fn ls_shows_files_directories_and_links() {

@@ -718,6 +718,8 @@ impl Msg {
 }
 
 pub mod cluster;
+pub mod files;
+pub mod pty;
 pub mod raw;
 pub mod remote;
 pub mod ssh;
