@@ -139,9 +139,16 @@ impl Sending {
 
 impl Receiving {
     /// Bytes from the operator: written to the temp file, acknowledged later (`acknowledge`).
+    /// A write that fails (a full disk, more bytes than announced) ends the put, and its temp
+    /// file goes: kept for a retry, it would go on holding the space a full disk lacks.
     pub fn write(&mut self, bytes: &[u8]) -> Result<(), String> {
         let target = self.target.as_mut().ok_or("data after the end of the file")?;
-        target.write(bytes).map_err(|e| e.0)?;
+        if let Err(e) = target.write(bytes) {
+            if let Some(target) = self.target.take() {
+                target.abort();
+            }
+            return Err(e.0);
+        }
         self.received += bytes.len() as u64;
         self.unacknowledged += bytes.len();
         Ok(())
