@@ -154,13 +154,16 @@ impl Receiving {
         Ok(())
     }
 
-    /// Acknowledges written bytes as far as the rate limit allows.
-    pub fn acknowledge(&mut self, tunnel: &mut Tunnel, limit: &mut RateLimiter, now: Instant) {
-        if self.unacknowledged > 0 {
-            let granted = limit.allow(self.unacknowledged, now);
-            self.unacknowledged -= granted;
-            tunnel.consumed(0, granted, now);
+    /// Acknowledges written bytes as far as the rate limit allows; returns whether it allowed
+    /// any.
+    pub fn acknowledge(&mut self, tunnel: &mut Tunnel, limit: &mut RateLimiter, now: Instant) -> bool {
+        if self.unacknowledged == 0 {
+            return false;
         }
+        let granted = limit.allow(self.unacknowledged, now);
+        self.unacknowledged -= granted;
+        tunnel.consumed(0, granted, now);
+        granted > 0
     }
 
     pub fn waits_for_rate(&self) -> bool {
