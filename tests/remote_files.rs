@@ -16,7 +16,6 @@ use serde_json::{json, Value};
 use std::fs;
 use std::os::unix::fs::symlink;
 use std::path::PathBuf;
-use std::thread;
 use std::time::Instant;
 
 #[test]
@@ -243,19 +242,15 @@ fn the_rate_limits_hold_within_ten_percent_over_a_minute_for_all_transfers_toget
         let put = s.tetherctl(&["put", str_of(&upload), &s.device, &format!("/up-{n}"), "--json"]);
         commands.push(("put", put, sha256, root.path().join(format!("up-{n}"))));
     }
-    let running: Vec<_> = commands
+    let mut running: Vec<_> = commands
         .into_iter()
-        .map(|(op, command, sha256, file)| {
-            let transfer = Transfer::start(command);
-            let finished = thread::spawn(move || (transfer.finish(secs(120)), Instant::now()));
-            (op, finished, sha256, file)
-        })
+        .map(|(op, command, sha256, file)| (op, Transfer::start(command), None, sha256, file))
         .collect();
     // Timed from the first byte each way, not from tetherctl's start (its connection, the
     // tunnel's opening): the limit is on the bytes.
     let (mut first_got, mut first_put) = (None, None);
     let parts = [here.path().join(".file-0.tether-part"), here.path().join(".file-1.tether-part")];
-    let under_way = wait_until(secs(30), || {
+    let all_ended = wait_until(secs(120), || {
         let now = Instant::now();
         if parts.iter().any(|part| fs::metadata(part).is_ok_and(|m| m.len() > 0)) {
             first_got.get_or_insert(now);
@@ -263,9 +258,14 @@ fn the_rate_limits_hold_within_ten_percent_over_a_minute_for_all_transfers_toget
         if device_temp_len(root.path()) > 0 {
             first_put.get_or_insert(now);
         }
-        first_got.is_some() && first_put.is_some()
+        for (_, transfer, ended, _, _) in &mut running {
+            if ended.is_none() && transfer.exited() {
+                *ended = Some(now);
+            }
+        }
+        running.iter().all(|(_, _, ended, _, _)| ended.is_some())
     });
-    assert!(under_way, "both ways under way");
+    assert!(all_ended, "all four transfers ended within two minutes");
 
     // The bucket starts full, with a second's worth; each put has a window on its way before
     // the device acknowledges anything. Each direction's limit is shared: transfers going the
@@ -274,13 +274,13 @@ fn the_rate_limits_hold_within_ten_percent_over_a_minute_for_all_transfers_toget
     let burst = per_second;
     let gets_take = (2 * size) as f64 - burst;
     let puts_take = (2 * (size - WINDOW)) as f64 - burst;
-    for (op, finished, sha256, file) in running {
-        let (out, ended) = finished.join().unwrap();
-        let summary = summary(&out);
+    for (op, transfer, ended, sha256, file) in running {
+        let summary = summary(&transfer.finish(secs(1)));
         assert_eq!(summary["sha256"].as_str(), Some(sha256.as_str()), "{op}");
         assert_eq!(sha256_file(&file), sha256, "{op} {}", file.display());
         let (first_byte, take) = if op == "get" { (first_got, gets_take) } else { (first_put, puts_take) };
-        let (took, expected) = (ended - first_byte.unwrap(), take / per_second);
+        let first_byte = first_byte.unwrap_or_else(|| panic!("no {op} seen under way"));
+        let (took, expected) = (ended.unwrap() - first_byte, take / per_second);
         eprintln!("{op} of {size} bytes: {took:.1?}, {expected:.1} s expected");
         let ratio = took.as_secs_f64() / expected;
         assert!((0.9..=1.1).contains(&ratio), "{op} took {took:?}, {expected:.1} s expected");

@@ -106,6 +106,11 @@ impl Transfer {
         Transfer(Some(child))
     }
 
+    /// Whether it exited (its output is still there for `finish`).
+    pub fn exited(&mut self) -> bool {
+        self.0.as_mut().is_some_and(|child| child.try_wait().unwrap().is_some())
+    }
+
     /// Its output once it exited; panics after `timeout`.
     pub fn finish(mut self, timeout: Duration) -> Output {
         let mut child = self.0.take().unwrap();
