@@ -10,13 +10,14 @@ use common::files::{
     write_random_file, Transfer,
 };
 use common::pty::Terminal;
-use common::remote::{run_with_input, text};
+use common::remote::{run_with_input, text, timed_lines};
 use common::{secs, wait_until};
 use serde_json::{json, Value};
 use std::fs;
 use std::os::unix::fs::symlink;
 use std::path::PathBuf;
-use std::time::Instant;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
 
 #[test]
 fn ls_shows_files_directories_and_links() {
@@ -101,6 +102,36 @@ fn escapes_and_refusals_come_with_their_reason_and_write_nothing() {
     let out = s.tetherctl(&["put", str_of(&local), &s.device, "/kept"]).output().unwrap();
     failed_with(&out, "allow_overwrite is false");
     assert_eq!(fs::read_to_string(root.path().join("kept")).unwrap(), "old");
+}
+
+/// Less than tetherctl's 2 s wait for the device's last acknowledgements, so that waiting it out
+/// shows.
+const SOON: Duration = Duration::from_millis(1500);
+
+/// A small ls, get or put ends as soon as the device ended its tunnel: tetherctl acknowledges
+/// the device's last frames when that is due, and does not wait out its 2 s for them.
+#[test]
+fn a_small_ls_get_or_put_ends_as_soon_as_the_device_ends_it() {
+    let (s, root) = device("dev-quick-files", json!({}));
+    fs::write(root.path().join("small"), b"small").unwrap();
+    let here = tempfile::tempdir().unwrap();
+    let local = here.path().join("small");
+    let get = ["get", &s.device, "/small", str_of(&local)];
+    let put = ["put", str_of(&local), &s.device, "/copy"];
+    for args in [&["ls", &s.device, "/"][..], &get, &put] {
+        let mut command = s.tetherctl(args);
+        command.env("RUST_LOG", "debug").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        let mut tetherctl = command.spawn().unwrap();
+        let log = timed_lines(tetherctl.stderr.take().unwrap());
+        let status = tetherctl.wait().unwrap();
+        let ended = Instant::now();
+        let log = log.join().unwrap();
+        assert!(status.success(), "{args:?}: {log:?}");
+        let opened = log.iter().find(|(_, line)| line.contains("open to dev-quick-files"));
+        let took = ended - opened.unwrap_or_else(|| panic!("tetherctl logs the opening: {log:?}")).0;
+        assert!(took < SOON, "{args:?} ended {took:?} after the tunnel opened");
+    }
+    assert_eq!(fs::read(root.path().join("copy")).unwrap(), b"small");
 }
 
 #[test]
