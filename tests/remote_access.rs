@@ -4,10 +4,10 @@
 
 mod common;
 
-use common::remote::{text, Setup};
+use common::remote::{text, timed_lines, Setup};
 use common::{secs, signal};
 use serde_json::json;
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
@@ -38,13 +38,6 @@ fn exec_pipes_50_mib_of_stdin_through_sha256sum() {
     let expected = tether::trust::sha256_hex(&data);
     assert!(text(&out.stdout).starts_with(&expected), "{} vs {expected}", text(&out.stdout));
     eprintln!("50 MiB through exec in {:?}", started.elapsed());
-}
-
-/// tetherctl's log: what it logs on stderr, each line with the time it came.
-fn timed_lines(stderr: impl Read + Send + 'static) -> std::thread::JoinHandle<Vec<(Instant, String)>> {
-    std::thread::spawn(move || {
-        BufReader::new(stderr).lines().map_while(Result::ok).map(|line| (Instant::now(), line)).collect()
-    })
 }
 
 /// `tetherctl exec DEVICE -- echo TEXT` with stdin at its end at once and RUST_LOG=debug.

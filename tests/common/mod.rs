@@ -749,7 +749,9 @@ impl Msg {
 }
 
 pub mod cluster;
+pub mod files;
 pub mod http;
+pub mod pty;
 pub mod raw;
 pub mod remote;
 pub mod ssh;

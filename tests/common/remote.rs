@@ -119,3 +119,10 @@ pub fn run_with_input(mut cmd: Command, stdin: &[u8]) -> Output {
 pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
+
+/// tetherctl's log: what it logs on stderr, each line with the time it came.
+pub fn timed_lines(stderr: impl Read + Send + 'static) -> thread::JoinHandle<Vec<(Instant, String)>> {
+    thread::spawn(move || {
+        BufReader::new(stderr).lines().map_while(Result::ok).map(|line| (Instant::now(), line)).collect()
+    })
+}

@@ -66,6 +66,8 @@ pub struct Remote {
     tx_limit: RateLimiter,
     rx_limit: RateLimiter,
     log_sources: LogsConfig,
+    /// Grants of the rate limiters so far: see `Session::served`.
+    grants: u64,
 }
 
 /// What a tunnel request brings besides its parameters (from the trust check).
@@ -99,6 +101,10 @@ struct Session {
     transfer: Option<Transfer>,
     /// logs: the sources being read.
     logs: Option<LogReading>,
+    /// When a rate limiter last gave its transfer bytes (`Remote::grants` then). `pump` serves
+    /// the least recently served first: transfers sharing a limiter take turns, where the first
+    /// in line would take all the limiter frees and the others wait until it is over.
+    served: u64,
 }
 
 impl Remote {
@@ -109,6 +115,7 @@ impl Remote {
             files,
             tx_limit,
             rx_limit,
+            grants: 0,
             topics,
             config: config.remote_access.clone(),
             log_sources: config.logs.clone(),
@@ -181,6 +188,7 @@ impl Remote {
             output_at: now,
             transfer: None,
             logs: None,
+            served: 0,
         };
         let mut result = json!({ "eph": device_key, "window": self.config.window });
         match op {
@@ -565,8 +573,10 @@ impl Remote {
         }
         self.connect_resolved(registry);
         let now = Instant::now();
-        let ids: Vec<String> = self.tunnels.keys().cloned().collect();
-        for id in ids {
+        let mut turns: Vec<(u64, String)> =
+            self.tunnels.iter().map(|(id, s)| (s.served, id.clone())).collect();
+        turns.sort_unstable();
+        for (_, id) in turns {
             let Some(session) = self.tunnels.get_mut(&id) else { continue };
             for (stream, why) in
                 endpoint::flush_writers(&mut session.endpoints, &mut session.tunnel, registry, now)
@@ -588,11 +598,18 @@ impl Remote {
                 for (stream, why) in failed {
                     close_stream(session, stream, &why, registry);
                 }
-                let read = read
-                    || pump_transfer(&id, session, client, &mut self.tx_limit, &mut self.scratch, registry)
-                    || pump_logs(&id, session, client, registry);
-                if let Some(Transfer::Receive(receiving)) = &mut session.transfer {
-                    receiving.acknowledge(&mut session.tunnel, &mut self.rx_limit, now);
+                let pumped =
+                    pump_transfer(&id, session, client, &mut self.tx_limit, &mut self.scratch, registry);
+                let read = read || pumped || pump_logs(&id, session, client, registry);
+                let acknowledged = match &mut session.transfer {
+                    Some(Transfer::Receive(receiving)) => {
+                        receiving.acknowledge(&mut session.tunnel, &mut self.rx_limit, now)
+                    }
+                    _ => false,
+                };
+                if pumped || acknowledged {
+                    self.grants += 1;
+                    session.served = self.grants;
                 }
                 if read {
                     session.output_at = now;

@@ -143,21 +143,31 @@ impl Sending {
 
 impl Receiving {
     /// Bytes from the operator: written to the temp file, acknowledged later (`acknowledge`).
+    /// A write that fails (a full disk, more bytes than announced) ends the put, and its temp
+    /// file goes: kept for a retry, it would go on holding the space a full disk lacks.
     pub fn write(&mut self, bytes: &[u8]) -> Result<(), String> {
         let target = self.target.as_mut().ok_or("data after the end of the file")?;
-        target.write(bytes).map_err(|e| e.0)?;
+        if let Err(e) = target.write(bytes) {
+            if let Some(target) = self.target.take() {
+                target.abort();
+            }
+            return Err(e.0);
+        }
         self.received += bytes.len() as u64;
         self.unacknowledged += bytes.len();
         Ok(())
     }
 
-    /// Acknowledges written bytes as far as the rate limit allows.
-    pub fn acknowledge(&mut self, tunnel: &mut Tunnel, limit: &mut RateLimiter, now: Instant) {
-        if self.unacknowledged > 0 {
-            let granted = limit.allow(self.unacknowledged, now);
-            self.unacknowledged -= granted;
-            tunnel.consumed(0, granted, now);
+    /// Acknowledges written bytes as far as the rate limit allows; returns whether it allowed
+    /// any.
+    pub fn acknowledge(&mut self, tunnel: &mut Tunnel, limit: &mut RateLimiter, now: Instant) -> bool {
+        if self.unacknowledged == 0 {
+            return false;
         }
+        let granted = limit.allow(self.unacknowledged, now);
+        self.unacknowledged -= granted;
+        tunnel.consumed(0, granted, now);
+        granted > 0
     }
 
     pub fn waits_for_rate(&self) -> bool {

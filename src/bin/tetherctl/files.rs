@@ -5,8 +5,10 @@
 //! nothing under LOCAL. To stdout (`-`) the file waits in memory until verified. put reads
 //! stdin (`-`) whole first, for its size and sha256. A link that breaks mid-transfer is
 //! resumed within `--timeout` (default 60 s): get asks for the bytes after those in its temp
-//! file, put goes on from the offset the device reports.
-//! Directories are refused: get and put take files.
+//! file, put goes on from the offset the device reports. The --json summary's `resumed_from`
+//! is where the transfer that finished started: the bytes already there (a temp file from an
+//! earlier run, or what a broken tunnel had moved), 0 when none were.
+//! Directories are refused: get and put take files (there is no recursive copy).
 
 use serde_json::{json, Map, Value};
 use std::fs::{self, File, OpenOptions};
@@ -137,10 +139,10 @@ pub fn get(settings: &Settings, req: &Copy) -> Result<u8, Failure> {
         None => memory_file()?,
     };
     let mut retry_until = None;
-    let mut first_offset = None;
+    let mut resumed_from;
     let (answer, report) = loop {
         let offset = temp.metadata().map_err(local_error)?.len();
-        first_offset.get_or_insert(offset);
+        resumed_from = offset;
         let mut params = params(&[("path", json!(req.remote))]);
         params.insert("offset".into(), json!(offset));
         let link = match open_again(settings, &req.device, "get", params, retry_until) {
@@ -194,7 +196,7 @@ pub fn get(settings: &Settings, req: &Copy) -> Result<u8, Failure> {
         let local = target.as_ref().map_or("-".into(), |t| t.display().to_string());
         let summary = json!({
             "device": req.device, "remote": req.remote, "local": local, "size": size, "sha256": sha256,
-            "resumed_from": first_offset.unwrap_or(0), "seconds": started.elapsed().as_secs_f64(),
+            "resumed_from": resumed_from, "seconds": started.elapsed().as_secs_f64(),
         });
         println!("{summary}");
     }
@@ -217,7 +219,7 @@ pub fn put(settings: &Settings, req: &Copy) -> Result<u8, Failure> {
     let size = source.metadata().map_err(local_error)?.len();
     let sha256 = sha256_of(&source)?;
     let mut retry_until = None;
-    let mut first_offset = None;
+    let mut resumed_from;
     loop {
         let mut params = params(&[("path", json!(req.remote)), ("sha256", json!(sha256))]);
         params.insert("size".into(), json!(size));
@@ -225,7 +227,7 @@ pub fn put(settings: &Settings, req: &Copy) -> Result<u8, Failure> {
         let link = open_again(settings, &req.device, "put", params, retry_until)
             .map_err(|failure| directory_refusal(failure, "put"))?;
         let offset = link.answer.get("offset").and_then(Value::as_u64).unwrap_or(0);
-        first_offset.get_or_insert(offset);
+        resumed_from = offset;
         let mut progress = Progress::new(size, offset, req.json);
         match send(link, &source, offset, &mut progress)? {
             Outcome::Done(_) => break,
@@ -243,7 +245,7 @@ pub fn put(settings: &Settings, req: &Copy) -> Result<u8, Failure> {
         let local = req.local.as_ref().map_or("-".into(), |l| l.display().to_string());
         let summary = json!({
             "device": req.device, "remote": req.remote, "local": local, "size": size, "sha256": sha256,
-            "resumed_from": first_offset.unwrap_or(0), "seconds": started.elapsed().as_secs_f64(),
+            "resumed_from": resumed_from, "seconds": started.elapsed().as_secs_f64(),
         });
         println!("{summary}");
     }
@@ -330,9 +332,13 @@ fn run(
     }
 }
 
-/// The device ended the tunnel because the link failed, not because of the file.
+/// The device ended the tunnel because the link failed, not because of the file: it no longer
+/// knew it, the operator's will came, or it heard nothing for `expire_after_idle_s` (the broker
+/// was away that long; a transfer is never idle otherwise).
 fn link_lost(reason: &str) -> bool {
-    reason.contains("does not know this session") || reason.contains("connection dropped")
+    ["does not know this session", "connection dropped", "expired: nothing from the operator"]
+        .iter()
+        .any(|lost| reason.contains(lost))
 }
 
 /// A refusal of a directory says what get and put take.

@@ -141,8 +141,9 @@ its name inside it; -: stdout), end-to-end encrypted. Written to .NAME.tether-pa
 next to LOCAL, checked against the device's sha256 of the whole file, then
 renamed: a mismatch is an error and leaves nothing under LOCAL. A transfer cut
 by a broken link resumes from the bytes already here, retried for S seconds
-(default 60). Directories are refused. Progress on a terminal; --json prints a
-summary.",
+(default 60). Directories are refused (no recursive copy). Progress on a
+terminal; --json prints a summary (resumed_from: the bytes already here when
+the transfer that finished started).",
     },
     CommandHelp {
         name: "put",
@@ -153,8 +154,10 @@ REMOTE on DEVICE: written to a temp file there, checked against the sha256,
 then renamed over REMOTE, which keeps its old content until then. A transfer
 cut by a broken link resumes from what the device holds, retried for S seconds
 (default 60). The device's file_transfer limits apply (chroot, allow_overwrite,
-max_file_size...); a refusal gives its reason (exit 1). Progress on a
-terminal; --json prints a summary.",
+max_file_size, free space...); a refusal gives its reason (exit 1).
+Directories are refused (no recursive copy), here and on DEVICE. Progress on a
+terminal; --json prints a summary (resumed_from: the bytes the device already
+held when the transfer that finished started).",
     },
     CommandHelp {
         name: "known-devices",
