@@ -6,15 +6,19 @@ programs measured (tether-agent, tetherctl, scp, sshd); the agent, sshd and the 
 remotebench.py's (its Rig).
 
     filesbench.py --agent B --ctl B --plain-port P --wss-port W --ca CA --broker-pid PID --work DIR
-                  [--size-mib N] [--runs N] [--no-ssh] [--out FILE]
+                  [--size-mib N] [--runs N] [--no-ssh] [--against DIR] [--out FILE]
 
 Each run copies the file both ways with each tool, the tools taking turns at going first, then a
-1 KiB file both ways with each (what a copy costs whatever its size). Prints each copy as it
-ends, then the figures, the goals and whether each is met; exits 1 when a copied file's sha256
+1 KiB file both ways with each (what a copy costs whatever its size). With --against, DIR's
+tether-agent and tetherctl (another build, its own agent and device on the same broker) take
+their turn too, as "against". Prints each copy as it ends, then the figures, the goals (of the
+build under test, "tetherctl") and whether each is met; exits 1 when a copied file's sha256
 differs from the original's.
 """
 
 import argparse
+import contextlib
+import copy as shallow
 import hashlib
 import json
 import os
@@ -62,10 +66,11 @@ def copy(argv, env, size):
 
 class Copier:
     """The argv of each tool for each way; the device's side and the operator's are two
-    directories of one machine."""
+    directories of one machine. `rigs`: label -> the Rig whose agent and tetherctl it uses
+    (scp: the one with sshd)."""
 
-    def __init__(self, args, rig):
-        self.args, self.rig = args, rig
+    def __init__(self, args, rigs):
+        self.args, self.rigs = args, rigs
         self.device_dir = os.path.join(args.work, "at-device")
         self.operator_dir = os.path.join(args.work, "at-operator")
         os.makedirs(self.device_dir)
@@ -78,22 +83,31 @@ class Copier:
         return source, os.path.join(side, f"{op}-{name}")
 
     def argv(self, label, op, source, dest):
-        a = self.args
-        if label == "tetherctl":
+        a = self.rigs[label].args
+        if label != "scp":
             return [a.ctl, "get", a.device, source, dest] if op == "get" else [a.ctl, "put", source, a.device, dest]
-        scp = rb.ssh_argv(a.key, self.rig.ssh_port, "scp") + ["-q"]
+        scp = rb.ssh_argv(a.key, self.rigs[label].ssh_port, "scp") + ["-q"]
         return scp + ([f"localhost:{source}", dest] if op == "get" else [source, f"localhost:{dest}"])
 
+    def env(self, label):
+        return self.rigs[label].args.env
 
-def measure(args, rig, results):
+
+def measure(args, rigs, results):
     size = args.size_mib * MIB
     sha = rb.make_blob(os.path.join(args.work, "big"), size)
     small_sha = rb.make_blob(os.path.join(args.work, "small"), SMALL_BYTES)
-    copier = Copier(args, rig)
-    labels = ["tetherctl"] + (["scp"] if rig.ssh_port else [])
-    pids = {"agent": rig.agent.pid, "mosquitto": args.broker_pid}
-    if rig.sshd_pid:
-        pids["sshd"] = (rig.sshd_pid, True)  # its sessions and sftp-server, once they ended
+    rig = rigs["tetherctl"]
+    if rig.ssh_port:
+        rigs = {**rigs, "scp": rig}
+    copier = Copier(args, rigs)
+    labels = list(rigs)
+
+    def pids(r):
+        out = {"agent": r.agent.pid, "mosquitto": args.broker_pid}
+        if r.sshd_pid:
+            out["sshd"] = (r.sshd_pid, True)  # its sessions and sftp-server, once they ended
+        return out
     big = results["big"] = {op: {label: [] for label in labels} for op in OPS}
     small = results["small"] = {op: {label: [] for label in labels} for op in OPS}
     checks = results["sha256"] = {"ok": 0, "bad": []}
@@ -109,25 +123,25 @@ def measure(args, rig, results):
 
     for run in range(args.runs):
         for i, op in enumerate(OPS):
-            order = labels if (run + i) % 2 == 0 else labels[::-1]
-            for label in order:
+            turn = (run * len(OPS) + i) % len(labels)
+            for label in labels[turn:] + labels[:turn]:
                 source, dest = copier.paths(op, "big")
-                argv = copier.argv(label, op, source, dest)
-                w = rb.watched(rig.agent, lambda: copy(argv, args.env, size), rig.watch, pids)
+                argv, env, r = copier.argv(label, op, source, dest), copier.env(label), rigs[label]
+                w = rb.watched(r.agent, lambda: copy(argv, env, size), r.watch, pids(r))
                 big[op][label].append(w)
                 check = verified(dest, sha)
                 cpu = w["cpu_s"]
                 parties = (("tetherctl", w["client_cpu_s"]), ("agent", cpu["agent"]), ("mosquitto", cpu["mosquitto"])) \
-                    if label == "tetherctl" else (("scp+ssh", w["client_cpu_s"]), ("sshd", cpu.get("sshd", 0.0)))
+                    if label != "scp" else (("scp+ssh", w["client_cpu_s"]), ("sshd", cpu.get("sshd", 0.0)))
                 watched = (f"; agent VmRSS max {w['rss_max_kb']} kB, worst heartbeat gap {w['heartbeat_gap_s']:.2f} s"
-                           if label == "tetherctl" else "")
+                           if label != "scp" else "")
                 print(f"  run {run + 1}: {op} {label:<9} {w['mb_s']:6.1f} MB/s ({w['s']:.2f} s); {check}{watched}; CPU s "
                       + ", ".join(f"{k} {v:.2f}" for k, v in parties) + f"; machine {w['machine_busy_pct']:.0f} % busy",
                       flush=True)
         for op in OPS:
             for label in labels:
                 source, dest = copier.paths(op, "small")
-                s = copy(copier.argv(label, op, source, dest), args.env, SMALL_BYTES)
+                s = copy(copier.argv(label, op, source, dest), copier.env(label), SMALL_BYTES)
                 small[op][label].append(s["s"])
                 if verified(dest, small_sha) != "sha256 ok":
                     print(f"  run {run + 1}: {op} {label} of {SMALL_BYTES} B: sha256 DIFFERS", flush=True)
@@ -148,15 +162,19 @@ def summary(r):
     rows = []  # (goal, measured, met: True / False / None)
     big, small = r["big"], r["small"]
     labels = list(big["get"])
+    tethers = [label for label in labels if label != "scp"]
     print()
+    if r.get("against"):
+        print(f"against: {r['against']}")
     print(f"{str(r['size_mib']) + ' MiB, MB/s (10^6 B/s), wall time':<40}{'min':>8}{'median':>8}{'max':>8}"
-          f"{'1 KiB file, s':>15}   tetherctl / scp (median)")
+          f"{'1 KiB file, s':>15}   / scp, / against (medians)")
     for op in OPS:
         for label in labels:
             v = [w["mb_s"] for w in big[op][label]]
             vs = ""
-            if label == "tetherctl" and "scp" in labels:
-                vs = f"   {med(v) / med([w['mb_s'] for w in big[op]['scp']]):.2f}x"
+            for other in ("scp", "against"):
+                if label in tethers and other in labels and other != label:
+                    vs += f"   {med(v) / med([w['mb_s'] for w in big[op][other]]):.2f}x {other}"
             print(f"  {op + ' ' + label:<38}{min(v):8.1f}{med(v):8.1f}{max(v):8.1f}{med(small[op][label]):15.2f}{vs}")
     print()
     print(f"{'CPU s per copy (median)':<40}{'client':>10}{'agent':>10}{'mosquitto':>10}{'sshd':>10}{'busy %':>8}")
@@ -167,18 +185,22 @@ def summary(r):
             def col(name, ws=ws):
                 return f"{med([w['cpu_s'][name] for w in ws]):10.2f}"
 
-            cells = (col("agent") + col("mosquitto") + f"{'':>10}" if label == "tetherctl"
+            cells = (col("agent") + col("mosquitto") + f"{'':>10}" if label != "scp"
                      else f"{'':>20}" + (col("sshd") if "sshd" in ws[0]["cpu_s"] else f"{'':>10}"))
             print(f"  {op + ' ' + label:<38}{med([w['client_cpu_s'] for w in ws]):10.2f}{cells}"
                   f"{med([w['machine_busy_pct'] for w in ws]):8.0f}")
 
-    t_all = [w for op in OPS for w in big[op]["tetherctl"]]
     print()
-    rss = r["rss"]
+    for label in tethers:
+        t_all = [w for op in OPS for w in big[op][label]]
+        rss = r["rss"][label]
+        peak = max(w["rss_max_kb"] for w in t_all)
+        hwm = max(w["hwm_kb"] for w in t_all)
+        print(f"agent VmRSS ({label}): idle {rss['idle']['VmRSS']} kB; during the copies {peak} kB at most (every "
+              f"100 ms), VmHWM {hwm} kB; 5 s after the last {rss['after']['VmRSS']} kB")
+    t_all = [w for op in OPS for w in big[op]["tetherctl"]]
     peak = max(w["rss_max_kb"] for w in t_all)
     hwm = max(w["hwm_kb"] for w in t_all)
-    print(f"agent VmRSS: idle {rss['idle']['VmRSS']} kB; during the copies {peak} kB at most (every 100 ms), "
-          f"VmHWM {hwm} kB; 5 s after the last {rss['after']['VmRSS']} kB")
     for op in OPS:
         t = med([w["mb_s"] for w in big[op]["tetherctl"]])
         rows.append((f"{op} >= {GOAL_MB_S:g} MB/s (median)", f"{t:.1f} MB/s", t >= GOAL_MB_S))
@@ -217,22 +239,37 @@ def main():
     parser.add_argument("--size-mib", type=int, default=256)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--no-ssh", action="store_true")
+    parser.add_argument("--against", metavar="DIR", help="another build's tether-agent and tetherctl, side by side")
     parser.add_argument("--out", help="every figure, as JSON")
     args = parser.parse_args()
-    results = {"size_mib": args.size_mib, "runs": args.runs}
+    results = {"size_mib": args.size_mib, "runs": args.runs, "against": args.against, "rss": {}}
+    setups = [("tetherctl", "files", args)]
+    if args.against:
+        other = shallow.copy(args)
+        other.agent, other.ctl = os.path.join(args.against, "tether-agent"), os.path.join(args.against, "tetherctl")
+        other.work, other.no_ssh = os.path.join(args.work, "against"), True
+        setups.append(("against", "files-against", other))
     try:
-        with rb.Rig(args, "files") as rig:
-            results.update({"device": args.device, "ssh": rig.ssh, "ping_idle_s": rig.ping_idle_s, "rss": {}})
+        with contextlib.ExitStack() as stack:
+            rigs = {}
+            for label, name, a in setups:
+                print(f"{label}: {a.agent}, {a.ctl}", flush=True)
+                rigs[label] = stack.enter_context(rb.Rig(a, name))
+            rig = rigs["tetherctl"]
+            results.update({"device": args.device, "ssh": rig.ssh, "ping_idle_s": rig.ping_idle_s})
             time.sleep(2)
-            results["rss"]["idle"] = rb.memory(rig.agent)
-            print(f"  agent idle: {rb.kb(results['rss']['idle'])}; tetherctl cmd ping {rig.ping_idle_s:.2f} s", flush=True)
+            for label, r in rigs.items():
+                results["rss"][label] = {"idle": rb.memory(r.agent)}
+                print(f"  {label} agent idle: {rb.kb(results['rss'][label]['idle'])}; tetherctl cmd ping "
+                      f"{r.ping_idle_s:.2f} s", flush=True)
             print(f"copies: {args.size_mib} MiB of random bytes, {args.runs} run(s); MB = 10^6 bytes, over the "
                   "command's wall time", flush=True)
-            measure(args, rig, results)
+            measure(args, rigs, results)
             time.sleep(5)
-            results["rss"]["after"] = rb.memory(rig.agent)
-            if rig.watch.error:
-                results["heartbeat_watch_error"] = rig.watch.error
+            for label, r in rigs.items():
+                results["rss"][label]["after"] = rb.memory(r.agent)
+                if r.watch.error:
+                    results.setdefault("heartbeat_watch_error", {})[label] = r.watch.error
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:  # timeouts included
         sys.exit(f"filesbench: {e}")
     except rb.Stop as e:

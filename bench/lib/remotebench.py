@@ -338,7 +338,7 @@ class HeartbeatWatch(threading.Thread):
 
     def __init__(self, port, device):
         super().__init__(daemon=True)
-        self.client = tb.Mqtt(port, f"bench-remote-beats-{os.getpid()}")
+        self.client = tb.Mqtt(port, f"bench-{device}-beats")
         self.client.subscribe([f"{tb.ROOT}/{device}/heartbeat"])
         self.beats = []
         self.stopping = threading.Event()
