@@ -158,11 +158,22 @@ fn random_mask() -> [u8; 4] {
     mask
 }
 
-/// XORs `bytes`, which start `offset` bytes into a payload, with the frame's mask.
+/// XORs `bytes`, which start `offset` bytes into a payload, with the frame's mask: a machine
+/// word at a time (byte by byte, the mask took a tenth of the agent's CPU sending a file; words
+/// copied in and out of the bytes call memcpy at this opt-level, which costs more still).
 fn apply_mask(bytes: &mut [u8], mask: [u8; 4], offset: usize) {
-    for (i, byte) in bytes.iter_mut().enumerate() {
-        *byte ^= mask[(offset + i) % 4];
-    }
+    const WORD: usize = std::mem::size_of::<usize>();
+    let at = |i: usize| mask[(offset + i) % 4];
+    // SAFETY: every bit pattern is a valid usize, and a valid u8 for each of its bytes.
+    let (head, words, tail) = unsafe { bytes.align_to_mut::<usize>() };
+    head.iter_mut().enumerate().for_each(|(i, byte)| *byte ^= at(i));
+    // A word is a whole number of masks: the one it starts with fits every word.
+    let mut first = [0u8; WORD];
+    first.iter_mut().enumerate().for_each(|(i, byte)| *byte = at(head.len() + i));
+    let word = usize::from_ne_bytes(first);
+    words.iter_mut().for_each(|w| *w ^= word);
+    let done = head.len() + words.len() * WORD;
+    tail.iter_mut().enumerate().for_each(|(i, byte)| *byte ^= at(done + i));
 }
 
 fn protocol_error(what: &str) -> io::Error {
@@ -209,6 +220,33 @@ mod tests {
             }
         }
         (mqtt.to_vec(), out.to_vec(), last)
+    }
+
+    /// Whatever the bytes' alignment in memory, their length and where the mask stands.
+    #[test]
+    fn the_mask_applies_byte_for_byte() {
+        let mask = [0x12, 0x34, 0x56, 0x78];
+        let payload: Vec<u8> = (0..64u8).collect();
+        for start in 0..8 {
+            for len in 0..payload.len() - start {
+                for offset in 0..4 {
+                    let mut bytes = payload.clone();
+                    apply_mask(&mut bytes[start..start + len], mask, offset);
+                    let masked = |i: usize| (start..start + len).contains(&i);
+                    let want: Vec<u8> =
+                        (0..payload.len())
+                            .map(|i| {
+                                if masked(i) {
+                                    payload[i] ^ mask[(offset + i - start) % 4]
+                                } else {
+                                    payload[i]
+                                }
+                            })
+                            .collect();
+                    assert_eq!(bytes, want, "from byte {start}, {len} bytes, mask offset {offset}");
+                }
+            }
+        }
     }
 
     #[test]
