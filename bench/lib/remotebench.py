@@ -501,11 +501,12 @@ def watched(agent, transfer, watch, pids, beside=None):
     for t in threads:
         t.join()
     busy1 = machine_busy()
+    cpu = {k: cpu_s(*p) - cpu0[k] for k, p in pids.items() if not p[1]}
     if "error" in result:
         raise result["error"]
     time.sleep(HEARTBEAT_S * 1.5)  # the gap that straddles the end is closed by the next beat
     # After the pause: a process's children are counted once it has waited for them.
-    cpu = {k: cpu_s(*p) - cpu0[k] for k, p in pids.items()}
+    cpu.update({k: cpu_s(*p) - cpu0[k] for k, p in pids.items() if p[1]})
     gap, beats = watch.worst_gap(started, ended)
     m = agent.memory()
     wall = ended - started
