@@ -111,12 +111,16 @@ def wait_port(port, proc, timeout, what):
     raise TimeoutError(f"{what} not listening on {port} within {timeout} s")
 
 
-def cpu_s(pid):
-    """User + system CPU seconds of a process so far (0 when it is gone)."""
+def cpu_s(pid, children=False):
+    """User + system CPU seconds of a process so far (0 when it is gone); with `children`, and
+    those of its children that it has waited for (an sshd's sessions once they ended)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        ticks = int(fields[11]) + int(fields[12])
+        if children:
+            ticks += int(fields[13]) + int(fields[14])
+        return ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return 0.0
 
@@ -142,7 +146,8 @@ def percentile(sorted_values, p):
 
 
 def start_sshd(children, work, operator_pub):
-    """Starts sshd; returns (port, note) or raises RuntimeError saying why it cannot run."""
+    """Starts sshd; returns (port, its process, the directory made for it or None) or raises
+    RuntimeError saying why it cannot run."""
     sshd = shutil.which("sshd") or "/usr/sbin/sshd"
     if not os.access(sshd, os.X_OK) or not shutil.which("ssh"):
         raise RuntimeError("no sshd or ssh (Debian: openssh-server, openssh-client)")
@@ -169,6 +174,7 @@ PermitRootLogin prohibit-password
 UsePAM no
 AllowTcpForwarding yes
 PermitTTY yes
+Subsystem sftp internal-sftp
 PrintMotd no
 PrintLastLog no
 UseDNS no
@@ -185,13 +191,14 @@ LogLevel ERROR
     log = open(os.path.join(d, "sshd.log"), "wb")
     proc = children.start([sshd, "-D", "-e", "-f", config], stdout=log, stderr=log)
     wait_port(port, proc, 10, "sshd")
-    return port, made_run_dir
+    return port, proc, made_run_dir
 
 
-def ssh_argv(key, port):
-    return ["ssh", "-4", "-F", "/dev/null", "-i", key, "-p", str(port), "-o", "IdentitiesOnly=yes",
-            "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-            "-o", "LogLevel=ERROR"]
+def ssh_argv(key, port, program="ssh"):
+    """ssh (or scp: its port is -P) to the private sshd with the operator's key, nothing else."""
+    return [program, "-4", "-F", "/dev/null", "-i", key, "-P" if program == "scp" else "-p", str(port),
+            "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
+            "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,7 +338,7 @@ class HeartbeatWatch(threading.Thread):
 
     def __init__(self, port, device):
         super().__init__(daemon=True)
-        self.client = tb.Mqtt(port, f"bench-remote-beats-{os.getpid()}")
+        self.client = tb.Mqtt(port, f"bench-{device}-beats")
         self.client.subscribe([f"{tb.ROOT}/{device}/heartbeat"])
         self.beats = []
         self.stopping = threading.Event()
@@ -459,39 +466,30 @@ def start_forward(children, args, env, hport, log_path):
         raise RuntimeError(f"tetherctl forward did not start: {f.read().strip()}")
 
 
-def watched_transfer(args, agent, forward, url, size, broker_pid, watch):
-    """The download through tetherctl forward, with the agent's memory sampled every 100 ms,
-    a `tetherctl cmd DEV ping` timed 1 s into it, and the CPU of each party."""
-    pids = {"agent": agent.pid, "tetherctl": forward.pid, "mosquitto": broker_pid}
-    cpu0 = {k: cpu_s(p) for k, p in pids.items()}
+def watched(agent, transfer, watch, pids, beside=None):
+    """`transfer()` (a dict with at least "s" and "mb_s") on a thread while the agent's memory
+    is sampled every 100 ms; `beside(done)` on another (done: an Event set when the transfer
+    ended). Adds the agent's peak VmRSS, its VmHWM after, the worst heartbeat gap over the
+    transfer, the CPU seconds (and % of the wall time) of each of `pids` (name -> pid, or
+    (pid, True) to count the children it waited for) and how busy the machine was."""
+    pids = {k: p if isinstance(p, tuple) else (p, False) for k, p in pids.items()}
+    cpu0 = {k: cpu_s(*p) for k, p in pids.items()}
     busy0 = machine_busy()
     done = threading.Event()
-    ping = {}
-
-    def pinger():
-        if done.wait(1.0):
-            ping["note"] = "the transfer ended before the ping was sent"
-            return
-        started = time.monotonic()
-        out = subprocess.run([args.ctl, "cmd", args.device, "ping"], capture_output=True, text=True, env=args.env)
-        ping["s"] = time.monotonic() - started
-        ping["code"] = out.returncode
-        ping["during"] = not done.is_set()
-        if out.returncode != 0:
-            ping["note"] = (out.stderr or out.stdout).strip()[-200:]
-
     result = {}
     peak = {"VmRSS": 0, "Threads": 0}
 
-    def downloader():
+    def run():
         try:
-            result["s"], result["mb_s"] = curl(url, size)
-        except RuntimeError as e:
+            result.update(transfer())
+        except (RuntimeError, OSError, subprocess.SubprocessError) as e:
             result["error"] = e
         finally:
             done.set()
 
-    threads = [threading.Thread(target=downloader, daemon=True), threading.Thread(target=pinger, daemon=True)]
+    threads = [threading.Thread(target=run, daemon=True)]
+    if beside:
+        threads.append(threading.Thread(target=beside, args=(done,), daemon=True))
     started = time.monotonic()
     for t in threads:
         t.start()
@@ -503,19 +501,48 @@ def watched_transfer(args, agent, forward, url, size, broker_pid, watch):
     for t in threads:
         t.join()
     busy1 = machine_busy()
-    cpu = {k: cpu_s(p) - cpu0[k] for k, p in pids.items()}
+    cpu = {k: cpu_s(*p) - cpu0[k] for k, p in pids.items() if not p[1]}
     if "error" in result:
         raise result["error"]
     time.sleep(HEARTBEAT_S * 1.5)  # the gap that straddles the end is closed by the next beat
+    # After the pause: a process's children are counted once it has waited for them.
+    cpu.update({k: cpu_s(*p) - cpu0[k] for k, p in pids.items() if p[1]})
     gap, beats = watch.worst_gap(started, ended)
     m = agent.memory()
     wall = ended - started
-    return {
-        "s": result["s"], "mb_s": result["mb_s"], "rss_max_kb": peak["VmRSS"], "hwm_kb": m["VmHWM"],
-        "threads_max": peak["Threads"], "ping": ping, "heartbeat_gap_s": gap, "heartbeats": beats,
-        "cpu_s": cpu, "cpu_pct": {k: v / wall * 100 for k, v in cpu.items()},
+    result.update({
+        "rss_max_kb": peak["VmRSS"], "hwm_kb": m["VmHWM"], "threads_max": peak["Threads"],
+        "heartbeat_gap_s": gap, "heartbeats": beats, "cpu_s": cpu, "cpu_pct": {k: v / wall * 100 for k, v in cpu.items()},
         "machine_busy_pct": (busy1[0] - busy0[0]) / max(busy1[1] - busy0[1], 1) * 100,
-    }
+    })
+    return result
+
+
+def watched_transfer(args, agent, forward, url, size, broker_pid, watch):
+    """The download through tetherctl forward, watched, with a `tetherctl cmd DEV ping` timed
+    1 s into it."""
+    ping = {}
+
+    def pinger(done):
+        if done.wait(1.0):
+            ping["note"] = "the transfer ended before the ping was sent"
+            return
+        started = time.monotonic()
+        out = subprocess.run([args.ctl, "cmd", args.device, "ping"], capture_output=True, text=True, env=args.env)
+        ping["s"] = time.monotonic() - started
+        ping["code"] = out.returncode
+        ping["during"] = not done.is_set()
+        if out.returncode != 0:
+            ping["note"] = (out.stderr or out.stdout).strip()[-200:]
+
+    def download():
+        seconds, mb_s = curl(url, size)
+        return {"s": seconds, "mb_s": mb_s}
+
+    pids = {"agent": agent.pid, "tetherctl": forward.pid, "mosquitto": broker_pid}
+    result = watched(agent, download, watch, pids, beside=pinger)
+    result["ping"] = ping
+    return result
 
 
 def memory(agent):
@@ -619,70 +646,104 @@ def ping_text(ping):
 # ---------------------------------------------------------------------------------------------
 
 
-def measure(args):
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, on_signal)
-    args.device = f"remote-{os.getpid()}"
-    os.makedirs(args.work, exist_ok=True)
-    args.key = os.path.join(args.work, "operator")
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "bench-operator", "-f", args.key], check=True)
-    authorized = os.path.join(args.work, "authorized_keys")
-    shutil.copy(args.key + ".pub", authorized)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TETHER_") and k not in ("SSH_AUTH_SOCK", "RUST_LOG")}
-    env.update({"TETHER_BROKER": f"wss://localhost:{args.wss_port}/mqtt", "TETHER_CA": args.ca,
-                "TETHER_IDENTITY": args.key, "TETHER_KNOWN_DEVICES": os.path.join(args.work, "known_devices"),
-                "TERM": "xterm"})
-    args.env = env
-    results = {"device": args.device, "keys": args.keys, "runs": args.runs, "size_mib": args.size_mib,
-               "key_gap_ms": args.key_gap_ms, "echo": {}, "forward": {}, "rss": {}, "ping_idle_s": None,
-               "ssh": None}
-    children = Children()
-    watcher = tb.Mqtt(args.plain_port, f"bench-remote-watch-{os.getpid()}")
-    watcher.subscribe([f"{tb.ROOT}/{args.device}/status", f"{tb.ROOT}/{args.device}/heartbeat"])
-    agent = tb.Agent(args.agent, os.path.join(args.work, "agent"), args, args.device, heartbeat_s=HEARTBEAT_S,
-                     extra_config={"trust": {"authorized_keys": authorized}})
-    watch = None
-    made_run_dir = None
-    try:
+class Rig:
+    """What bench/remote and bench/files set up alike, all ended on the way out (a `with`):
+    - an operator key made by ssh-keygen (args.key) in the agent's authorized_keys, and
+      tetherctl's environment (args.env: the broker over wss + TLS, that key, its own
+      known_devices);
+    - the agent (args.device = NAME-PID) with a HEARTBEAT_S heartbeat, online, its key recorded
+      by a first `tetherctl cmd DEV ping` and a second one timed (ping_idle_s);
+    - a private sshd on a loopback port with the same key authorized (ssh_port and sshd_pid; both
+      None with --no-ssh or where sshd cannot run, and `ssh` says why);
+    - `watch`, a HeartbeatWatch started."""
+
+    def __init__(self, args, name, extra_config=None):
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, on_signal)
+        self.args = args
+        args.device = f"{name}-{os.getpid()}"
+        os.makedirs(args.work, exist_ok=True)
+        args.key = os.path.join(args.work, "operator")
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "bench-operator", "-f", args.key],
+                       check=True)
+        self.authorized = os.path.join(args.work, "authorized_keys")
+        shutil.copy(args.key + ".pub", self.authorized)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TETHER_") and k not in ("SSH_AUTH_SOCK", "RUST_LOG")}
+        env.update({"TETHER_BROKER": f"wss://localhost:{args.wss_port}/mqtt", "TETHER_CA": args.ca,
+                    "TETHER_IDENTITY": args.key, "TETHER_KNOWN_DEVICES": os.path.join(args.work, "known_devices"),
+                    "TERM": "xterm"})
+        args.env = env
+        self.extra_config = {"trust": {"authorized_keys": self.authorized}, **(extra_config or {})}
+        self.children = Children()
+        self.agent = self.watch = self.made_run_dir = None
+        self.ssh_port = self.sshd_pid = self.ping_idle_s = None
+        self.ssh = None
+
+    def __enter__(self):
+        try:
+            self._start()
+        except BaseException:
+            self.__exit__(*sys.exc_info())
+            raise
+        return self
+
+    def _start(self):
+        args = self.args
+        watcher = tb.Mqtt(args.plain_port, f"bench-{args.device}-watch")
+        watcher.subscribe([f"{tb.ROOT}/{args.device}/status", f"{tb.ROOT}/{args.device}/heartbeat"])
+        self.agent = tb.Agent(args.agent, os.path.join(args.work, "agent"), args, args.device,
+                              heartbeat_s=HEARTBEAT_S, extra_config=self.extra_config)
         tb.wait_online(watcher, args.device)
         watcher.close()
-        ssh_port = None
         if args.no_ssh:
-            results["ssh"] = "skipped: --no-ssh"
+            self.ssh = "skipped: --no-ssh"
         else:
             try:
-                ssh_port, made_run_dir = start_sshd(children, args.work, args.key + ".pub")
-                results["ssh"] = f"sshd on 127.0.0.1:{ssh_port}"
+                self.ssh_port, sshd, self.made_run_dir = start_sshd(self.children, args.work, args.key + ".pub")
+                self.sshd_pid = sshd.pid
+                self.ssh = f"sshd on 127.0.0.1:{self.ssh_port}"
             except (RuntimeError, OSError, subprocess.CalledProcessError, TimeoutError) as e:
-                results["ssh"] = f"skipped: {e}"
-        print(f"  ssh: {results['ssh']}", flush=True)
+                self.ssh = f"skipped: {e}"
+        print(f"  ssh: {self.ssh}", flush=True)
         # The first cmd records the device's key (trust on first use); the second is the idle figure.
         for _ in range(2):
             started = time.monotonic()
-            subprocess.run([args.ctl, "cmd", args.device, "ping"], check=True, env=env, capture_output=True)
-            results["ping_idle_s"] = time.monotonic() - started
-        time.sleep(2)
-        results["rss"]["idle"] = memory(agent)
-        print(f"  agent idle: {kb(results['rss']['idle'])}; tetherctl cmd ping {results['ping_idle_s']:.2f} s", flush=True)
+            subprocess.run([args.ctl, "cmd", args.device, "ping"], check=True, env=args.env, capture_output=True)
+            self.ping_idle_s = time.monotonic() - started
+        self.watch = HeartbeatWatch(args.plain_port, args.device)
+        self.watch.start()
 
-        print(f"keystroke echo: {args.keys * args.runs} keys each, {args.key_gap_ms:g} ms between the echo of one "
-              "and the next key", flush=True)
-        measure_echo(args, children, env, ssh_port, results)
+    def __exit__(self, *_exc):
+        if self.watch:
+            self.watch.stop()
+        self.children.end_all()
+        if self.agent:
+            self.agent.stop()
+        if self.made_run_dir:
+            shutil.rmtree(self.made_run_dir, ignore_errors=True)
 
-        print(f"forward: {args.size_mib} MiB over HTTP (python3 -m http.server), curl to /dev/null, "
-              f"{args.runs} run(s); MB = 10^6 bytes", flush=True)
-        watch = HeartbeatWatch(args.plain_port, args.device)
-        watch.start()
-        measure_forward(args, children, env, agent, ssh_port, watch, results)
-        if watch.error:
-            results["heartbeat_watch_error"] = watch.error
+
+def measure(args):
+    results = {"keys": args.keys, "runs": args.runs, "size_mib": args.size_mib, "key_gap_ms": args.key_gap_ms,
+               "echo": {}, "forward": {}, "rss": {}, "ping_idle_s": None, "ssh": None}
+    try:
+        with Rig(args, "remote") as rig:
+            results.update({"device": args.device, "ssh": rig.ssh, "ping_idle_s": rig.ping_idle_s})
+            time.sleep(2)
+            results["rss"]["idle"] = memory(rig.agent)
+            print(f"  agent idle: {kb(results['rss']['idle'])}; tetherctl cmd ping {results['ping_idle_s']:.2f} s",
+                  flush=True)
+
+            print(f"keystroke echo: {args.keys * args.runs} keys each, {args.key_gap_ms:g} ms between the echo of one "
+                  "and the next key", flush=True)
+            measure_echo(args, rig.children, args.env, rig.ssh_port, results)
+
+            print(f"forward: {args.size_mib} MiB over HTTP (python3 -m http.server), curl to /dev/null, "
+                  f"{args.runs} run(s); MB = 10^6 bytes", flush=True)
+            measure_forward(args, rig.children, args.env, rig.agent, rig.ssh_port, rig.watch, results)
+            if rig.watch.error:
+                results["heartbeat_watch_error"] = rig.watch.error
     finally:
-        if watch:
-            watch.stop()
-        children.end_all()
-        agent.stop()
-        if made_run_dir:
-            shutil.rmtree(made_run_dir, ignore_errors=True)
         with open(args.out, "w") as f:
             json.dump(results, f)
 

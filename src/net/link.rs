@@ -183,7 +183,7 @@ impl Link {
             match &mut self.ws {
                 None => inbuf.extend_from_slice(&chunk[..n]),
                 Some(ws) => {
-                    if ws.decode(&chunk[..n], inbuf, &mut self.out)? == Decoded::Closed {
+                    if ws.decode(&mut chunk[..n], inbuf, &mut self.out)? == Decoded::Closed {
                         break ReadEnd::Closed;
                     }
                 }

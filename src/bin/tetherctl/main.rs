@@ -22,11 +22,14 @@ mod watch;
 
 use std::io::Write;
 
-/// The agent's allocator: a tunnel moves thousands of frames a second, and musl's allocator
+/// dlmalloc for every block: a tunnel moves thousands of frames a second, and musl's allocator
 /// maps and unmaps a page for each 4 KiB block (a static tetherctl forwarded at 38 MB/s on
-/// three times the CPU of a glibc one; bench/remote).
+/// three times the CPU of a glibc one; bench/remote). The agent's allocator gives each block of
+/// a page or more pages of its own, which keeps a long-running agent's memory flat but costs
+/// tetherctl, which runs for one command, about a system call per frame received: the buffers
+/// a transfer grows and drops were mapped, resized and unmapped each time (bench/files).
 #[global_allocator]
-static ALLOCATOR: tether::memory::Allocator = tether::memory::Allocator;
+static ALLOCATOR: dlmalloc::GlobalDlmalloc = dlmalloc::GlobalDlmalloc;
 use std::process::ExitCode;
 
 use args::{Command, Parsed};

@@ -442,11 +442,10 @@ impl Link {
             if settled(&self, endpoints) {
                 break;
             }
-            // The tunnel's own timers too, while it can send: the ack owed for the device's last
-            // frames goes out 10 ms after them, and nothing else may wake the loop before
-            // `deadline`.
-            let timers = self.tunnel.next_deadline().filter(|_| self.session.bulk_room() > 0);
-            let wake = timers.map_or(deadline, |at| at.min(deadline));
+            // The tunnel's timers too (while it can send, as in `step`): the ack owed for the
+            // device's End is due 10 ms after it, and the device lingers until it has it.
+            let tunnel_wake = self.tunnel.next_deadline().filter(|_| self.session.bulk_room() > 0);
+            let wake = tunnel_wake.map_or(deadline, |at| at.min(deadline));
             match self.session.next_turn(Some(wake)) {
                 Ok(Input::Client(Event::Message(m))) if m.topic == self.from_device => {
                     self.receive(endpoints, &m.payload, Instant::now());
