@@ -462,3 +462,36 @@ fn what_a_client_sends_while_the_device_still_connects_reaches_the_server() {
     assert!(read.is_ok(), "no whole answer within 20 s ({read:?}); got {:?}", text(&answer));
     assert_eq!(text(&answer), "detcennoc ecived eht erofeb tnes");
 }
+
+/// utime + stime of a process, in clock ticks (10 ms).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// A forward whose connections are over costs nothing: neither the agent nor tetherctl spins
+/// on the closed sockets while the forward stays open.
+#[test]
+fn a_finished_connection_leaves_both_sides_idle() {
+    let s = Setup::new("dev-fwd-idle", json!({}));
+    let site = HttpServer::start();
+    write_file(&site.path("small.txt"), "hello\n");
+    let local = free_port();
+    let forward = Forward::start(&s, &[spec(local, &site.target())]);
+    for _ in 0..3 {
+        let out = curl(local, "small.txt", None).output().unwrap();
+        assert_eq!(text(&out.stdout), "hello\n", "{}", text(&out.stderr));
+    }
+    thread::sleep(secs(1));
+    let (agent, ctl) = (s.agent.pid(), forward.pid());
+    let before = (cpu_ticks(agent), cpu_ticks(ctl));
+    thread::sleep(secs(3));
+    let used = (cpu_ticks(agent) - before.0, cpu_ticks(ctl) - before.1);
+    assert!(
+        used.0 <= 5 && used.1 <= 5,
+        "CPU ticks in 3 s after the connections ended: agent {}, tetherctl {}",
+        used.0,
+        used.1
+    );
+}

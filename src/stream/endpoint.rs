@@ -177,9 +177,13 @@ impl Endpoint {
         match self.on_eof {
             OnEof::Ignore => {}
             OnEof::Shutdown => {
-                if let Some(half) = &self.writer {
+                // Once: every shutdown wakes the socket's pollers again (an edge even under
+                // EPOLLET), and a writer left registered would be flushed and shut down again
+                // at each wake, for ever. The reader's descriptor keeps the socket open.
+                if let Some(half) = self.writer.take() {
                     // SAFETY: shutdown on a descriptor we own.
                     unsafe { libc::shutdown(half.raw(), libc::SHUT_WR) };
+                    half.deregister(registry);
                 }
             }
             OnEof::Close => {
