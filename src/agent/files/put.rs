@@ -46,11 +46,23 @@ pub struct PutTarget {
     size: u64,
     sha256: String,
     written: u64,
+    /// The sha256 of the bytes as they are written, for a put begun from zero: its end then
+    /// reads nothing back (on the event loop, a read of a big file would hold the heartbeats).
+    /// None for a resumed put: its end hashes the whole file.
+    hash: Option<RunningHash>,
     attributes: Attributes,
     replace: bool,
     journal: Journal,
     /// This put's number in the journal: a newer put of the same file supersedes it.
     put: u64,
+}
+
+struct RunningHash(ring::digest::Context);
+
+impl std::fmt::Debug for RunningHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RunningHash")
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -96,6 +108,7 @@ impl FileAccess {
             size: request.size,
             sha256,
             written,
+            hash: (written == 0).then(|| RunningHash(ring::digest::Context::new(&ring::digest::SHA256))),
             attributes,
             replace: self.config.allow_overwrite,
             journal: self.journal.clone(),
@@ -287,6 +300,9 @@ impl PutTarget {
             return Err(FileError(format!("{}: more than the {} bytes announced", self.shown, self.size)));
         }
         self.file.write_all(bytes).map_err(|e| io_error(&self.shown, &e))?;
+        if let Some(hash) = &mut self.hash {
+            hash.0.update(bytes);
+        }
         self.written += bytes.len() as u64;
         Ok(())
     }
@@ -314,7 +330,10 @@ impl PutTarget {
         if self.written != self.size {
             return Err(FileError(format!("{shown}: {} bytes received of {}", self.written, self.size)));
         }
-        let sha256 = sha256_prefix(&self.file, self.size).map_err(|e| io_error(shown, &e))?;
+        let sha256 = match self.hash.take() {
+            Some(hash) => crate::trust::hex(hash.0.finish().as_ref()),
+            None => sha256_prefix(&self.file, self.size).map_err(|e| io_error(shown, &e))?,
+        };
         if sha256 != self.sha256 {
             return Err(FileError(format!(
                 "{shown}: sha256 mismatch: the bytes received have {sha256}, the file {}; nothing written",
