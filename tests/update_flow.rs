@@ -439,3 +439,67 @@ fn a_download_cut_by_kill_9_resumes_with_range() {
     let sent: u64 = served.iter().map(|s| s.bytes).sum();
     assert!(sent < big.len() as u64 + 300_000, "not restarted from zero: {sent} bytes served");
 }
+
+/// A flow tampered with after it was signed, signed for another device, or signed by a key the
+/// device does not know: refused, and none of its steps runs.
+#[test]
+fn a_flow_not_signed_for_this_device_by_a_known_key_runs_nothing() {
+    let nginx = Nginx::start();
+    let d = device("dev-up-trust", &nginx, &[], None);
+    // The device trusts the harness's operator key too (read again on SIGHUP).
+    let keys = d.s.dir.path().join("authorized_keys");
+    let mut text = fs::read_to_string(&keys).unwrap().trim_end().to_string();
+    text.push_str(&format!("\n{}\n", common::operator_key().openssh_public("harness")));
+    fs::write(&keys, text).unwrap();
+    d.s.agent.signal(libc::SIGHUP);
+    assert!(d.s.agent.wait_log("config reloaded", secs(10)));
+
+    let ran = d.path("ran");
+    let params = json!({"flow": flow(json!([{"type": "run", "argv": ["touch", ran]}]), json!([]))});
+    let dev = d.s.device.as_str();
+    let tampered = {
+        let mut init: Value =
+            serde_json::from_slice(&common::signed_init(dev, "update", "t1", params.clone())).unwrap();
+        let text = init["request"]
+            .as_str()
+            .unwrap()
+            .replace("\"ran\"", "\"ran2\"")
+            .replace("/ran\"", "/ran-elsewhere\"");
+        assert_ne!(text, init["request"].as_str().unwrap());
+        init["request"] = json!(text);
+        init.to_string().into_bytes()
+    };
+    let stranger = {
+        let pkcs8 = tether::trust::DeviceKey::generate().unwrap();
+        let key = tether::trust::DeviceKey::load(&pkcs8).unwrap();
+        let params = params.as_object().cloned().unwrap();
+        let text = tether::trust::Request::new(dev, "update", "u1", common::unix_s(), params).to_text();
+        let sig = key.sign_sshsig(tether::trust::REQUEST_NAMESPACE, text.as_bytes());
+        json!({"status": "init", "request": text, "sig": sig}).to_string().into_bytes()
+    };
+    let cases = [
+        ("t1", tampered, "bad signature"),
+        (
+            "e1",
+            common::signed_init("dev-elsewhere", "update", "e1", params.clone()),
+            "signed for another device",
+        ),
+        ("u1", stranger, "unknown key"),
+    ];
+    let mut sub = common::Sub::new(&d.s.broker, &format!("tether/{dev}/cmd/update/+"));
+    for (id, payload, reason) in cases {
+        let topic = common::cmd_topic(dev, "update", id);
+        common::publish(&d.s.broker, &topic, &payload, true);
+        let state = sub.expect_json(&topic, "a final state", secs(15), |v| {
+            v["status"] == "failed" || v["status"] == "successful"
+        });
+        assert_eq!(state["status"], "failed", "{id}: {state}");
+        assert!(state["reason"].as_str().unwrap().contains(reason), "{id}: {state}");
+    }
+    assert!(!ran.exists() && !d.path("ran-elsewhere").exists(), "a step ran");
+    assert!(
+        !d.s.agent.log_contains("update t1") && !d.s.agent.log_contains("flow app"),
+        "{}",
+        d.s.agent.log()
+    );
+}
