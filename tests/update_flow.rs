@@ -421,7 +421,22 @@ fn a_download_cut_by_kill_9_resumes_with_range() {
         download(&nginx, "fetch", "slow/big", &big),
         {"type": "install", "artifact": "fetch", "path": target}
     ]);
+    let mut progress = common::Sub::new(&d.s.broker, &format!("tether/{}/cmd/update/+", d.s.device));
     let mut waiting = d.spawn_update(&flow(steps, json!([])));
+    // While it downloads, the command's retained state says how far it is.
+    let size = big.len() as u64;
+    let report = progress.expect("download progress", secs(30), |m| {
+        m.json().is_some_and(|v| {
+            v["status"] == "executing" && v["progress"]["done"].as_u64().is_some_and(|d| d > 0)
+        })
+    });
+    let report = report.json().unwrap();
+    assert_eq!(report["progress"]["total"], size, "{report}");
+    assert_eq!(
+        (report["progress"]["step"].as_u64(), report["progress"]["steps"].as_u64()),
+        (Some(1), Some(2))
+    );
+    assert_eq!(report["progress"]["name"], "fetch");
     let downloads = d.s.agent.state_dir().join("downloads");
     let partial_grew = wait_until(secs(30), || {
         fs::read_dir(&downloads)
