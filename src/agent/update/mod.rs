@@ -17,8 +17,7 @@ pub mod tasks;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::identity;
@@ -108,8 +107,23 @@ struct Current {
     /// The reboot command ran: waiting for the system to go down, until this time.
     rebooting_until: Option<Instant>,
     /// Bytes of the download under way, and its size.
-    bytes: Arc<(AtomicU64, AtomicU64)>,
+    bytes: Arc<Bytes>,
     progress_sent: Option<(Instant, Value)>,
+}
+
+/// The download under way: bytes done and its size, written by its worker, read by the loop.
+/// A mutex, not two atomics: ARMv5 has no 64-bit atomics, and files pass 4 GiB.
+#[derive(Default)]
+struct Bytes(Mutex<(u64, u64)>);
+
+impl Bytes {
+    fn get(&self) -> (u64, u64) {
+        *self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn set(&self, done: u64, total: u64) {
+        *self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = (done, total);
+    }
 }
 
 struct Running {
@@ -238,8 +252,7 @@ impl Updates {
             return;
         }
         let mut progress = current.journal.run.position();
-        let (done, total) =
-            (current.bytes.0.load(Ordering::Relaxed), current.bytes.1.load(Ordering::Relaxed));
+        let (done, total) = current.bytes.get();
         if total > 0 {
             progress["done"] = json!(done);
             progress["total"] = json!(total);
@@ -304,8 +317,7 @@ impl Updates {
         }
         current.journal.run.on_done(result);
         current.journal.mark = None;
-        current.bytes.0.store(0, Ordering::Relaxed);
-        current.bytes.1.store(0, Ordering::Relaxed);
+        current.bytes.set(0, 0);
         let journal = current.journal.clone();
         if let Err(e) = self.write(&journal) {
             // The next task must not begin with the journal behind: it would run this one again.
@@ -403,7 +415,7 @@ impl Current {
             task: None,
             held_since: None,
             rebooting_until: None,
-            bytes: Arc::new((AtomicU64::new(0), AtomicU64::new(0))),
+            bytes: Arc::new(Bytes::default()),
             progress_sent: None,
         }
     }
@@ -430,12 +442,7 @@ struct Job {
     work: Box<dyn FnOnce(&Cancel) -> Outcome + Send>,
 }
 
-fn prepare(
-    task: &Task,
-    journal: &Journal,
-    settings: &Settings,
-    bytes: Arc<(AtomicU64, AtomicU64)>,
-) -> Result<Job, String> {
+fn prepare(task: &Task, journal: &Journal, settings: &Settings, bytes: Arc<Bytes>) -> Result<Job, String> {
     let job = |timeout_s: u64, work: Box<dyn FnOnce(&Cancel) -> Outcome + Send>| Job { timeout_s, work };
     let done = |result: Result<Done, String>| Outcome::Done(result);
     match task {
@@ -452,12 +459,7 @@ fn prepare(
     }
 }
 
-fn step_job(
-    step: &Step,
-    journal: &Journal,
-    settings: &Settings,
-    bytes: Arc<(AtomicU64, AtomicU64)>,
-) -> Result<Job, String> {
+fn step_job(step: &Step, journal: &Journal, settings: &Settings, bytes: Arc<Bytes>) -> Result<Job, String> {
     let timeout_s = step.timeout_s;
     let work: Box<dyn FnOnce(&Cancel) -> Outcome + Send> = match &step.action {
         Action::Download { url, sha256, size } => {
@@ -544,12 +546,11 @@ fn command_job(
 
 /// One download attempt after another while the failures are worth a retry (a cut link, a
 /// stalled or unreachable server: the bytes on disk are kept and only the rest asked for).
-fn fetch(download: &Download, cancel: &Cancel, bytes: &(AtomicU64, AtomicU64)) -> Result<Done, String> {
+fn fetch(download: &Download, cancel: &Cancel, bytes: &Bytes) -> Result<Done, String> {
     let mut wait = RETRY_FIRST;
     loop {
         let attempt = download.run(cancel, |p| {
-            bytes.0.store(p.done, Ordering::Relaxed);
-            bytes.1.store(p.total, Ordering::Relaxed);
+            bytes.set(p.done, p.total);
         });
         match attempt {
             Ok(_) => return Ok(Done::default()),
