@@ -50,6 +50,25 @@ def sha256_file(path):
     return digest.hexdigest()
 
 
+class Verifier:
+    """`verified(path, want)` checks a copied file's sha256 against `want` and removes the file
+    (before its pages are written back: the next copy has the disk to itself); it says how it
+    went and counts it in results["sha256"] ({"ok": N, "bad": [paths]}). `got`: the file's
+    sha256 when something else computed it."""
+
+    def __init__(self, results):
+        self.checks = results["sha256"] = {"ok": 0, "bad": []}
+
+    def __call__(self, path, want, got=None):
+        got = got or sha256_file(path)
+        os.remove(path)
+        if got == want:
+            self.checks["ok"] += 1
+            return "sha256 ok"
+        self.checks["bad"].append(path)
+        return f"sha256 DIFFERS ({got})"
+
+
 def copy(argv, env, size):
     """Runs one copy to its end: wall seconds, MB/s, and the CPU seconds of the client (with
     its children: scp's ssh)."""
@@ -110,16 +129,7 @@ def measure(args, rigs, results):
         return out
     big = results["big"] = {op: {label: [] for label in labels} for op in OPS}
     small = results["small"] = {op: {label: [] for label in labels} for op in OPS}
-    checks = results["sha256"] = {"ok": 0, "bad": []}
-
-    def verified(dest, want):
-        got = sha256_file(dest)
-        os.remove(dest)  # before its pages are written back: the next copy has the disk to itself
-        if got == want:
-            checks["ok"] += 1
-            return "sha256 ok"
-        checks["bad"].append(dest)
-        return f"sha256 DIFFERS ({got})"
+    verified = Verifier(results)
 
     for run in range(args.runs):
         for i, op in enumerate(OPS):
@@ -220,22 +230,13 @@ def summary(r):
         gap = max(w["heartbeat_gap_s"] for w in big[op]["tetherctl"])
         rows.append((f"heartbeat gap during a {op} <= {GOAL_HEARTBEAT_GAP_S:g} s", f"{gap:.2f} s max "
                      f"({rb.HEARTBEAT_S} s interval)", gap <= GOAL_HEARTBEAT_GAP_S))
-    print()
-    print(f"{'goal':<40}{'met':<5}measured")
-    for goal, measured, met in rows:
-        print(f"{goal:<40}{'-' if met is None else 'yes' if met else 'NO':<5}{measured}")
-    missed = sum(1 for *_, met in rows if met is False)
-    print(f"goals: {sum(1 for *_, met in rows if met)} met, {missed} missed, "
-          f"{sum(1 for *_, met in rows if met is None)} not measured")
+    rb.print_goals(rows)
     return not checks["bad"]
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for name in ("--agent", "--ctl", "--ca", "--work"):
-        parser.add_argument(name, required=True)
-    for name in ("--plain-port", "--wss-port", "--broker-pid"):
-        parser.add_argument(name, type=int, required=True)
+    rb.rig_arguments(parser)
     parser.add_argument("--size-mib", type=int, default=256)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--no-ssh", action="store_true")

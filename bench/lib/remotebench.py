@@ -723,6 +723,28 @@ class Rig:
             shutil.rmtree(self.made_run_dir, ignore_errors=True)
 
 
+def print_goals(rows):
+    """The table of the goals: rows of (goal, measured, met: True, False, None when not
+    measured, or "" for a figure shown without a goal); returns the goals missed."""
+    print()
+    print(f"{'goal':<40}{'met':<5}measured")
+    for goal, measured, met in rows:
+        print(f"{goal:<40}{'' if met == '' else '-' if met is None else 'yes' if met else 'NO':<5}{measured}")
+    missed = [goal.strip() for goal, _, met in rows if met is False]
+    print(f"goals: {sum(1 for *_, m in rows if m)} met, {len(missed)} missed, "
+          f"{sum(1 for *_, m in rows if m is None)} not measured")
+    return missed
+
+
+def rig_arguments(parser, *required):
+    """A Rig's arguments (the binaries, the broker's ports, pid and CA, the work directory) and
+    the `required` ones named, all required."""
+    for name in ("--agent", "--ctl", "--ca", "--work", *required):
+        parser.add_argument(name, required=True)
+    for name in ("--plain-port", "--wss-port", "--broker-pid"):
+        parser.add_argument(name, type=int, required=True)
+
+
 def measure(args):
     results = {"keys": args.keys, "runs": args.runs, "size_mib": args.size_mib, "key_gap_ms": args.key_gap_ms,
                "echo": {}, "forward": {}, "rss": {}, "ping_idle_s": None, "ssh": None}
@@ -843,12 +865,7 @@ def summary(args):
     else:
         rows.append((f"armv5te binary <= {GOAL_ARMV5_BYTES / MIB:g} MiB", args.size_note or "not built", None))
 
-    print()
-    print(f"{'goal':<40}{'met':<5}measured")
-    for goal, measured, met in rows:
-        print(f"{goal:<40}{'-' if met is None else 'yes' if met else 'NO':<5}{measured}")
-    missed = [goal.strip() for goal, _, met in rows if met is False]
-    print(f"goals: {sum(1 for *_, m in rows if m)} met, {len(missed)} missed, {sum(1 for *_, m in rows if m is None)} not measured")
+    print_goals(rows)
     if fw.get("tetherctl") and not fw.get("sha256_ok"):
         sys.exit(1)
 
@@ -857,10 +874,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
     m = sub.add_parser("measure")
-    for name in ("--agent", "--ctl", "--ca", "--work", "--out"):
-        m.add_argument(name, required=True)
-    for name in ("--plain-port", "--wss-port", "--broker-pid"):
-        m.add_argument(name, type=int, required=True)
+    rig_arguments(m, "--out")
     m.add_argument("--keys", type=int, default=1000)
     m.add_argument("--key-gap-ms", type=float, default=20)
     m.add_argument("--size-mib", type=int, default=256)
