@@ -44,7 +44,7 @@ pub struct Settings {
     pub download_dir: PathBuf,
     pub ca_file: Option<PathBuf>,
     pub proxy: Option<String>,
-    pub hold_file: Option<PathBuf>,
+    pub hold_file: PathBuf,
     pub hold_max: Duration,
     pub init_dir: PathBuf,
     pub reboot_command: Vec<String>,
@@ -60,7 +60,7 @@ impl Settings {
             download_dir: updates.download_dir.clone(),
             ca_file: updates.ca_file.clone(),
             proxy: config.broker.proxy.clone(),
-            hold_file: Some(updates.hold_file.clone()),
+            hold_file: updates.hold_file.clone(),
             hold_max: Duration::from_secs(updates.hold_max_s),
             init_dir: updates.init_dir.clone(),
             reboot_command: config.reboot_command.clone(),
@@ -347,11 +347,11 @@ impl Updates {
     fn held(&mut self, now: Instant) -> bool {
         let Some(current) = &mut self.current else { return false };
         let first = current.journal.run.results.is_empty() && !current.journal.run.started;
-        let hold = self.settings.hold_file.as_deref().filter(|f| first && f.exists());
-        let Some(hold) = hold else {
+        let hold = &self.settings.hold_file;
+        if !(first && hold.exists()) {
             current.held_since = None;
             return false;
-        };
+        }
         let since = *current.held_since.get_or_insert_with(|| {
             log::info!("update {}: held while {} exists", Printable(&current.journal.id), hold.display());
             now
@@ -403,7 +403,7 @@ impl Updates {
         if let Err(e) = std::fs::remove_file(self.journal_path()) {
             log::error!("update {}: cannot remove the journal: {}", Printable(&journal.id), error_text(&e));
         }
-        remove_downloads(&self.settings.download_dir, &journal.run.flow);
+        remove_downloads(&self.settings, &journal.run.flow);
         self.finished.push((journal.id, state));
     }
 }
@@ -462,15 +462,8 @@ fn prepare(task: &Task, journal: &Journal, settings: &Settings, bytes: Arc<Bytes
 fn step_job(step: &Step, journal: &Journal, settings: &Settings, bytes: Arc<Bytes>) -> Result<Job, String> {
     let timeout_s = step.timeout_s;
     let work: Box<dyn FnOnce(&Cancel) -> Outcome + Send> = match &step.action {
-        Action::Download { url, sha256, size } => {
-            let download = Download {
-                url: url.clone(),
-                sha256: sha256.clone(),
-                size: *size,
-                dest: artifact_path(&settings.download_dir, &step.name),
-                ca_file: settings.ca_file.clone(),
-                proxy: settings.proxy.clone(),
-            };
+        Action::Download { .. } => {
+            let download = download_of(step, settings).ok_or("not a download")?;
             Box::new(move |cancel| Outcome::Done(fetch(&download, cancel, &bytes)))
         }
         Action::Install { artifact, path, mode, owner, group } => {
@@ -586,19 +579,22 @@ fn file_safe(name: &str) -> String {
 }
 
 /// The flow is over: its artifacts (and any partial download) go.
-fn remove_downloads(download_dir: &Path, flow: &Flow) {
-    for step in &flow.steps {
-        if let Action::Download { url, sha256, size } = &step.action {
-            let download = Download {
-                url: url.clone(),
-                sha256: sha256.clone(),
-                size: *size,
-                dest: artifact_path(download_dir, &step.name),
-                ca_file: None,
-                proxy: None,
-            };
-            let _ = download.discard();
-            let _ = std::fs::remove_file(&download.dest);
-        }
+fn remove_downloads(settings: &Settings, flow: &Flow) {
+    for download in flow.steps.iter().filter_map(|step| download_of(step, settings)) {
+        let _ = download.discard();
+        let _ = std::fs::remove_file(&download.dest);
     }
+}
+
+/// What a download step fetches, and where to.
+fn download_of(step: &Step, settings: &Settings) -> Option<Download> {
+    let Action::Download { url, sha256, size } = &step.action else { return None };
+    Some(Download {
+        url: url.clone(),
+        sha256: sha256.clone(),
+        size: *size,
+        dest: artifact_path(&settings.download_dir, &step.name),
+        ca_file: settings.ca_file.clone(),
+        proxy: settings.proxy.clone(),
+    })
 }
