@@ -463,13 +463,6 @@ fn what_a_client_sends_while_the_device_still_connects_reaches_the_server() {
     assert_eq!(text(&answer), "detcennoc ecived eht erofeb tnes");
 }
 
-/// utime + stime of a process, in clock ticks (10 ms).
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
-    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
-}
-
 /// A forward whose connections are over costs nothing: neither the agent nor tetherctl spins
 /// on the closed sockets while the forward stays open.
 #[test]

@@ -6,7 +6,7 @@
 mod common;
 
 use common::remote::{text, Setup};
-use common::{secs, signal, wait_child, Listener};
+use common::{cpu_ticks, secs, signal, wait_child, Listener};
 use serde_json::{json, Value};
 use std::fs::{self, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
@@ -184,13 +184,6 @@ fn a_quiet_follower_costs_the_agent_no_cpu() {
     follower.expect(&["two"]);
     follower.interrupt();
     assert!(s.agent.log_contains("logs quiet -f opened"), "{}", s.agent.log());
-}
-
-/// utime + stime of a process, in clock ticks.
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
-    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
 }
 
 #[test]
