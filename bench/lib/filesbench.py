@@ -279,10 +279,7 @@ def main():
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(results, f)
-    print()
-    print(f"Shared machine: figures vary from run to run; compare the columns of one run. Load now: "
-          f"{' '.join(open('/proc/loadavg').read().split()[:3])}")
-    sys.exit(0 if summary(results) else 1)
+    rb.exit_after_summary(summary(results))
 
 
 if __name__ == "__main__":

@@ -628,6 +628,14 @@ RSS_POINTS = [("idle", "idle, no tunnel yet"), ("before_transfer", "after the sh
               ("after_close", "5 s after the forward closed")]
 
 
+def exit_after_summary(ok):
+    """The runs' last words: the machine's load (figures vary with it), then the exit status."""
+    print()
+    print(f"Shared machine: figures vary from run to run; compare the columns of one run. Load now: "
+          f"{' '.join(open('/proc/loadavg').read().split()[:3])}")
+    sys.exit(0 if ok else 1)
+
+
 def kb(m):
     return f"VmRSS {m['VmRSS']} kB (RssAnon {m['RssAnon']}, RssFile {m['RssFile']})"
 
