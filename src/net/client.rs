@@ -581,6 +581,17 @@ impl Client {
 
     /// Subscribes again, so the broker sends the retained messages once more (for answers
     /// given up for room: the requests they answer are still retained).
+    /// Sends a PINGREQ now unless one is out. The broker answers after what it queued before,
+    /// so a tail of messages it held back comes with it.
+    pub fn ping(&mut self) {
+        if let State::Up(s) = &mut self.state {
+            if s.ping_sent.is_none() {
+                s.ping_sent = Some(Instant::now());
+                self.send(&Packet::PingReq);
+            }
+        }
+    }
+
     pub fn resubscribe(&mut self) {
         if self.is_up() {
             self.subscribe();

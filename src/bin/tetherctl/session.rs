@@ -300,14 +300,26 @@ impl Session {
     }
 
     /// One read: until the end marker came and then no retained message for `SETTLE`; None
-    /// after `silence` without the marker.
+    /// after `silence` without the marker. Halfway through the silence a PINGREQ nudges the
+    /// broker: a burst's tail held back on either side (seen once under load: Mosquitto logged
+    /// the marker sent and tetherctl heard nothing for 5 s) comes before its answer.
     fn read_retained(&mut self, silence: Duration) -> Result<Option<Vec<Publish>>, Failure> {
         let mut messages = Vec::new();
         let mut marker_seen = false;
         let mut last_retained = Instant::now();
+        let mut last_heard = Instant::now();
+        let mut pinged = false;
         loop {
-            let deadline = if marker_seen { last_retained + SETTLE } else { Instant::now() + silence };
-            match self.next_with_marker(Some(deadline), false)? {
+            let deadline = match (marker_seen, pinged) {
+                (true, _) => last_retained + SETTLE,
+                (false, false) => last_heard + silence / 2,
+                (false, true) => last_heard + silence,
+            };
+            let input = self.next_with_marker(Some(deadline), false)?;
+            if matches!(input, Input::Client(_)) {
+                last_heard = Instant::now();
+            }
+            match input {
                 // Only the copy sent on subscribing is flagged retained: another tetherctl
                 // publishing the marker meanwhile sends it live.
                 Input::Client(Event::Message(p)) if p.topic == self.marker => {
@@ -332,6 +344,10 @@ impl Session {
                 }
                 Input::Client(_) | Input::Ready(_) | Input::Resized | Input::Turn => {}
                 Input::Interrupted => return Err(Failure::interrupted()),
+                Input::TimedOut if !marker_seen && !pinged => {
+                    self.client.ping();
+                    pinged = true;
+                }
                 Input::TimedOut => return Ok(marker_seen.then_some(messages)),
             }
         }
