@@ -480,6 +480,8 @@ pub struct UpdatesConfig {
     pub hold_max_s: u64,
     /// Where `service` steps find init scripts.
     pub init_dir: PathBuf,
+    /// How long a new agent binary must connect and stay up before it replaces the old one.
+    pub probation_s: u64,
 }
 
 impl UpdatesConfig {
@@ -491,6 +493,7 @@ impl UpdatesConfig {
             hold_file: "/run/tether-update-hold".into(),
             hold_max_s: 3600,
             init_dir: "/etc/init.d".into(),
+            probation_s: 120,
         }
     }
 
@@ -502,6 +505,7 @@ impl UpdatesConfig {
             hold_file: s.path("hold_file")?.unwrap_or(d.hold_file),
             hold_max_s: s.number("hold_max_s", SECONDS, 0..=30 * 86_400, d.hold_max_s)?,
             init_dir: s.path("init_dir")?.unwrap_or(d.init_dir),
+            probation_s: s.number("probation_s", SECONDS, 1..=86_400, d.probation_s)?,
         };
         s.finish()?;
         Ok(updates)
@@ -1277,7 +1281,7 @@ mod tests {
             (json!({"updates": {"download_dir": ""}}), "updates.download_dir: must be a path"),
             (
                 json!({"updates": {"dir": "/x"}}),
-                "updates.dir: unknown key (the keys here are ca_file, download_dir, hold_file, hold_max_s, init_dir)",
+                "updates.dir: unknown key (the keys here are ca_file, download_dir, hold_file, hold_max_s, init_dir, probation_s)",
             ),
             (
                 json!({"updates": {"hold_max_s": -1}}),

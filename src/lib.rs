@@ -16,7 +16,7 @@ pub mod text;
 pub mod trust;
 pub mod worker;
 
-/// The agent's version, as in Cargo.toml.
-pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The agent's version: Cargo.toml's, or `TETHER_VERSION` when the build set it (build.rs).
+pub const VERSION: &str = env!("TETHER_VERSION");
 /// The target triple this build is for, e.g. `armv5te-unknown-linux-musleabi`.
 pub const TARGET: &str = env!("TETHER_TARGET");

@@ -47,6 +47,13 @@ const STATUS_REFRESH_BEATS: u32 = 12;
 /// Incoming packets bigger than this are skipped (commands are far smaller).
 const MAX_PACKET: usize = 256 * 1024;
 
+/// How the agent's loop ended.
+pub enum Exit {
+    Stopped,
+    /// A new agent binary is to run on probation, guarded by this process.
+    Probation(update::probation::Plan),
+}
+
 pub struct Agent {
     config_path: PathBuf,
     config: Config,
@@ -88,7 +95,12 @@ enum OfflineStatus {
 }
 
 impl Agent {
-    pub fn new(config_path: PathBuf, config: Config) -> Result<Agent, String> {
+    /// `probation` is set when this agent is a new binary on probation (see `update::probation`).
+    pub fn new(
+        config_path: PathBuf,
+        config: Config,
+        probation: update::probation::Reporter,
+    ) -> Result<Agent, String> {
         let device = identity::device_id(&config)?;
         let topics = Topics::new(&config.topic_root, &device);
         crate::fsutil::secure_private_dir(&config.state_dir)
@@ -111,7 +123,8 @@ impl Agent {
             log::info!("removed the temp file of an unfinished put: {}", leftover.display());
         }
         let remote = Remote::new(topics.clone(), &config, Arc::clone(&waker));
-        let mut updates = Updates::new(update::Settings::of(&config), topics.clone(), Arc::clone(&waker));
+        let settings = update::Settings::of(&config, &config_path);
+        let mut updates = Updates::new(settings, topics.clone(), Arc::clone(&waker), probation);
         let resumed_update = updates.resume();
         commands.recover(&mut outbox, &trust, resumed_update.as_deref());
         // Read before the options: a file replaced in between makes the next SIGHUP reconnect
@@ -141,7 +154,12 @@ impl Agent {
         })
     }
 
-    pub fn run(mut self) -> Result<(), String> {
+    pub fn run(mut self) -> Result<Exit, String> {
+        #[cfg(tether_fault = "crash_at_start")]
+        {
+            log::error!("this build crashes at start on purpose (TETHER_FAULT=crash_at_start)");
+            std::process::abort();
+        }
         let mut events = Events::with_capacity(16);
         loop {
             let timeout = self.next_deadline().map(|d| d.saturating_duration_since(Instant::now()));
@@ -165,6 +183,10 @@ impl Agent {
             for (id, state) in self.updates.take_finished() {
                 self.commands.finish_update(&id, state, &mut self.outbox);
             }
+            if let Some(plan) = self.updates.take_handover() {
+                self.hand_over();
+                return Ok(Exit::Probation(plan));
+            }
             if self.stop.is_none() {
                 self.outbox.pump(&mut self.client);
                 self.remote.pump(&mut self.client, self.poll.registry());
@@ -177,7 +199,7 @@ impl Agent {
                 self.send_offline_status();
             }
             if self.stopped() {
-                return Ok(());
+                return Ok(Exit::Stopped);
             }
         }
     }
@@ -198,7 +220,10 @@ impl Agent {
     }
 
     fn on_timers(&mut self, now: Instant) {
-        self.client.on_timer(self.poll.registry(), now);
+        // A build that never connects, on purpose: the client never starts.
+        if !cfg!(tether_fault = "no_connect") {
+            self.client.on_timer(self.poll.registry(), now);
+        }
         self.outbox.on_timer(now);
         self.on_status_timer(now);
         self.remote.on_timer(self.poll.registry(), now);
@@ -274,6 +299,7 @@ impl Agent {
     }
 
     fn on_connected(&mut self) {
+        self.updates.on_connected();
         self.outbox.on_connected();
         self.remote.on_reconnect();
         self.online_since = unix_seconds();
@@ -361,7 +387,7 @@ impl Agent {
         self.outbox.set_limits(new.offline_buffer.clone());
         self.trust.reload(&new.trust);
         self.remote.reconfigure(&new);
-        self.updates.reconfigure(update::Settings::of(&new));
+        self.updates.reconfigure(update::Settings::of(&new, &self.config_path));
         self.config = new;
         log::info!("config reloaded");
     }
@@ -389,6 +415,16 @@ impl Agent {
                 stop.offline = OfflineStatus::Sent;
             }
         }
+    }
+
+    /// Leaves the connection to the new agent: a clean goodbye (no offline status: the device
+    /// is back within seconds), the state kept for it.
+    fn hand_over(&mut self) {
+        log::info!("handing over to the new agent for its probation");
+        self.remote.stop(self.poll.registry());
+        self.client.disconnect();
+        self.outbox.store_all();
+        self.heartbeat.on_stop();
     }
 
     /// Whether the stop is done: the broker has the offline status, the connection is gone

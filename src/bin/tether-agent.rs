@@ -11,7 +11,8 @@ use std::process::ExitCode;
 #[global_allocator]
 static ALLOCATOR: tether::memory::Allocator = tether::memory::Allocator;
 
-use tether::agent::{check_operators, identity, Agent};
+use tether::agent::update::probation;
+use tether::agent::{check_operators, identity, Agent, Exit};
 use tether::config::{Config, DEFAULT_CONFIG_PATH};
 
 const USAGE: &str = "usage: tether-agent [--config PATH] [--log-level LEVEL]
@@ -72,6 +73,8 @@ fn parse_args() -> Result<Option<Args>, String> {
 }
 
 fn main() -> ExitCode {
+    // Taken first, while only this thread runs: it takes a variable out of the environment.
+    let probation = probation::Reporter::from_env();
     let args = match parse_args() {
         Ok(Some(args)) => args,
         Ok(None) => return ExitCode::SUCCESS,
@@ -80,7 +83,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EX_USAGE);
         }
     };
-    match run(args) {
+    match run(args, probation) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // Once: as a log line once logging runs; a bad config or log level comes before it.
@@ -94,7 +97,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: Args) -> Result<(), String> {
+fn run(args: Args, probation: probation::Reporter) -> Result<(), String> {
     if args.action == Action::PrintHeartbeat {
         return print_heartbeat(&args);
     }
@@ -113,7 +116,10 @@ fn run(args: Args) -> Result<(), String> {
         println!("{}: ok", args.config.display());
         return Ok(());
     }
-    Agent::new(args.config, config)?.run()
+    match Agent::new(args.config, config, probation)?.run()? {
+        Exit::Stopped => Ok(()),
+        Exit::Probation(plan) => probation::guard(plan),
+    }
 }
 
 /// Works without a config file too: then the default heartbeat settings apply.

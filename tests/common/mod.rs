@@ -748,6 +748,7 @@ impl Msg {
     }
 }
 
+pub mod builds;
 pub mod cluster;
 pub mod files;
 pub mod http;
@@ -1022,6 +1023,8 @@ impl Drop for Sub {
 /// (`state_dir` defaults to `DIR/state`), RUST_LOG=debug, output appended to `DIR/agent.log`.
 pub struct Agent {
     dir: tempfile::TempDir,
+    /// The binary it runs: `AGENT_BIN`, or a copy of it or another build.
+    bin: PathBuf,
     child: Option<Child>,
     env: Vec<(String, String)>,
     exit: Option<ExitStatus>,
@@ -1034,9 +1037,15 @@ impl Agent {
 
     /// Starts it with extra environment variables (e.g. `TETHER_BOOT_ID_FILE`).
     pub fn start_with_env(config: Value, env: &[(&str, &str)]) -> Agent {
+        Agent::start_bin(config, env, Path::new(AGENT_BIN))
+    }
+
+    /// Starts `bin` (another build, or a copy that an update may replace).
+    pub fn start_bin(config: Value, env: &[(&str, &str)], bin: &Path) -> Agent {
         let dir = tempfile::Builder::new().prefix("tether-agent-").tempdir().unwrap();
         let mut agent = Agent {
             dir,
+            bin: bin.to_path_buf(),
             child: None,
             env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             exit: None,
@@ -1062,7 +1071,7 @@ impl Agent {
 
     fn spawn(&mut self) {
         let log = OpenOptions::new().create(true).append(true).open(self.log_path()).unwrap();
-        let mut cmd = Command::new(AGENT_BIN);
+        let mut cmd = Command::new(&self.bin);
         cmd.arg("--config")
             .arg(self.config_path())
             .env("RUST_LOG", "debug")
@@ -1070,7 +1079,7 @@ impl Agent {
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
-        let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot run {AGENT_BIN}: {e}"));
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot run {}: {e}", self.bin.display()));
         self.child = Some(child);
         self.exit = None;
     }

@@ -38,6 +38,17 @@ impl Setup {
         listener: Listener,
         env: &[(&str, &str)],
     ) -> Setup {
+        Setup::with_agent_bin(device, sections, listener, env, Path::new(AGENT_BIN))
+    }
+
+    /// `with_sections_env`, the agent running `bin`.
+    pub fn with_agent_bin(
+        device: &str,
+        sections: Value,
+        listener: Listener,
+        env: &[(&str, &str)],
+        bin: &Path,
+    ) -> Setup {
         let broker = Broker::start_default();
         let dir = tempfile::tempdir().unwrap();
         let key = keygen(dir.path(), "operator", &["-t", "ed25519"]);
@@ -53,7 +64,7 @@ impl Setup {
         );
         merge(&mut config, sections);
         let mut sub = Sub::new(&broker, &status_topic(device));
-        let agent = Agent::start_with_env(config, env);
+        let agent = Agent::start_bin(config, env, bin);
         sub.expect_online(device, secs(15));
         Setup { broker, agent, device: device.to_string(), dir, key, listener }
     }

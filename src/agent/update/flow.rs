@@ -56,6 +56,23 @@ pub enum Action {
     },
     /// Reboots; the flow goes on with the next step after the boot.
     Reboot,
+    /// The agent updates itself (docs/updates.md): the binary for its target is fetched,
+    /// checked, run on probation, and swapped in only when it passed.
+    Agent {
+        /// By target triple, as `tether-agent --arch` prints it.
+        binaries: BTreeMap<String, Binary>,
+        /// What the new binary's `--version` must say, when given.
+        version: Option<String>,
+        /// Try a binary that failed its probation here before.
+        force: bool,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Binary {
+    pub url: String,
+    pub sha256: String,
+    pub size: u64,
 }
 
 /// What a failed step leads to.
@@ -107,11 +124,9 @@ impl Flow {
                 }
             }
         }
-        if let Some(i) = self
-            .rollback
-            .iter()
-            .position(|s| matches!(s.action, Action::Install { .. } | Action::Download { .. }))
-        {
+        if let Some(i) = self.rollback.iter().position(|s| {
+            matches!(s.action, Action::Install { .. } | Action::Download { .. } | Action::Agent { .. })
+        }) {
             return Err(format!(
                 "rollback[{i}]: a rollback step runs, restarts or reboots; it does not download or install"
             ));
@@ -174,9 +189,17 @@ fn step(value: &Value, at: &str, index: usize) -> Result<Step, String> {
             (Action::Service { name, action }, &["action"])
         }
         "reboot" => (Action::Reboot, &[]),
+        "agent" => (
+            Action::Agent {
+                binaries: binaries(&fields)?,
+                version: fields.optional_text("version")?,
+                force: fields.optional_bool("force")?.unwrap_or(false),
+            },
+            &["binaries", "version", "force"],
+        ),
         other => {
             return Err(format!(
-                "{at}.type: \"{other}\" is not a step type (download, install, run, service, reboot)"
+                "{at}.type: \"{other}\" is not a step type (download, install, run, service, reboot, agent)"
             ))
         }
     };
@@ -219,6 +242,25 @@ fn on_fail(fields: &Fields) -> Result<OnFail, String> {
             Err(format!("{at}: must be abort, continue, rollback or {{\"run\": [ARGV]}}, got {other}"))
         }
     }
+}
+
+/// `{"TARGET": {"url": ..., "sha256": ..., "size": ...}, ...}`, at least one.
+fn binaries(fields: &Fields) -> Result<BTreeMap<String, Binary>, String> {
+    let at = format!("{}binaries", fields.at);
+    let object = match fields.object.get("binaries") {
+        Some(Value::Object(object)) if !object.is_empty() => object,
+        _ => return Err(format!("{at}: must be an object of target triples to {{url, sha256, size}}")),
+    };
+    object
+        .iter()
+        .map(|(target, value)| {
+            let object = value.as_object().ok_or_else(|| format!("{at}.{target}: must be an object"))?;
+            let inner = Fields { object, at: format!("{at}.{target}.") };
+            inner.only(&["url", "sha256", "size"])?;
+            let binary = Binary { url: url(&inner)?, sha256: sha256(&inner)?, size: inner.count("size")? };
+            Ok((target.clone(), binary))
+        })
+        .collect()
 }
 
 fn url(fields: &Fields) -> Result<String, String> {
@@ -319,6 +361,14 @@ impl Fields<'_> {
         }
     }
 
+    fn optional_bool(&self, key: &str) -> Result<Option<bool>, String> {
+        match self.object.get(key) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(other) => Err(format!("{}{key}: must be true or false, got {other}", self.at)),
+        }
+    }
+
     fn count(&self, key: &str) -> Result<u64, String> {
         match self.object.get(key) {
             Some(Value::Number(n)) if n.as_u64().is_some() => Ok(n.as_u64().unwrap_or(0)),
@@ -376,6 +426,21 @@ mod tests {
     }
 
     #[test]
+    fn an_agent_step_names_a_binary_per_target() {
+        let flow = Flow::from_json(&json!({"name": "agent", "version": "2.0.0", "steps": [{
+            "type": "agent", "version": "2.0.0",
+            "binaries": {"armv5te-unknown-linux-musleabi": {"url": "https://h/a5", "sha256": HASH, "size": 9}}
+        }]}))
+        .unwrap();
+        let Action::Agent { binaries, version, force } = &flow.steps[0].action else {
+            panic!("not an agent step")
+        };
+        assert_eq!(binaries["armv5te-unknown-linux-musleabi"].size, 9);
+        assert_eq!((version.as_deref(), *force), (Some("2.0.0"), false));
+        assert_eq!(flow.steps[0].name, "1 agent");
+    }
+
+    #[test]
     fn a_bad_flow_is_refused_with_the_field_named() {
         let cases = [
             (json!({"steps": []}), "name: missing"),
@@ -415,6 +480,20 @@ mod tests {
             (
                 json!({"name": "a", "version": "1", "steps": [{"type": "reboot", "timeout_s": 0}]}),
                 "steps[0].timeout_s: must be at least 1",
+            ),
+            (
+                json!({"name": "a", "version": "1", "steps": [{"type": "agent", "binaries": {}}]}),
+                "steps[0].binaries: must be an object of target triples",
+            ),
+            (
+                json!({"name": "a", "version": "1", "steps": [{"type": "agent",
+                    "binaries": {"x86_64-unknown-linux-musl": {"url": "https://h/a", "sha256": HASH}}}]}),
+                "steps[0].binaries.x86_64-unknown-linux-musl.size: missing",
+            ),
+            (
+                json!({"name": "a", "version": "1", "steps": [{"type": "agent", "force": "yes",
+                    "binaries": {"t": {"url": "https://h/a", "sha256": HASH, "size": 1}}}]}),
+                "steps[0].force: must be true or false",
             ),
             (
                 json!({"name": "a", "version": "1", "steps": [{"type": "run", "argv": ["x"], "name": "a"}, {"type": "reboot", "name": "a"}]}),

@@ -11,11 +11,14 @@
 
 pub mod download;
 pub mod flow;
+pub mod probation;
 pub mod run;
+pub mod self_update;
 pub mod tasks;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -28,7 +31,9 @@ use crate::text::Printable;
 use crate::worker::Workers;
 use download::{Cancel, Download};
 use flow::{Action, Flow, Step};
+use probation::{Plan, Reporter};
 use run::{Done, FlowRun, Task};
+use self_update::Prepared;
 
 /// How often progress goes out at most, and the hold file is looked at.
 const TICK: Duration = Duration::from_secs(1);
@@ -50,10 +55,15 @@ pub struct Settings {
     pub reboot_command: Vec<String>,
     /// In the environment of the flow's commands, as TETHER_DEVICE_ID.
     pub device: String,
+    /// For agent steps: the running binary, its arguments and its config file.
+    pub exe: PathBuf,
+    pub argv: Vec<OsString>,
+    pub config_path: PathBuf,
+    pub probation: Duration,
 }
 
 impl Settings {
-    pub fn of(config: &crate::config::Config) -> Settings {
+    pub fn of(config: &crate::config::Config, config_path: &Path) -> Settings {
         let updates = &config.updates;
         Settings {
             dir: config.state_dir.join("update"),
@@ -65,6 +75,10 @@ impl Settings {
             init_dir: updates.init_dir.clone(),
             reboot_command: config.reboot_command.clone(),
             device: crate::agent::identity::device_id(config).unwrap_or_default(),
+            exe: self_update::running_exe(),
+            argv: std::env::args_os().collect(),
+            config_path: config_path.to_path_buf(),
+            probation: Duration::from_secs(updates.probation_s),
         }
     }
 }
@@ -78,6 +92,10 @@ pub struct Updates {
     generation: u64,
     /// Flows over, with their final state, for the commands to publish.
     finished: Vec<(String, CommandState)>,
+    /// A new agent binary ready for its probation: the agent hands over to its guard.
+    handover: Option<Plan>,
+    /// Set when this agent is the new binary on probation.
+    reporter: Reporter,
 }
 
 /// How a task's worker ended.
@@ -85,6 +103,8 @@ enum Outcome {
     Done(Result<Done, String>),
     /// The reboot command returned: the system is going down; the flow goes on after the boot.
     Rebooting,
+    /// An agent step's preparation ended.
+    Agent(Result<Prepared, String>),
 }
 
 /// The journal: the flow under way, as `STATE_DIR/update/flow.json`.
@@ -97,6 +117,34 @@ struct Journal {
     /// (`existed`/`absent`), for a reboot the boot id before it.
     #[serde(default)]
     mark: Option<String>,
+    /// Where an agent step is (see `probation`).
+    #[serde(default)]
+    agent: Option<AgentStage>,
+    /// Probations the agent step under way began.
+    #[serde(default)]
+    probations: u32,
+}
+
+/// An agent step past its preparation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AgentStage {
+    /// The new binary (this sha256) runs on probation, guarded by the old agent.
+    Probation { sha256: String },
+    /// It passed and is in place.
+    Swapped,
+    /// It did not pass; the old agent runs on.
+    Failed { reason: String },
+}
+
+/// Sets the agent stage in the journal of `dir` (the guard, between two agents).
+fn record_agent_stage(dir: &Path, stage: AgentStage) -> Result<(), String> {
+    let path = dir.join("flow.json");
+    let bytes = fsutil::read_optional(&path).map_err(|e| error_text(&e))?.ok_or("no journal")?;
+    let mut journal: Journal = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
+    journal.agent = Some(stage);
+    let bytes = serde_json::to_vec(&journal).map_err(|e| e.to_string())?;
+    fsutil::write_atomic(&path, &bytes).map_err(|e| error_text(&e))
 }
 
 struct Current {
@@ -109,6 +157,8 @@ struct Current {
     /// Bytes of the download under way, and its size.
     bytes: Arc<Bytes>,
     progress_sent: Option<(Instant, Value)>,
+    /// This agent is the new binary on probation: its guard carries the flow on.
+    guarded: bool,
 }
 
 /// The download under way: bytes done and its size, written by its worker, read by the loop.
@@ -134,7 +184,7 @@ struct Running {
 }
 
 impl Updates {
-    pub fn new(settings: Settings, topics: Topics, waker: Arc<mio::Waker>) -> Updates {
+    pub fn new(settings: Settings, topics: Topics, waker: Arc<mio::Waker>, reporter: Reporter) -> Updates {
         Updates {
             settings,
             topics,
@@ -142,7 +192,20 @@ impl Updates {
             workers: Workers::new(waker),
             generation: 0,
             finished: Vec::new(),
+            handover: None,
+            reporter,
         }
+    }
+
+    /// The connection is up: a new agent on probation tells its guard.
+    pub fn on_connected(&self) {
+        self.reporter.connected();
+    }
+
+    /// A new agent binary is ready for its probation: the loop stops and hands this to the
+    /// guard (`probation::guard`).
+    pub fn take_handover(&mut self) -> Option<Plan> {
+        self.handover.take()
     }
 
     pub fn reconfigure(&mut self, settings: Settings) {
@@ -172,6 +235,12 @@ impl Updates {
             }
         };
         let id = journal.id.clone();
+        if self.reporter.on_probation() {
+            // The old agent guards this one and carries the flow on after the verdict.
+            log::info!("update {}: this agent runs on probation", Printable(&id));
+            self.current = Some(Current { guarded: true, ..Current::new(journal) });
+            return Some(id);
+        }
         log::info!("update {}: resuming at {}", Printable(&id), journal.run.position());
         self.current = Some(Current::new(journal));
         self.settle_interrupted_task();
@@ -184,7 +253,8 @@ impl Updates {
         if let Some(busy) = self.busy() {
             return Err(format!("an update is under way (command {})", Printable(busy)));
         }
-        let journal = Journal { id: id.to_string(), run: FlowRun::new(flow), mark: None };
+        let journal =
+            Journal { id: id.to_string(), run: FlowRun::new(flow), mark: None, agent: None, probations: 0 };
         self.write(&journal).map_err(|e| format!("not started: cannot write the update journal: {e}"))?;
         log::info!(
             "update {}: flow {} {} begins",
@@ -211,9 +281,49 @@ impl Updates {
                     current.rebooting_until = Some(task.deadline);
                 }
                 Outcome::Done(result) => self.task_done(result),
+                Outcome::Agent(Ok(Prepared::Running)) => self.task_done(Ok(Done {
+                    output: Some(format!(
+                        "tether-agent {} is the binary named: nothing to do",
+                        crate::VERSION
+                    )),
+                    installed: None,
+                })),
+                Outcome::Agent(Ok(Prepared::Staged { sha256 })) => self.hand_over(sha256),
+                Outcome::Agent(Err(why)) => self.task_done(Err(why)),
             }
         }
         self.advance();
+    }
+
+    /// Journals the probation, then readies the handover.
+    fn hand_over(&mut self, sha256: String) {
+        let Some(current) = &mut self.current else { return };
+        let staged = match current.journal.run.task() {
+            Some(Task::Step { step, .. }) => self_update::staged_path(&self.settings, step),
+            _ => return,
+        };
+        current.journal.probations += 1;
+        if current.journal.probations > self_update::MAX_PROBATIONS {
+            let why = format!(
+                "the probation was cut short {} times (the agent stopped, or the power went)",
+                self_update::MAX_PROBATIONS
+            );
+            return self.task_done(Err(why));
+        }
+        current.journal.agent = Some(AgentStage::Probation { sha256: sha256.clone() });
+        let journal = current.journal.clone();
+        if let Err(e) = self.write(&journal) {
+            return self.task_done(Err(format!("not run: cannot write the update journal: {e}")));
+        }
+        self.handover = Some(Plan {
+            id: journal.id,
+            staged,
+            sha256,
+            exe: self.settings.exe.clone(),
+            argv: self.settings.argv.clone(),
+            probation: self.settings.probation,
+            dir: self.settings.dir.clone(),
+        });
     }
 
     /// Flows over since the last call: (command id, final state).
@@ -286,6 +396,21 @@ impl Updates {
         if !journal.run.started {
             return;
         }
+        let result = match &journal.agent {
+            Some(AgentStage::Failed { reason }) => Err(reason.clone()),
+            Some(AgentStage::Swapped) => Ok(Done {
+                output: Some(format!("tether-agent {} passed its probation and runs", crate::VERSION)),
+                installed: None,
+            }),
+            // Cut short without a verdict (no guard ran it to its end): it begins again.
+            Some(AgentStage::Probation { .. }) | None => return self.settle_other_task(),
+        };
+        self.task_done(result);
+    }
+
+    fn settle_other_task(&mut self) {
+        let Some(current) = &self.current else { return };
+        let journal = &current.journal;
         let result = match journal.run.task() {
             Some(Task::Step { step, .. }) | Some(Task::Rollback { step, .. }) => match &step.action {
                 Action::Reboot if journal.mark.as_deref() != Some(identity::boot_id().as_str()) => {
@@ -317,6 +442,8 @@ impl Updates {
         }
         current.journal.run.on_done(result);
         current.journal.mark = None;
+        current.journal.agent = None;
+        current.journal.probations = 0;
         current.bytes.set(0, 0);
         let journal = current.journal.clone();
         if let Err(e) = self.write(&journal) {
@@ -328,7 +455,7 @@ impl Updates {
     /// Starts the next task, or ends the flow.
     fn advance(&mut self) {
         let Some(current) = &mut self.current else { return };
-        if current.task.is_some() || current.rebooting_until.is_some() {
+        if current.task.is_some() || current.rebooting_until.is_some() || current.guarded {
             return;
         }
         if let Some(outcome) = current.journal.run.outcome() {
@@ -417,6 +544,7 @@ impl Current {
             rebooting_until: None,
             bytes: Arc::new(Bytes::default()),
             progress_sent: None,
+            guarded: false,
         }
     }
 }
@@ -496,6 +624,15 @@ fn step_job(step: &Step, journal: &Journal, settings: &Settings, bytes: Arc<Byte
             let argv = vec![script.display().to_string(), action.clone()];
             command_job(&argv, &Default::default(), &step.name, settings, timeout_s)
         }
+        Action::Agent { .. } => {
+            let (step, settings) = (step.clone(), settings.clone());
+            let download = download_of(&step, &settings)
+                .ok_or_else(|| format!("no binary for this device's target {}", crate::TARGET))?;
+            Box::new(move |cancel| {
+                let fetch = || fetch(&download, cancel, &bytes).map(|_| ());
+                Outcome::Agent(self_update::prepare(&step, &settings, cancel, fetch))
+            })
+        }
         Action::Reboot => {
             let argv = settings.reboot_command.clone();
             let run = command_job(&argv, &Default::default(), &step.name, settings, timeout_s);
@@ -564,7 +701,7 @@ fn fetch(download: &Download, cancel: &Cancel, bytes: &Bytes) -> Result<Done, St
     }
 }
 
-fn artifact_path(download_dir: &Path, step: &str) -> PathBuf {
+pub(super) fn artifact_path(download_dir: &Path, step: &str) -> PathBuf {
     download_dir.join(file_safe(step))
 }
 
@@ -586,9 +723,16 @@ fn remove_downloads(settings: &Settings, flow: &Flow) {
     }
 }
 
-/// What a download step fetches, and where to.
+/// What a download step, or an agent step for this target, fetches, and where to.
 fn download_of(step: &Step, settings: &Settings) -> Option<Download> {
-    let Action::Download { url, sha256, size } = &step.action else { return None };
+    let (url, sha256, size) = match &step.action {
+        Action::Download { url, sha256, size } => (url, sha256, size),
+        Action::Agent { .. } => {
+            let binary = self_update::binary_of(step)?;
+            (&binary.url, &binary.sha256, &binary.size)
+        }
+        _ => return None,
+    };
     Some(Download {
         url: url.clone(),
         sha256: sha256.clone(),
