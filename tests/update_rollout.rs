@@ -111,3 +111,62 @@ fn a_rollout_goes_in_waves_and_stops_at_max_failures() {
     assert!(states.iter().any(|s| s["device"] == name.as_str() && s["state"] == "successful"), "{states:?}");
     assert_eq!(out.status.code(), Some(1), "three failed");
 }
+
+/// On a terminal `tetherctl update` shows a table redrawn in place (device, state, step,
+/// progress, reason) rather than JSON lines.
+#[test]
+fn on_a_terminal_a_rollout_is_a_live_table() {
+    let broker = Broker::start_default();
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path(), "operator", &["-t", "ed25519"]);
+    let authorized = dir.path().join("authorized_keys");
+    write_file(&authorized, &public_line(&key));
+    let mut sub = Sub::new(&broker, "tether/+/status");
+    let _agents: Vec<Agent> = ["table-a", "table-b"]
+        .iter()
+        .map(|name| {
+            let mut config = broker.agent_config(name);
+            merge(&mut config, json!({"broker": {"url": broker.url(Listener::Mqtts), "ca_file": broker.ca_file()}, "trust": {"authorized_keys": authorized}}));
+            let agent = Agent::start(config);
+            sub.expect_online(name, secs(30));
+            agent
+        })
+        .collect();
+    // table-b fails its check, after a moment in which both show as executing.
+    let check = "sleep 2; [ \"$TETHER_DEVICE_ID\" = table-a ] || { echo no good; exit 3; }";
+    let flow = json!({"name": "table", "version": "1", "steps": [{"name": "check", "type": "run", "argv": ["sh", "-c", check]}]});
+    let flow_file = dir.path().join("flow.json");
+    fs::write(&flow_file, flow.to_string()).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tetherctl"));
+    cmd.env_remove("SSH_AUTH_SOCK")
+        .env("TETHER_BROKER", broker.url(Listener::Mqtts))
+        .env("TETHER_CA", broker.ca_file())
+        .env("TETHER_IDENTITY", &key)
+        .env("TETHER_KNOWN_DEVICES", dir.path().join("known_devices"))
+        .args(["update", flow_file.to_str().unwrap(), "table-a", "table-b"]);
+    let mut terminal = common::pty::Terminal::new(24, 120);
+    let mut tetherctl = terminal.start(cmd);
+    let status = terminal.wait_exit(&mut tetherctl, secs(60));
+    let shown = String::from_utf8_lossy(&terminal.output).to_string();
+    assert_eq!(status.code(), Some(1), "one device failed: {shown:?}");
+    assert!(!shown.contains("{\"device\""), "no JSON lines on a terminal: {shown:?}");
+    // Each redraw moves the cursor up over the table drawn before.
+    let frames: Vec<&str> = shown.split("\x1b[3A").collect();
+    assert!(frames.len() >= 3, "redrawn in place: {shown:?}");
+    let rows = |frame: &str| -> Vec<String> {
+        frame
+            .split("\x1b[2K")
+            .map(|row| row.trim_end().to_string())
+            .filter(|row| row.starts_with("table-") || row.starts_with("DEVICE"))
+            .collect()
+    };
+    let executing =
+        frames.iter().any(|f| rows(f).iter().any(|r| r.contains("executing") && r.contains("1/1 check")));
+    assert!(executing, "a frame shows the step under way: {frames:?}");
+    let last = rows(frames.last().unwrap());
+    assert_eq!(last.len(), 3, "{last:?}");
+    assert!(last[0].starts_with("DEVICE") && last[0].contains("STATE") && last[0].contains("PROGRESS"));
+    assert!(last[1].starts_with("table-a") && last[1].contains("successful"), "{last:?}");
+    assert!(last[2].starts_with("table-b") && last[2].contains("failed"), "{last:?}");
+    assert!(last[2].contains("exited with 3 (its last line: no good)"), "{last:?}");
+}
