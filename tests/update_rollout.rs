@@ -9,6 +9,7 @@ use common::{merge, secs, write_file, Agent, Broker, Listener, Sub};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::fs;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const DEVICES: usize = 50;
@@ -17,13 +18,47 @@ fn device_name(i: usize) -> String {
     format!("fleet-{i:02}")
 }
 
-#[test]
-fn a_rollout_goes_in_waves_and_stops_at_max_failures() {
-    let broker = Broker::start_default();
+/// An operator key that the devices trust.
+struct Operator {
+    dir: tempfile::TempDir,
+    key: PathBuf,
+    authorized: PathBuf,
+}
+
+fn operator() -> Operator {
     let dir = tempfile::tempdir().unwrap();
     let key = keygen(dir.path(), "operator", &["-t", "ed25519"]);
     let authorized = dir.path().join("authorized_keys");
     write_file(&authorized, &public_line(&key));
+    Operator { dir, key, authorized }
+}
+
+fn device_config(broker: &Broker, name: &str, authorized: &Path) -> Value {
+    let mut config = broker.agent_config(name);
+    let url = broker.url(Listener::Mqtts);
+    merge(
+        &mut config,
+        json!({"broker": {"url": url, "ca_file": broker.ca_file()}, "trust": {"authorized_keys": authorized}}),
+    );
+    config
+}
+
+/// tetherctl as the operator, over mqtts, nothing taken from the test's environment.
+fn tetherctl(broker: &Broker, dir: &tempfile::TempDir, key: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tetherctl"));
+    cmd.env_remove("SSH_AUTH_SOCK")
+        .env("TETHER_BROKER", broker.url(Listener::Mqtts))
+        .env("TETHER_CA", broker.ca_file())
+        .env("TETHER_IDENTITY", key)
+        .env("TETHER_KNOWN_DEVICES", dir.path().join("known_devices"))
+        .args(args);
+    cmd
+}
+
+#[test]
+fn a_rollout_goes_in_waves_and_stops_at_max_failures() {
+    let broker = Broker::start_default();
+    let Operator { dir, key, authorized } = operator();
     // Devices with a file here fail the flow's check.
     let failing = dir.path().join("failing");
     fs::create_dir(&failing).unwrap();
@@ -31,13 +66,8 @@ fn a_rollout_goes_in_waves_and_stops_at_max_failures() {
         fs::write(failing.join(device_name(i)), b"").unwrap();
     }
     let mut sub = Sub::new(&broker, "tether/+/status");
-    let mut agents: Vec<Agent> = (0..DEVICES)
-        .map(|i| {
-            let mut config = broker.agent_config(&device_name(i));
-            merge(&mut config, json!({"broker": {"url": broker.url(Listener::Mqtts), "ca_file": broker.ca_file()}, "trust": {"authorized_keys": authorized}}));
-            Agent::start(config)
-        })
-        .collect();
+    let mut agents: Vec<Agent> =
+        (0..DEVICES).map(|i| Agent::start(device_config(&broker, &device_name(i), &authorized))).collect();
     let mut online = std::collections::BTreeSet::new();
     sub.expect("all devices online", secs(120), |m| {
         if m.payload.contains("\"online\":true") {
@@ -53,16 +83,7 @@ fn a_rollout_goes_in_waves_and_stops_at_max_failures() {
     let flow = json!({"name": "fleet", "version": "7", "steps": [{"name": "check", "type": "run", "argv": ["sh", "-c", check]}]});
     let flow_file = dir.path().join("flow.json");
     fs::write(&flow_file, flow.to_string()).unwrap();
-    let tetherctl = |args: &[&str]| {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tetherctl"));
-        cmd.env_remove("SSH_AUTH_SOCK")
-            .env("TETHER_BROKER", broker.url(Listener::Mqtts))
-            .env("TETHER_CA", broker.ca_file())
-            .env("TETHER_IDENTITY", &key)
-            .env("TETHER_KNOWN_DEVICES", dir.path().join("known_devices"))
-            .args(args);
-        cmd.output().unwrap()
-    };
+    let tetherctl = |args: &[&str]| tetherctl(&broker, &dir, &key, args).output().unwrap();
     let out = tetherctl(&[
         "update",
         flow_file.to_str().unwrap(),
@@ -117,17 +138,12 @@ fn a_rollout_goes_in_waves_and_stops_at_max_failures() {
 #[test]
 fn on_a_terminal_a_rollout_is_a_live_table() {
     let broker = Broker::start_default();
-    let dir = tempfile::tempdir().unwrap();
-    let key = keygen(dir.path(), "operator", &["-t", "ed25519"]);
-    let authorized = dir.path().join("authorized_keys");
-    write_file(&authorized, &public_line(&key));
+    let Operator { dir, key, authorized } = operator();
     let mut sub = Sub::new(&broker, "tether/+/status");
     let _agents: Vec<Agent> = ["table-a", "table-b"]
         .iter()
         .map(|name| {
-            let mut config = broker.agent_config(name);
-            merge(&mut config, json!({"broker": {"url": broker.url(Listener::Mqtts), "ca_file": broker.ca_file()}, "trust": {"authorized_keys": authorized}}));
-            let agent = Agent::start(config);
+            let agent = Agent::start(device_config(&broker, name, &authorized));
             sub.expect_online(name, secs(30));
             agent
         })
@@ -137,13 +153,7 @@ fn on_a_terminal_a_rollout_is_a_live_table() {
     let flow = json!({"name": "table", "version": "1", "steps": [{"name": "check", "type": "run", "argv": ["sh", "-c", check]}]});
     let flow_file = dir.path().join("flow.json");
     fs::write(&flow_file, flow.to_string()).unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tetherctl"));
-    cmd.env_remove("SSH_AUTH_SOCK")
-        .env("TETHER_BROKER", broker.url(Listener::Mqtts))
-        .env("TETHER_CA", broker.ca_file())
-        .env("TETHER_IDENTITY", &key)
-        .env("TETHER_KNOWN_DEVICES", dir.path().join("known_devices"))
-        .args(["update", flow_file.to_str().unwrap(), "table-a", "table-b"]);
+    let cmd = tetherctl(&broker, &dir, &key, &["update", flow_file.to_str().unwrap(), "table-a", "table-b"]);
     let mut terminal = common::pty::Terminal::new(24, 120);
     let mut tetherctl = terminal.start(cmd);
     let status = terminal.wait_exit(&mut tetherctl, secs(60));
