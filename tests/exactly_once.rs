@@ -174,8 +174,24 @@ fn a_burst_of_5000_commands_never_delays_a_heartbeat_nor_costs_the_connection() 
     let topics: Vec<String> = burst.iter().map(|(t, _)| t.clone()).collect();
     let started = Instant::now();
     RawClient::connect(broker.ports.plain, "operator").publish_all(&burst, true);
-    let first = wait_all_final(&broker, d, &topics, secs(120));
+    // Each ran once; the broker keeps the newest 1,000 final states (the op history: the device
+    // clears older ones no one cleared).
+    let newest = &topics[topics.len() - 1000..];
+    assert!(
+        wait_until(secs(120), || finals_logged(&agent.log()).len() == 5000),
+        "{} of 5000 commands finished",
+        finals_logged(&agent.log()).len()
+    );
     let took = started.elapsed();
+    let first = wait_all_final(&broker, d, newest, secs(30));
+    let once = finals_logged(&agent.log());
+    assert!(once.values().all(|&n| n == 1), "a command finished twice");
+    assert!(
+        wait_until(secs(10), || states(&broker, d).len() <= 1100),
+        "the history is bounded: {} states kept",
+        states(&broker, d).len()
+    );
+    assert!(!states(&broker, d).contains_key(&topics[0]), "the oldest final state was cleared");
     std::thread::sleep(secs(3));
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     watch.join().unwrap();
@@ -204,9 +220,22 @@ fn a_burst_of_5000_commands_never_delays_a_heartbeat_nor_costs_the_connection() 
     agent.restart();
     sub.expect_online(d, secs(30));
     std::thread::sleep(secs(3));
-    let after = wait_all_final(&broker, d, &topics, secs(30));
-    let changed = topics.iter().filter(|t| after[*t] != first[*t]).count();
+    let after = wait_all_final(&broker, d, newest, secs(30));
+    let changed = newest.iter().filter(|t| after[*t] != first[*t]).count();
     assert_eq!(changed, 0, "commands ran again after the restarts");
+    assert_eq!(finals_logged(&agent.log()), once, "commands ran again after the restarts");
+}
+
+/// How many times the agent logged each ping's final state (`command ping/ID: successful`).
+fn finals_logged(log: &str) -> BTreeMap<String, usize> {
+    let mut finals = BTreeMap::new();
+    for line in log.lines() {
+        let Some(rest) = line.split("command ping/").nth(1) else { continue };
+        if let Some((id, _)) = rest.split_once(": successful") {
+            *finals.entry(id.to_string()).or_insert(0) += 1;
+        }
+    }
+    finals
 }
 
 #[test]

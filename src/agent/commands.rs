@@ -255,6 +255,10 @@ impl Commands {
     /// commands that change the device. Called before the outbox sends anything, so the broker
     /// never hears of a state the ledger could forget in a crash.
     pub fn commit(&mut self, outbox: &mut Outbox, trust: &mut Trust, updates: &mut Updates) {
+        for key in self.ledger.retire_oldest() {
+            log::debug!("command {}/{}: retired from the history", key.op.name(), Printable(&key.id));
+            outbox.push(Kind::CommandState, self.topic(&key), Vec::new(), true);
+        }
         let durable = self.commit_ledger();
         for (key, change) in std::mem::take(&mut self.to_start) {
             let outcome = match (&durable, change) {

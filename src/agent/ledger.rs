@@ -9,7 +9,10 @@
 //!
 //! A command is forgotten only when it can never come back: its final state was acknowledged
 //! by the broker and the operator has cleared the topic since. The ledger holds at most
-//! `MAX_OPEN_COMMANDS`; past that new requests are refused, nothing old is forgotten.
+//! `MAX_OPEN_COMMANDS`; past that new requests are refused, nothing old is forgotten. Finished
+//! commands that no one clears (a rollout keeps its states for `tetherctl update status`, a
+//! tool may never clear) are history: the newest `HISTORY_KEPT` stay, older ones are retired
+//! (`retire_oldest`: the device clears their topics itself, as an operator would).
 //! A state is kept in memory only until its line is written: then the line's place in the
 //! journal stands in for it (a burst's results are not held in memory until acknowledged).
 
@@ -30,6 +33,11 @@ const OLD_LEDGER_FILE: &str = "commands.json";
 /// Changes waiting for a disk that refuses them are kept up to this size; past it the next
 /// successful flush rewrites the journal from memory instead.
 const MAX_PENDING_BYTES: usize = 1 << 20;
+/// Finished commands kept while no one clears them: the op history.
+pub const HISTORY_KEPT: usize = 1_000;
+/// One look through the ledger per this many acknowledged final states: the history may pass
+/// `HISTORY_KEPT` by that many before its oldest are retired.
+const HISTORY_SLACK: usize = 100;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Key {
@@ -148,6 +156,8 @@ pub struct Ledger {
     pending_states: Vec<(Key, usize)>,
     /// The next flush rewrites the journal from memory (pending changes were given up).
     rewrite: bool,
+    /// Final states acknowledged since the history was last looked at.
+    acked_since_retiring: usize,
 }
 
 impl Ledger {
@@ -162,6 +172,7 @@ impl Ledger {
             pending: Vec::new(),
             pending_states: Vec::new(),
             rewrite: false,
+            acked_since_retiring: HISTORY_SLACK,
         };
         match fsutil::read_optional(&ledger.path) {
             Ok(Some(bytes)) => ledger.replay(&bytes),
@@ -270,6 +281,7 @@ impl Ledger {
             return;
         }
         record.acked = true;
+        self.acked_since_retiring += 1;
         let line = Line::flag(key, true, false);
         self.queue(&line);
         if record_done(self.records.get(key)) {
@@ -287,6 +299,34 @@ impl Ledger {
         if record_done(Some(record)) {
             self.forget(key);
         }
+    }
+
+    /// Forgets the oldest finished commands that no one cleared beyond the newest
+    /// `HISTORY_KEPT` (oldest: their final state written first); returns them, for their topics
+    /// to be cleared. A retired command is as safe from running again as a cleared one: its
+    /// request is gone from the broker, and a copy replayed later than `trust.max_age_s` is
+    /// refused.
+    pub fn retire_oldest(&mut self) -> Vec<Key> {
+        if self.acked_since_retiring < HISTORY_SLACK || self.records.len() <= HISTORY_KEPT {
+            return Vec::new();
+        }
+        self.acked_since_retiring = 0;
+        let mut history: Vec<(u64, &Key)> = self
+            .records
+            .iter()
+            .filter(|(_, r)| r.phase.is_final() && r.acked && !r.cleared)
+            .map(|(key, r)| (r.offset.unwrap_or(u64::MAX), key))
+            .collect();
+        if history.len() <= HISTORY_KEPT {
+            return Vec::new();
+        }
+        history.sort_unstable_by_key(|(offset, _)| *offset);
+        let excess = history.len() - HISTORY_KEPT;
+        let retired: Vec<Key> = history.into_iter().take(excess).map(|(_, key)| key.clone()).collect();
+        for key in &retired {
+            self.forget(key);
+        }
+        retired
     }
 
     fn forget(&mut self, key: &Key) {
@@ -456,6 +496,31 @@ mod tests {
 
     fn ok(result: serde_json::Value) -> CommandState {
         CommandState::Successful { result }
+    }
+
+    #[test]
+    fn the_oldest_finished_commands_no_one_cleared_are_retired_beyond_the_history() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ledger = Ledger::open(dir.path());
+        let key = |i: usize| Key::new(Op::Ping, &format!("c{i:05}"));
+        let running = Key::new(Op::Reboot, "running");
+        ledger.set_state(&running, CommandState::Executing, None, None);
+        let total = HISTORY_KEPT + HISTORY_SLACK + 7;
+        for i in 0..total {
+            ledger.set_state(&key(i), ok(json!(i)), None, None);
+            ledger.flush().unwrap();
+            ledger.mark_acked(&key(i));
+        }
+        ledger.set_state(&key(total), ok(json!(total)), None, None); // not acknowledged yet
+        let retired = ledger.retire_oldest();
+        assert_eq!(retired, (0..total - HISTORY_KEPT).map(key).collect::<Vec<_>>(), "the oldest first");
+        assert!(ledger.get(&key(total - HISTORY_KEPT - 1)).is_none());
+        assert!(ledger.get(&key(total - HISTORY_KEPT)).is_some(), "the newest {HISTORY_KEPT} stay");
+        assert!(ledger.get(&running).is_some() && ledger.get(&key(total)).is_some(), "open ones stay");
+        assert!(ledger.retire_oldest().is_empty(), "nothing more until more finish");
+        ledger.flush().unwrap();
+        let reopened = Ledger::open(dir.path());
+        assert_eq!(reopened.len(), HISTORY_KEPT + 2, "retired for good");
     }
 
     #[test]
