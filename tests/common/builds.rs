@@ -48,24 +48,26 @@ pub fn agent_build(name: &str, env: &[(&str, &str)]) -> PathBuf {
 
 /// The dependencies the tests' build made, so that cargo finds them fresh: their build
 /// scripts' outputs and fingerprints copied (cargo rewrites those in place), the compiled
-/// crates hard-linked (only read) but for this crate's own. Not the lock file: a build there
-/// must not wait for the lock `cargo test` holds.
+/// crates hard-linked (only read), nothing of this crate's own (the same names in every
+/// target directory). Not the lock file: a build there must not wait for the lock that
+/// `cargo test` holds.
 fn seed(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for dir in ["build", ".fingerprint"] {
-        copy(&["-a"], &their_entries(&from.join(dir)), &to.join(dir));
+        copy(&["-a"], &their_entries(&from.join(dir), |_| true), &to.join(dir));
     }
-    copy(&["-al"], &their_entries(&from.join("deps")), &to.join("deps"));
+    let compiled = |name: &str| [".rlib", ".rmeta", ".so"].iter().any(|end| name.ends_with(end));
+    copy(&["-al"], &their_entries(&from.join("deps"), compiled), &to.join("deps"));
 }
 
-/// The entries of `dir` but this crate's own.
-fn their_entries(dir: &Path) -> Vec<PathBuf> {
+/// The entries of `dir` that `keep` takes, but this crate's own.
+fn their_entries(dir: &Path, keep: impl Fn(&str) -> bool) -> Vec<PathBuf> {
     std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap())
         .filter(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
-            !(name.starts_with("tether") || name.starts_with("libtether"))
+            !(name.starts_with("tether") || name.starts_with("libtether")) && keep(&name)
         })
         .map(|e| e.path())
         .collect()
