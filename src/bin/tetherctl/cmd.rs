@@ -72,6 +72,16 @@ pub fn run(settings: &Settings, req: &CmdRequest) -> Result<u8, Failure> {
                             eprintln!("{}: {} executing", req.device, req.op);
                         }
                         executing = true;
+                        if let Some(by) = awaits_confirm(&message.payload) {
+                            eprintln!(
+                                "tetherctl: {} applied the rules and reached the broker; it keeps them only if \
+                                 `tetherctl firewall {} confirm` comes before {by} (unix time), its answer retained on:",
+                                req.device, req.device
+                            );
+                            print(&topic)?;
+                            session.close();
+                            return Ok(exit::SUCCESS);
+                        }
                     }
                     Answer::Malformed(why) => log::warn!("{}: malformed answer ({why})", Printable(&topic)),
                     Answer::Final { payload, .. } => {
@@ -255,6 +265,14 @@ fn give_up(
     }
     session.close();
     Ok(code)
+}
+
+/// A firewall change waiting for the operator's confirm (docs/firewall.md): until when.
+fn awaits_confirm(payload: &[u8]) -> Option<u64> {
+    let state: Value = serde_json::from_slice(payload).ok()?;
+    let progress = state.get("progress")?;
+    (progress.get("phase")?.as_str()? == "awaiting confirm")
+        .then(|| progress["confirm_by"].as_u64().unwrap_or(0))
 }
 
 pub fn classify(payload: &[u8]) -> Answer {
