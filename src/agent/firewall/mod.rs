@@ -169,12 +169,12 @@ impl Firewall {
                              restored at its start",
             );
         }
-        if self.settings.disable {
-            return self.journal.settled.clone();
-        }
         self.backend = backend::detect(&self.settings.backend);
         if let Err(e) = &self.backend {
             log::warn!("firewall: {e}");
+        }
+        if self.settings.disable {
+            return self.journal.settled.clone();
         }
         let in_force = self.journal.current.clone().filter(|c| c.ruleset.is_some());
         if let Some(current) = in_force.filter(|_| self.settings.persist && !reverted) {
