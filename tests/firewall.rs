@@ -120,10 +120,12 @@ fn device(name: &str, backend: Backend) -> Setup {
     )
 }
 
-/// `tetherctl firewall DEV ARGS...`: exit code, the JSON it printed (Null if none), stderr.
+/// `tetherctl firewall DEV ARGS... --json`: exit code, the JSON it printed (Null if none),
+/// stderr.
 fn firewall(s: &Setup, args: &[&str]) -> (i32, Value, String) {
     let mut all = vec!["firewall", s.device.as_str()];
     all.extend_from_slice(args);
+    all.push("--json");
     outcome(&s.tetherctl(&all).output().unwrap())
 }
 
@@ -182,6 +184,17 @@ fn kept_listed_survives_a_restart_and_reverts(backend: Backend) {
     assert_eq!(shown["pending"], Value::Null);
     assert_eq!(shown["backend"], backend.name());
     assert!(shown["kernel"].as_str().unwrap().contains("9999"), "{shown}");
+    let out = s.tetherctl(&["firewall", &s.device, "show"]).output().unwrap();
+    let people = text(&out.stdout);
+    assert!(
+        people.starts_with(&format!(
+            "backend: {}   persist: yes\npending: none\nrule set in force:\n",
+            backend.name()
+        )) && people.contains("  1. deny   in  tcp  ports 9999 from any  # not here\n")
+            && people.contains("  2. allow  out udp  ports 53 to 10.0.0.0/8,fd00::/8\n")
+            && people.contains("Tether's rules in the kernel:\n"),
+        "{people}"
+    );
     // Nothing to confirm.
     let (code, state, _) = firewall(&s, &["confirm"]);
     assert_eq!(code, 1);
@@ -271,7 +284,7 @@ fn a_kill_9_after_the_apply_is_reverted_at_start(backend: Backend) {
     let mut s = device(&format!("fw-kill-{}", backend.name()), backend);
     let file = ruleset_file(&s, "cut.json", &cutting(&s));
     let apply = s
-        .tetherctl(&["firewall", &s.device, "apply", &file, "--confirm-s", "60"])
+        .tetherctl(&["firewall", &s.device, "apply", &file, "--confirm-s", "60", "--json"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -156,6 +156,12 @@ impl Commands {
                         reason: "interrupted: the agent restarted before the flow's first step (nothing ran)"
                             .into(),
                     },
+                    (Op::Firewall, _) => CommandState::Failed {
+                        reason:
+                            "interrupted: the agent restarted before the rule set was applied (the rules \
+                                 are unchanged)"
+                                .into(),
+                    },
                     (Op::Keys, _) => CommandState::Failed {
                         reason: "interrupted: the agent restarted before authorized_keys was replaced \
                                  (it is unchanged)"

@@ -18,6 +18,10 @@ use super::rules::{Action, Backend, Direction, Net, Policy, Protocol, Rule, Rule
 
 pub const NFT_TABLE: &str = "inet tether";
 pub const IPT_CHAINS: [(&str, &str); 2] = [("INPUT", "TETHER-INPUT"), ("OUTPUT", "TETHER-OUTPUT")];
+/// iptables waits this long at most for the xtables lock another program holds, rather than
+/// for ever (the agent applies rules at start, before it connects).
+const WAIT: &str = "-w";
+const WAIT_S: &str = "10";
 /// Chain priority of Tether's base chains (nftables' `filter`).
 const NFT_PRIORITY: &str = "filter";
 
@@ -293,7 +297,7 @@ pub fn detect(configured: &str) -> Result<Backend, String> {
         "nftables" => Ok(Backend::Nftables),
         "iptables" => Ok(Backend::Iptables),
         _ if works("nft", &["list", "tables"]) => Ok(Backend::Nftables),
-        _ if works("iptables", &["-w", "-S", "OUTPUT"]) => Ok(Backend::Iptables),
+        _ if works("iptables", &[WAIT, WAIT_S, "-S", "OUTPUT"]) => Ok(Backend::Iptables),
         _ => Err("no firewall backend: neither `nft list tables` nor `iptables -S` works here".into()),
     }
 }
@@ -313,9 +317,9 @@ pub fn apply(backend: Backend, set: Option<&RuleSet>) -> Result<(), String> {
             for (v4, list, restore) in
                 [(true, "iptables", "iptables-restore"), (false, "ip6tables", "ip6tables-restore")]
             {
-                let now = IptState::read(&run(list, &["-w", "-S"], None)?);
+                let now = IptState::read(&run(list, &[WAIT, WAIT_S, "-S"], None)?);
                 if let Some(script) = iptables_script(set, v4, &now) {
-                    run(restore, &["-w", "--noflush"], Some(&script))?;
+                    run(restore, &[WAIT, WAIT_S, "--noflush"], Some(&script))?;
                 }
             }
             Ok(())
@@ -331,7 +335,7 @@ pub fn list(backend: Backend) -> String {
             let mut out = String::new();
             for program in ["iptables", "ip6tables"] {
                 for (_, chain) in IPT_CHAINS {
-                    if let Ok(text) = run(program, &["-w", "-S", chain], None) {
+                    if let Ok(text) = run(program, &[WAIT, WAIT_S, "-S", chain], None) {
                         out.push_str(&text);
                     }
                 }

@@ -285,10 +285,19 @@ impl Firewall {
         journal.pending = Some(pending);
         write_journal(&self.settings.journal, &journal)
             .map_err(|e| format!("not applied: cannot write the firewall journal: {e}"))?;
-        self.journal = journal;
+        let before = std::mem::replace(&mut self.journal, journal);
         self.generation += 1;
         let generation = self.generation;
-        self.workers.spawn("firewall", move || (generation, backend::apply(backend, set.as_ref())))?;
+        if let Err(e) =
+            self.workers.spawn("firewall", move || (generation, backend::apply(backend, set.as_ref())))
+        {
+            // Nothing applied: the journal must not say a change is pending.
+            if let Err(e) = write_journal(&self.settings.journal, &before) {
+                log::error!("firewall: cannot write the journal: {e}");
+            }
+            self.journal = before;
+            return Err(format!("not applied: {e}"));
+        }
         log::info!(
             "firewall {}: applying on {} (confirm within {} s)",
             Printable(id),

@@ -348,6 +348,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed, Failure> 
                 confirm: opts.confirm,
                 confirm_s: opts.confirm_s,
                 timeout: opts.timeout,
+                json,
             })
         }
         _ => return Err(wrong_arguments()),
