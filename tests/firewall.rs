@@ -346,6 +346,13 @@ fn an_explicit_confirm_keeps_and_its_absence_reverts(backend: Backend) {
     let topic = err.lines().last().map(str::to_string).unwrap_or_default();
     let id = show(&s)["pending"]["id"].as_str().unwrap().to_string();
     assert!(!shows_9999(backend));
+    // One change at a time.
+    for args in [vec!["revert"], vec!["apply", &file]] {
+        let (code, state, _) = firewall(&s, &args);
+        assert_eq!(code, 1, "{state}");
+        let reason = state["reason"].as_str().unwrap();
+        assert!(reason.starts_with(&format!("a firewall change is pending (command {id})")), "{reason}");
+    }
     let mut answers = Sub::new(&s.broker, &cmd_topic(&s.device, "firewall", &id));
     let state = answers
         .expect_json(&cmd_topic(&s.device, "firewall", &id), "failed", secs(15), |v| v["status"] == "failed");

@@ -171,7 +171,7 @@ impl Firewall {
         }
         self.backend = backend::detect(&self.settings.backend);
         if let Err(e) = &self.backend {
-            log::warn!("firewall: {e}");
+            log::info!("firewall: {e} (the firewall op will say so)");
         }
         if self.settings.disable {
             return self.journal.settled.clone();
