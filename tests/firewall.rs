@@ -159,7 +159,7 @@ fn broker_port(s: &Setup) -> u16 {
 
 /// A rule set that cuts the device from its broker: new connections to its port dropped.
 fn cutting(s: &Setup) -> Value {
-    json!({"rules": [{"action": "deny", "direction": "out", "protocol": "tcp", "ports": [broker_port(s)]}]})
+    json!({"allow_loopback": false, "rules": [{"action": "deny", "direction": "out", "protocol": "tcp", "ports": [broker_port(s)]}]})
 }
 
 fn shows_9999(backend: Backend) -> bool {
@@ -339,7 +339,7 @@ fn an_explicit_confirm_keeps_and_its_absence_reverts(backend: Backend) {
     assert!(shows_9999(backend));
 
     // Another change, never confirmed: the benign rules come back by themselves.
-    let other = json!({"default_in": "deny", "rules": [{"action": "allow", "direction": "in", "protocol": "tcp", "ports": [broker_port(&s)]}]});
+    let other = json!({"default_in": "deny", "allow_loopback": false, "rules": [{"action": "allow", "direction": "in", "protocol": "tcp", "ports": [broker_port(&s)]}]});
     let file = ruleset_file(&s, "other.json", &other);
     let (code, _, err) = firewall(&s, &["apply", &file, "--confirm", "--confirm-s", "6"]);
     assert_eq!(code, 0, "{err}");

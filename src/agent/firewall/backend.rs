@@ -7,8 +7,8 @@
 //! An `allow` lets a packet go on to whatever else the system has (nftables: `accept` ends
 //! only this table's chain; iptables: `RETURN` to the built-in chain), so Tether never opens
 //! what another firewall closes; `deny` drops, `reject` rejects. Packets of established
-//! connections, and IPv6 neighbour discovery, are always let through: rules govern new
-//! connections.
+//! connections, and IPv6 neighbour discovery, are always let through, and loopback traffic
+//! unless the rule set says `allow_loopback: false`: rules govern new connections.
 
 use std::io::Write;
 use std::os::unix::process::CommandExt;
@@ -43,15 +43,18 @@ pub fn nft_script(set: Option<&RuleSet>) -> String {
 
 fn nft_body(policy: &Policy) -> String {
     let mut body = String::new();
-    for (direction, chain, hook, default) in [
-        (Direction::In, "input", "input", policy.default_in),
-        (Direction::Out, "output", "output", policy.default_out),
+    for (direction, chain, hook, default, iface) in [
+        (Direction::In, "input", "input", policy.default_in, "iifname"),
+        (Direction::Out, "output", "output", policy.default_out, "oifname"),
     ] {
         let verdict = if default == Action::Allow { "accept" } else { "drop" };
         body.push_str(&format!(
             "\tchain {chain} {{\n\t\ttype filter hook {hook} priority {NFT_PRIORITY}; policy {verdict};\n\
              \t\tct state established,related accept\n\t\ticmpv6 type {{ {ND_TYPES} }} accept\n"
         ));
+        if policy.allow_loopback {
+            body.push_str(&format!("\t\t{iface} \"lo\" accept\n"));
+        }
         for rule in policy.rules.iter().filter(|r| r.direction == direction) {
             for line in nft_rule(rule) {
                 body.push_str(&format!("\t\t{line}\n"));
@@ -199,11 +202,14 @@ pub fn iptables_script(set: Option<&RuleSet>, v4: bool, now: &IptState) -> Optio
 
 fn iptables_rules(policy: &Policy, v4: bool) -> String {
     let mut out = String::new();
-    for ((_, chain), direction, default) in [
-        (IPT_CHAINS[0], Direction::In, policy.default_in),
-        (IPT_CHAINS[1], Direction::Out, policy.default_out),
+    for ((_, chain), direction, default, iface) in [
+        (IPT_CHAINS[0], Direction::In, policy.default_in, "-i"),
+        (IPT_CHAINS[1], Direction::Out, policy.default_out, "-o"),
     ] {
         out.push_str(&format!("-A {chain} -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN\n"));
+        if policy.allow_loopback {
+            out.push_str(&format!("-A {chain} {iface} lo -j RETURN\n"));
+        }
         if !v4 {
             for kind in [
                 "neighbour-solicitation",
@@ -401,12 +407,14 @@ mod tests {
              \tchain input {\n\t\ttype filter hook input priority filter; policy drop;\n\
              \t\tct state established,related accept\n\
              \t\ticmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit, nd-router-advert } accept\n\
+             \t\tiifname \"lo\" accept\n\
              \t\tip saddr 10.0.0.0/8 tcp dport { 22, 8000-8080 } accept comment \"ssh\"\n\
              \t\tip6 saddr fd00::/8 tcp dport { 22, 8000-8080 } accept comment \"ssh\"\n\
              \t}\n\
              \tchain output {\n\t\ttype filter hook output priority filter; policy accept;\n\
              \t\tct state established,related accept\n\
              \t\ticmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit, nd-router-advert } accept\n\
+             \t\toifname \"lo\" accept\n\
              \t\tmeta l4proto { icmp, ipv6-icmp } reject\n\
              \t\toifname \"eth1\" drop\n\
              \t}\n\n}\n"
@@ -417,7 +425,7 @@ mod tests {
 
     #[test]
     fn iptables_rewrites_tethers_chains_and_one_jump_each() {
-        let rules = set(json!({"default_out": "deny", "rules": [
+        let rules = set(json!({"default_out": "deny", "allow_loopback": false, "rules": [
             {"action": "allow", "direction": "out", "protocol": "tcp", "ports": [443, "1000-2000"], "addresses": ["192.0.2.1"]},
             {"action": "deny", "direction": "in", "protocol": "udp", "addresses": ["2001:db8::/32"]}]}));
         let fresh = iptables_script(Some(&rules), true, &IptState::default()).unwrap();
@@ -431,6 +439,8 @@ mod tests {
              -A TETHER-OUTPUT -d 192.0.2.1 -p tcp --dport 1000:2000 -j RETURN\n\
              -A TETHER-OUTPUT -j DROP\nCOMMIT\n"
         );
+        let open = iptables_script(Some(&set(json!({}))), true, &IptState::default()).unwrap();
+        assert!(open.contains("-A TETHER-INPUT -i lo -j RETURN\n-A TETHER-OUTPUT -m conntrack"), "{open}");
         let v6 = iptables_script(Some(&rules), false, &IptState::default()).unwrap();
         assert!(v6.contains("-A TETHER-INPUT -s 2001:db8::/32 -p udp -j DROP\n"), "{v6}");
         assert!(!v6.contains("192.0.2.1"), "{v6}");

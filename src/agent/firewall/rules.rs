@@ -51,6 +51,8 @@ pub struct Policy {
     pub rules: Vec<Rule>,
     pub default_in: Action,
     pub default_out: Action,
+    /// Loopback traffic (the device talking to itself) passes before any rule (default).
+    pub allow_loopback: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -165,7 +167,7 @@ impl RuleSet {
             }
             return read_raw(raw).map_err(|e| format!("raw.{e}"));
         }
-        known_keys(object, &["rules", "default_in", "default_out"])?;
+        known_keys(object, &["rules", "default_in", "default_out", "allow_loopback"])?;
         let rules = match object.get("rules") {
             None => Vec::new(),
             Some(Value::Array(rules)) if rules.len() > MAX_RULES => {
@@ -186,10 +188,16 @@ impl RuleSet {
                 _ => Err(format!("{name}: must be \"allow\" or \"deny\", got {v}")),
             },
         };
+        let allow_loopback = match object.get("allow_loopback") {
+            None => true,
+            Some(Value::Bool(b)) => *b,
+            Some(v) => return Err(format!("allow_loopback: must be true or false, got {v}")),
+        };
         Ok(RuleSet::Policy(Policy {
             rules,
             default_in: default("default_in")?,
             default_out: default("default_out")?,
+            allow_loopback,
         }))
     }
 
@@ -205,6 +213,9 @@ impl RuleSet {
     /// rule that matches it decides, else `default_out`. None for raw text (not analysed).
     pub fn blocks_tcp_to(&self, ip: IpAddr, port: u16) -> Option<bool> {
         let RuleSet::Policy(policy) = self else { return None };
+        if policy.allow_loopback && ip.is_loopback() {
+            return Some(false);
+        }
         let matching = policy.rules.iter().find(|r| {
             r.direction == Direction::Out
                 && matches!(r.protocol, Protocol::Tcp | Protocol::Any)
@@ -544,6 +555,7 @@ mod tests {
             json!({"rules": [{"action": "deny", "direction": "out", "protocol": "tcp", "ports": [1883]}]}),
         );
         assert_eq!(deny_1883.blocks_tcp_to(ip, 1883), Some(true));
+        assert_eq!(deny_1883.blocks_tcp_to("127.0.0.1".parse().unwrap(), 1883), Some(false));
         assert_eq!(deny_1883.blocks_tcp_to(ip, 443), Some(false));
         let closed = set(json!({"default_out": "deny", "rules": [
             {"action": "allow", "direction": "out", "protocol": "tcp", "ports": [443], "addresses": ["192.0.2.0/24"]}]}));
