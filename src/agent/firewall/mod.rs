@@ -151,10 +151,14 @@ impl Firewall {
     /// force is applied again (unless `persist` is false). Returns the last change settled,
     /// with its final state, for the ledger to record if it still has it executing.
     pub fn start(&mut self) -> Option<(String, CommandState)> {
+        let mut lost = true;
         self.journal = match fsutil::read_optional(&self.settings.journal) {
-            Ok(None) => Journal::default(),
-            Ok(Some(bytes)) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
-                log::error!("{}: unreadable ({e}); starting without it", self.settings.journal.display());
+            Ok(None) => {
+                lost = false;
+                Journal::default()
+            }
+            Ok(Some(bytes)) => serde_json::from_slice(&bytes).inspect(|_| lost = false).unwrap_or_else(|e| {
+                log::error!("{}: unreadable ({e})", self.settings.journal.display());
                 Journal::default()
             }),
             Err(e) => {
@@ -172,6 +176,14 @@ impl Firewall {
         self.backend = backend::detect(&self.settings.backend);
         if let Err(e) = &self.backend {
             log::info!("firewall: {e} (the firewall op will say so)");
+        }
+        if let (true, Ok(backend)) = (lost, &self.backend) {
+            // A change it held may be pending: the device must not stay cut off for that.
+            log::error!("firewall: without its journal, Tether's rules are removed");
+            if let Err(e) = backend::apply(*backend, None) {
+                log::error!("firewall: cannot remove Tether's rules: {e}");
+            }
+            return None;
         }
         if self.settings.disable {
             return self.journal.settled.clone();
