@@ -319,6 +319,29 @@ fn a_kill_9_after_the_apply_is_reverted_at_start(backend: Backend) {
         state["reason"].as_str().unwrap().starts_with("the agent restarted before the change was confirmed"),
         "{state}"
     );
+
+    // A clean stop does not leave a pending change in force either.
+    let apply = s
+        .tetherctl(&["firewall", &s.device, "apply", &file, "--confirm-s", "60", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(
+        wait_until(secs(10), || backend.tether_rules().contains(&port)),
+        "not applied:\n{}",
+        s.agent.log()
+    );
+    s.agent.term();
+    assert_eq!(backend.tether_rules(), "");
+    assert_eq!(others(), before);
+    s.agent.restart();
+    let (code, state, err) = outcome(&common::wait_child_output(&mut { apply }, secs(30)));
+    assert_eq!(code, 1, "{state} {err}");
+    assert!(
+        state["reason"].as_str().unwrap().starts_with("the agent stopped before the change was confirmed"),
+        "{state}"
+    );
 }
 
 fn an_explicit_confirm_keeps_and_its_absence_reverts(backend: Backend) {

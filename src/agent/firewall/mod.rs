@@ -208,6 +208,13 @@ impl Firewall {
     /// At a clean stop: a change still pending is reverted now, not left in force.
     pub fn on_stop(&mut self) {
         if self.journal.pending.is_some() {
+            // The backend's worker first: what it applies must not land after the revert.
+            let until = Instant::now() + Duration::from_secs(15);
+            while self.workers.running() > 0 && Instant::now() < until {
+                if self.workers.try_recv().is_none() {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
             self.change = None;
             self.revert_now(
                 "the agent stopped before the change was confirmed: the previous rules are restored",
