@@ -278,23 +278,31 @@ fn cutting_the_broker_is_reverted(backend: Backend) {
     assert_eq!(show(&s)["ruleset"], Value::Null);
 }
 
-fn a_kill_9_after_the_apply_is_reverted_at_start(backend: Backend) {
-    isolate();
-    let before = others();
-    let mut s = device(&format!("fw-kill-{}", backend.name()), backend);
-    let file = ruleset_file(&s, "cut.json", &cutting(&s));
+/// `tetherctl firewall DEV apply FILE` left running (it waits up to 90 s for the answer), once
+/// the device has put the rules in the kernel.
+fn applied_in_background(s: &Setup, file: &str, backend: Backend) -> std::process::Child {
     let apply = s
-        .tetherctl(&["firewall", &s.device, "apply", &file, "--confirm-s", "60", "--json"])
+        .tetherctl(&["firewall", &s.device, "apply", file, "--confirm-s", "60", "--json"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let port = broker_port(&s).to_string();
+    let port = broker_port(s).to_string();
     assert!(
         wait_until(secs(10), || backend.tether_rules().contains(&port)),
         "not applied:\n{}",
         s.agent.log()
     );
+    apply
+}
+
+fn a_kill_9_after_the_apply_is_reverted_at_start(backend: Backend) {
+    isolate();
+    let before = others();
+    let mut s = device(&format!("fw-kill-{}", backend.name()), backend);
+    let file = ruleset_file(&s, "cut.json", &cutting(&s));
+    let apply = applied_in_background(&s, &file, backend);
+    let port = broker_port(&s).to_string();
     s.agent.kill9();
     assert!(backend.tether_rules().contains(&port), "the rules went with the agent");
     let journal: Value =
@@ -321,17 +329,7 @@ fn a_kill_9_after_the_apply_is_reverted_at_start(backend: Backend) {
     );
 
     // A clean stop does not leave a pending change in force either.
-    let apply = s
-        .tetherctl(&["firewall", &s.device, "apply", &file, "--confirm-s", "60", "--json"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    assert!(
-        wait_until(secs(10), || backend.tether_rules().contains(&port)),
-        "not applied:\n{}",
-        s.agent.log()
-    );
+    let apply = applied_in_background(&s, &file, backend);
     s.agent.term();
     assert_eq!(backend.tether_rules(), "");
     assert_eq!(others(), before);
