@@ -177,6 +177,7 @@ fn kept_listed_survives_a_restart_and_reverts(backend: Backend) {
     let file = ruleset_file(&s, "benign.json", &benign());
     let (code, state, err) = firewall(&s, &["apply", &file, "--confirm-s", "10"]);
     assert_eq!((code, state["status"].as_str()), (0, Some("successful")), "{state} {err}");
+    assert!(!err.contains("warning"), "{err}");
     assert!(shows_9999(backend), "{}", backend.tether_rules());
     assert_eq!(others(), before);
     let shown = show(&s);
@@ -251,6 +252,27 @@ fn kept_listed_survives_a_restart_and_reverts(backend: Backend) {
     assert_eq!(others(), before);
     let shown = show(&s);
     assert_eq!((shown["ruleset"].clone(), shown["previous"].clone()), (Value::Null, benign()));
+
+    // Raw text for experts, inside Tether's table or chains.
+    let raw = match backend {
+        Backend::Nft => json!({"raw": {"backend": "nftables",
+            "text": "chain input {\n type filter hook input priority 0; policy accept;\n tcp dport 4444 drop # }\n}"}}),
+        Backend::Ipt => {
+            json!({"raw": {"backend": "iptables", "text": "-A TETHER-INPUT -p tcp --dport 4444 -j DROP",
+            "text6": "-A TETHER-INPUT -p tcp --dport 4444 -j DROP"}})
+        }
+    };
+    let file = ruleset_file(&s, "raw.json", &raw);
+    let (code, state, err) = firewall(&s, &["apply", &file, "--confirm-s", "10"]);
+    assert_eq!((code, state["status"].as_str()), (0, Some("successful")), "{state} {err}");
+    assert!(err.contains("raw rules: tetherctl cannot tell whether they block the broker"), "{err}");
+    let kernel = backend.tether_rules();
+    assert_eq!(kernel.matches("4444").count(), if backend == Backend::Nft { 1 } else { 2 }, "{kernel}");
+    assert_eq!(others(), before);
+    let (code, state, err) = firewall(&s, &["revert", "--confirm-s", "10"]);
+    assert_eq!((code, state["status"].as_str()), (0, Some("successful")), "{state} {err}");
+    assert_eq!(backend.tether_rules(), "");
+    assert_eq!(others(), before);
 }
 
 fn cutting_the_broker_is_reverted(backend: Backend) {
