@@ -9,6 +9,8 @@ use std::net::IpAddr;
 pub const MAX_RULES: usize = 1000;
 pub const MAX_ITEMS: usize = 64;
 pub const MAX_RAW_BYTES: usize = 32 * 1024;
+/// Kernel rules a rule set may expand to: iptables takes one per address and port range.
+pub const MAX_EXPANDED: usize = 4096;
 const MAX_COMMENT: usize = 128;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -188,6 +190,14 @@ impl RuleSet {
                 _ => Err(format!("{name}: must be \"allow\" or \"deny\", got {v}")),
             },
         };
+        let expanded: usize =
+            rules.iter().map(|r: &Rule| r.addresses.len().max(1) * r.ports.len().max(1)).sum();
+        if expanded > MAX_EXPANDED {
+            return Err(format!(
+                "rules: {expanded} address and port combinations, at most {MAX_EXPANDED} (iptables takes a rule \
+                 for each)"
+            ));
+        }
         let allow_loopback = match object.get("allow_loopback") {
             None => true,
             Some(Value::Bool(b)) => *b,
@@ -508,6 +518,12 @@ mod tests {
             "default_in: must be \"allow\" or \"deny\", got \"drop\""
         );
         assert_eq!(err(json!([])), "must be a JSON object");
+        let wide = json!({"action": "deny", "direction": "in", "protocol": "tcp",
+            "ports": (1..=64).collect::<Vec<u16>>(), "addresses": (0..64).map(|i| format!("10.0.0.{i}")).collect::<Vec<_>>()});
+        assert_eq!(
+            err(json!({"rules": [wide.clone(), wide]})),
+            "rules: 8192 address and port combinations, at most 4096 (iptables takes a rule for each)"
+        );
         assert!(RuleSet::from_json(
             &json!({"rules": [{"action": "deny", "direction": "out", "addresses": ["0.0.0.0/0", "::/0"]}]})
         )
