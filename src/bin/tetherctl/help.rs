@@ -139,12 +139,13 @@ rollout stopped; 2: some pending.",
         about: "manages DEVICE's firewall rules, in Tether's own table or chains only
 (docs/firewall.md). apply FILE sends the rule set in FILE (JSON; checked here
 first, and a warning when it would block this broker); revert goes back to the
-rule set before; show prints what is in force, pending, and Tether's rules as
-the kernel lists them (--json: the device's answer as JSON). A change must reach the
-broker again on a fresh connection within S seconds (--confirm-s, default 60 on
-the device), or the device restores its previous rules by itself and the
-command fails. --confirm: the operator must also send `firewall DEVICE
-confirm` within that time; apply returns once the device waits for it.",
+rule set before; show prints what is in force, what is pending, and Tether's
+rules as the kernel lists them (--json: the device's answer as JSON). A change
+must reach the broker again on a fresh connection within S seconds
+(--confirm-s, default 60 on the device), or the device restores its previous
+rules by itself and the command fails (exit 1). --confirm: the operator must
+also send `firewall DEVICE confirm` within that time; apply returns once the
+device waits for it.",
     },
     CommandHelp {
         name: "get",
