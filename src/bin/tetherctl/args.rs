@@ -597,6 +597,34 @@ mod tests {
     }
 
     #[test]
+    fn firewall_actions_and_their_options() {
+        let Command::Firewall(req) = command("firewall d1 apply r.json --confirm --confirm-s 20 --json")
+        else {
+            panic!("not firewall")
+        };
+        assert_eq!(
+            req,
+            FirewallRequest {
+                device: "d1".into(),
+                action: "apply".into(),
+                file: Some(PathBuf::from("r.json")),
+                confirm: true,
+                confirm_s: Some(20),
+                timeout: None,
+                json: true,
+            }
+        );
+        let Command::Firewall(req) = command("firewall d1 show") else { panic!("not firewall") };
+        assert_eq!((req.action.as_str(), req.file, req.json), ("show", None, false));
+        for line in ["firewall d1 apply", "firewall d1 show x", "firewall d1 flush", "firewall d1 revert a b"]
+        {
+            assert!(usage_error(line).contains("firewall: wrong arguments"), "{line}");
+        }
+        assert!(usage_error("firewall d1 confirm --confirm").contains("go with apply and revert"));
+        assert!(usage_error("firewall d1 apply r --confirm-s x").contains("not a number of seconds"));
+    }
+
+    #[test]
     fn what_cmds_clears() {
         let clear = |line: &str| match command(line) {
             Command::Cmds { clear, .. } => clear,

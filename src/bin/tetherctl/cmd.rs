@@ -353,4 +353,13 @@ mod tests {
         assert!(matches!(classify(br#"{"status":5}"#), Answer::Malformed(_)));
         assert!(matches!(classify(b"[]"), Answer::Malformed(_)));
     }
+
+    #[test]
+    fn a_firewall_change_awaiting_the_operators_confirm() {
+        let waiting =
+            br#"{"status":"executing","progress":{"phase":"awaiting confirm","confirm_by":1796455000}}"#;
+        assert_eq!(awaits_confirm(waiting), Some(1796455000));
+        assert_eq!(awaits_confirm(br#"{"status":"executing","progress":{"phase":"checking"}}"#), None);
+        assert_eq!(awaits_confirm(br#"{"status":"executing"}"#), None);
+    }
 }
