@@ -157,10 +157,9 @@ impl Commands {
                             .into(),
                     },
                     (Op::Firewall, _) => CommandState::Failed {
-                        reason:
-                            "interrupted: the agent restarted before the rule set was applied (the rules \
-                                 are unchanged)"
-                                .into(),
+                        reason: "interrupted: the agent restarted before the command ran (the rules are \
+                                 unchanged)"
+                            .into(),
                     },
                     (Op::Keys, _) => CommandState::Failed {
                         reason: "interrupted: the agent restarted before authorized_keys was replaced \
@@ -388,10 +387,10 @@ impl Commands {
                 Err(reason) => CommandState::Failed { reason },
             },
             Op::Firewall => match admitted.params.get("action").and_then(Value::as_str).unwrap_or_default() {
-                "show" => ctx.firewall.show().map_or_else(
-                    |reason| CommandState::Failed { reason },
-                    |result| CommandState::Successful { result },
-                ),
+                "show" => match ctx.firewall.show(&key.id) {
+                    Ok(()) => return self.mark_executing(&key, None, by, ctx.outbox), // answered by its worker
+                    Err(reason) => CommandState::Failed { reason },
+                },
                 "confirm" => ctx.firewall.confirm().map_or_else(
                     |reason| CommandState::Failed { reason },
                     |result| CommandState::Successful { result },

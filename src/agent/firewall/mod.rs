@@ -127,6 +127,8 @@ pub struct Firewall {
     journal: Journal,
     change: Option<Change>,
     workers: Workers<(u64, Result<(), String>)>,
+    /// `show` answers: (command id, result).
+    shows: Workers<(String, Value)>,
     generation: u64,
     finished: Vec<(String, CommandState)>,
     reconnect: bool,
@@ -140,7 +142,8 @@ impl Firewall {
             backend: Err("not detected yet".into()),
             journal: Journal::default(),
             change: None,
-            workers: Workers::new(waker),
+            workers: Workers::new(Arc::clone(&waker)),
+            shows: Workers::new(waker),
             generation: 0,
             finished: Vec::new(),
             reconnect: false,
@@ -338,6 +341,9 @@ impl Firewall {
 
     /// Results of the backend's worker.
     pub fn on_wake(&mut self) {
+        while let Some((id, result)) = self.shows.try_recv() {
+            self.finished.push((id, CommandState::Successful { result }));
+        }
         while let Some((generation, result)) = self.workers.try_recv() {
             let Some(change) = self.change.as_mut().filter(|c| c.generation == generation) else { continue };
             match (&change.phase, result) {
@@ -516,23 +522,28 @@ impl Firewall {
         std::mem::take(&mut self.finished)
     }
 
-    /// The `show` action: what is in force, what a revert goes back to, what is pending, and
-    /// what the kernel holds of Tether's rules.
-    pub fn show(&self) -> Result<Value, String> {
+    /// The `show` action of command `id`: what is in force, what a revert goes back to, what
+    /// is pending, and what the kernel holds of Tether's rules, listed on a worker (iptables may
+    /// wait for its lock); the answer comes through `take_finished`.
+    pub fn show(&mut self, id: &str) -> Result<(), String> {
         let backend = self.backend.clone()?;
         let pending = self
             .journal
             .pending
             .as_ref()
             .map(|p| json!({"id": p.id, "confirm_by": p.deadline, "confirm": p.confirm}));
-        Ok(json!({
+        let mut result = json!({
             "backend": backend.name(),
             "ruleset": self.journal.current.as_ref().and_then(|c| c.ruleset.clone()),
             "previous": self.journal.previous.as_ref().and_then(|c| c.ruleset.clone()),
             "pending": pending,
             "persist": self.settings.persist,
-            "kernel": backend::list(backend),
-        }))
+        });
+        let id = id.to_string();
+        self.shows.spawn("firewall-show", move || {
+            result["kernel"] = json!(backend::list(backend));
+            (id, result)
+        })
     }
 }
 
