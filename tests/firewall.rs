@@ -273,6 +273,19 @@ fn kept_listed_survives_a_restart_and_reverts(backend: Backend) {
     assert_eq!((code, state["status"].as_str()), (0, Some("successful")), "{state} {err}");
     assert_eq!(backend.tether_rules(), "");
     assert_eq!(others(), before);
+
+    // firewall.disable, on SIGHUP: changes refused, show still answers.
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(s.agent.config_path()).unwrap()).unwrap();
+    config["firewall"]["disable"] = json!(true);
+    s.agent.write_config(config);
+    s.agent.signal(libc::SIGHUP);
+    assert!(wait_until(secs(5), || s.agent.log_contains("config reloaded")), "{}", s.agent.log());
+    let (code, state, _) = firewall(&s, &["apply", &file]);
+    assert_eq!(code, 1, "{state}");
+    assert_eq!(state["reason"], "the firewall is not managed on this device (firewall.disable)");
+    assert_eq!(show(&s)["ruleset"], Value::Null);
+    assert_eq!(backend.tether_rules(), "");
 }
 
 fn cutting_the_broker_is_reverted(backend: Backend) {
