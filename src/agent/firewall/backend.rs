@@ -323,6 +323,9 @@ pub fn apply(backend: Backend, set: Option<&RuleSet>) -> Result<(), String> {
             for (v4, list, restore) in
                 [(true, "iptables", "iptables-restore"), (false, "ip6tables", "ip6tables-restore")]
             {
+                if !v4 && !has_ipv6() {
+                    continue;
+                }
                 let now = IptState::read(&run(list, &[WAIT, WAIT_S, "-S"], None)?);
                 if let Some(script) = iptables_script(set, v4, &now) {
                     run(restore, &[WAIT, WAIT_S, "--noflush"], Some(&script))?;
@@ -339,7 +342,7 @@ pub fn list(backend: Backend) -> String {
         Backend::Nftables => run("nft", &["list", "table", "inet", "tether"], None).unwrap_or_default(),
         Backend::Iptables => {
             let mut out = String::new();
-            for program in ["iptables", "ip6tables"] {
+            for program in ["iptables", "ip6tables"].into_iter().filter(|p| *p == "iptables" || has_ipv6()) {
                 for (_, chain) in IPT_CHAINS {
                     if let Ok(text) = run(program, &[WAIT, WAIT_S, "-S", chain], None) {
                         out.push_str(&text);
@@ -349,6 +352,11 @@ pub fn list(backend: Backend) -> String {
             out
         }
     }
+}
+
+/// Whether the kernel has IPv6 (a device built without it has no ip6tables to fill).
+fn has_ipv6() -> bool {
+    std::path::Path::new("/proc/net/if_inet6").exists()
 }
 
 /// Runs a tool, with `input` on its stdin; its stdout, or an error with its stderr.
