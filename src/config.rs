@@ -33,6 +33,7 @@ pub struct Config {
     pub file_transfer: FileTransferConfig,
     pub logs: LogsConfig,
     pub updates: UpdatesConfig,
+    pub firewall: FirewallConfig,
 }
 
 /// Who may ask the device for what: docs/protocol.md, "Signed requests".
@@ -512,6 +513,46 @@ impl UpdatesConfig {
     }
 }
 
+/// The `firewall` op (docs/firewall.md): rules in Tether's own table or chains only.
+#[derive(Debug, Clone, Serialize)]
+pub struct FirewallConfig {
+    /// The op is refused; the rules in force are left alone (a pending change is still reverted).
+    pub disable: bool,
+    /// `auto` (nftables when `nft` works, else iptables), `nftables` or `iptables`.
+    pub backend: String,
+    /// The rule set in force is applied again at start (rules survive a reboot).
+    pub persist: bool,
+    /// How long an `apply` has to prove the broker is still reachable, when it does not say.
+    pub default_confirm_s: u64,
+}
+
+impl Default for FirewallConfig {
+    fn default() -> Self {
+        FirewallConfig { disable: false, backend: "auto".into(), persist: true, default_confirm_s: 60 }
+    }
+}
+
+impl FirewallConfig {
+    fn read(mut s: Section) -> Result<FirewallConfig, ConfigError> {
+        let d = FirewallConfig::default();
+        let backend_key = s.key("backend");
+        let firewall = FirewallConfig {
+            disable: s.flag("disable")?,
+            backend: s.text("backend")?.unwrap_or(d.backend),
+            persist: s.flag_or("persist", d.persist)?,
+            default_confirm_s: s.number("default_confirm_s", SECONDS, 5..=3600, d.default_confirm_s)?,
+        };
+        s.finish()?;
+        if !["auto", "nftables", "iptables"].contains(&firewall.backend.as_str()) {
+            let got = crate::text::Printable(&firewall.backend);
+            return Err(ConfigError(format!(
+                "{backend_key}: must be \"auto\", \"nftables\" or \"iptables\", got \"{got}\""
+            )));
+        }
+        Ok(firewall)
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct OfflineBufferConfig {
     pub max_messages: usize,
@@ -842,6 +883,7 @@ impl Config {
                 .transpose()?
                 .unwrap_or_default(),
             logs: s.section("logs")?.map(LogsConfig::read).transpose()?.unwrap_or_default(),
+            firewall: s.section("firewall")?.map(FirewallConfig::read).transpose()?.unwrap_or_default(),
             updates: match s.section("updates")? {
                 Some(updates) => UpdatesConfig::read(updates, &state_dir)?,
                 None => UpdatesConfig::new(&state_dir),
@@ -1199,7 +1241,7 @@ mod tests {
             ),
             (
                 json!({"trust": {"unsigned_ops": ["ping", "rebot"]}}),
-                "trust.unsigned_ops: unknown op \"rebot\" (the ops are ping, heartbeat, config, reboot, keys, shell, exec, forward, ls, get, put, logs, update)",
+                "trust.unsigned_ops: unknown op \"rebot\" (the ops are ping, heartbeat, config, reboot, keys, shell, exec, forward, ls, get, put, logs, update, firewall)",
             ),
             (
                 json!({"trust": {"max_age_s": 5}}),
@@ -1255,6 +1297,29 @@ mod tests {
         assert_eq!(config.state_dir, Path::new("/var/lib/tether"));
         assert_eq!(config.topic_root, "tether");
         assert_eq!(config.reboot_command, ["/sbin/reboot"]);
+    }
+
+    #[test]
+    fn the_firewall_section_has_safe_defaults_and_names_bad_keys() {
+        let parse = |firewall: Value| {
+            let config = json!({"broker": {"url": "mqtt://h"}, "firewall": firewall});
+            Config::parse(&config.to_string()).map(|c| c.firewall).map_err(|e| e.0)
+        };
+        let d = parse(json!({})).unwrap();
+        assert_eq!(
+            (d.disable, d.backend.as_str(), d.persist, d.default_confirm_s),
+            (false, "auto", true, 60)
+        );
+        let set = parse(json!({"backend": "iptables", "persist": false, "default_confirm_s": 10})).unwrap();
+        assert_eq!((set.backend.as_str(), set.persist, set.default_confirm_s), ("iptables", false, 10));
+        assert_eq!(
+            parse(json!({"backend": "pf"})).unwrap_err(),
+            "firewall.backend: must be \"auto\", \"nftables\" or \"iptables\", got \"pf\""
+        );
+        assert_eq!(
+            parse(json!({"default_confirm_s": 2})).unwrap_err(),
+            "firewall.default_confirm_s: must be a whole number of seconds from 5 to 3600, got 2"
+        );
     }
 
     #[test]

@@ -33,6 +33,7 @@ pub enum Op {
     Put,
     Logs,
     Update,
+    Firewall,
 }
 
 /// The type a parameter's JSON value must have.
@@ -184,6 +185,19 @@ pub const OPS: &[OpSpec] = &[
         params: &[ParamSpec { name: "flow", kind: ParamType::Object, required: true }],
         changes_device: true,
         summary: "run an update flow: downloads, installs, commands, reboots (tetherctl update)",
+    },
+    OpSpec {
+        op: Op::Firewall,
+        name: "firewall",
+        params: &[
+            ParamSpec { name: "action", kind: ParamType::String, required: true },
+            ParamSpec { name: "ruleset", kind: ParamType::Object, required: false },
+            ParamSpec { name: "confirm", kind: ParamType::Bool, required: false },
+            ParamSpec { name: "confirm_s", kind: ParamType::Count, required: false },
+        ],
+        changes_device: true,
+        summary: "apply, show, revert or confirm firewall rules, reverted unless the broker stays reachable \
+                  (tetherctl firewall)",
     },
 ];
 

@@ -13,6 +13,7 @@ use serde_json::{json, Map, Value};
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::firewall::{self, Firewall};
 use super::heartbeat::Heartbeat;
 use super::identity;
 use super::ledger::{Key, Ledger, Phase};
@@ -38,6 +39,7 @@ pub struct Context<'a> {
     pub trust: &'a mut Trust,
     pub remote: &'a mut Remote,
     pub updates: &'a Updates,
+    pub firewall: &'a mut Firewall,
     pub registry: &'a mio::Registry,
 }
 
@@ -68,6 +70,8 @@ enum Change {
     Keys(String),
     /// Begins an update flow (its journal takes over from there).
     Update(Box<Flow>),
+    /// Applies a firewall rule set (the firewall's journal takes over from there).
+    Firewall(firewall::Request),
 }
 
 /// The last `RECENT_REFUSALS` requests refused, as hashes of (topic, payload), in a ring.
@@ -150,6 +154,11 @@ impl Commands {
                     }
                     (Op::Update, _) => CommandState::Failed {
                         reason: "interrupted: the agent restarted before the flow's first step (nothing ran)"
+                            .into(),
+                    },
+                    (Op::Firewall, _) => CommandState::Failed {
+                        reason: "interrupted: the agent restarted before the command ran (the rules are \
+                                 unchanged)"
                             .into(),
                     },
                     (Op::Keys, _) => CommandState::Failed {
@@ -254,7 +263,13 @@ impl Commands {
     /// End of a loop turn: makes this turn's ledger changes durable, then carries out the
     /// commands that change the device. Called before the outbox sends anything, so the broker
     /// never hears of a state the ledger could forget in a crash.
-    pub fn commit(&mut self, outbox: &mut Outbox, trust: &mut Trust, updates: &mut Updates) {
+    pub fn commit(
+        &mut self,
+        outbox: &mut Outbox,
+        trust: &mut Trust,
+        updates: &mut Updates,
+        fw: &mut Firewall,
+    ) {
         for key in self.ledger.retire_oldest() {
             log::debug!("command {}/{}: retired from the history", key.op.name(), Printable(&key.id));
             outbox.push(Kind::CommandState, self.topic(&key), Vec::new(), true);
@@ -275,6 +290,10 @@ impl Commands {
                 (Ok(()), Change::Keys(text)) => trust.write_keys(&text).map(|count| json!({ "keys": count })),
                 (Ok(()), Change::Update(flow)) => match updates.begin(&key.id, *flow) {
                     Ok(()) => continue, // answered when the flow ends
+                    Err(reason) => Err(reason),
+                },
+                (Ok(()), Change::Firewall(request)) => match fw.begin(&key.id, request) {
+                    Ok(()) => continue, // answered when the change is kept or reverted
                     Err(reason) => Err(reason),
                 },
             };
@@ -371,6 +390,36 @@ impl Commands {
                 }
                 Err(reason) => CommandState::Failed { reason },
             },
+            Op::Firewall => match admitted.params.get("action").and_then(Value::as_str).unwrap_or_default() {
+                "show" => match ctx.firewall.show(&key.id) {
+                    Ok(()) => return self.mark_executing(&key, None, by, ctx.outbox), // answered by its worker
+                    Err(reason) => CommandState::Failed { reason },
+                },
+                "confirm" => ctx.firewall.confirm().map_or_else(
+                    |reason| CommandState::Failed { reason },
+                    |result| CommandState::Successful { result },
+                ),
+                "apply" | "revert" => {
+                    let busy = self
+                        .to_start
+                        .iter()
+                        .find(|(_, c)| matches!(c, Change::Firewall(_)))
+                        .map(|(k, _)| &*k.id);
+                    match ctx.firewall.check(&admitted.params, busy) {
+                        Ok(request) => {
+                            self.mark_executing(&key, None, by, ctx.outbox);
+                            return self.to_start.push((key, Change::Firewall(request)));
+                        }
+                        Err(reason) => CommandState::Failed { reason },
+                    }
+                }
+                other => CommandState::Failed {
+                    reason: format!(
+                        "action: must be apply, show, revert or confirm, got \"{}\"",
+                        Printable(other)
+                    ),
+                },
+            },
             Op::Ping => self.ping(),
             Op::Config => match ctx.config.redacted_json() {
                 Ok(result) => CommandState::Successful { result },
@@ -414,6 +463,21 @@ impl Commands {
             ));
         }
         Flow::from_json(params.get("flow").unwrap_or(&Value::Null)).map_err(|e| format!("flow: {e}"))
+    }
+
+    /// The final state of a firewall change.
+    pub fn finish_firewall(&mut self, id: &str, state: CommandState, outbox: &mut Outbox) {
+        self.finish(&Key::new(Op::Firewall, id), state, outbox);
+    }
+
+    /// At start, before `recover`: the final state of a firewall change settled by a previous
+    /// run (or reverted at this start), for a command the ledger still has executing.
+    pub fn settle_firewall(&mut self, id: &str, state: CommandState) {
+        let key = Key::new(Op::Firewall, id);
+        if self.ledger.get(&key).is_some_and(|r| r.phase == Phase::Executing) {
+            log_state(&key, &state, "settled by the firewall journal");
+            self.ledger.set_state(&key, state, None, None);
+        }
     }
 
     /// The final state of an update flow.

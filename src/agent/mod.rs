@@ -3,6 +3,7 @@
 
 mod commands;
 pub mod files;
+pub mod firewall;
 mod heartbeat;
 pub mod identity;
 mod ledger;
@@ -24,6 +25,7 @@ use crate::protocol::{Status, Topics};
 use crate::signals::{Signal, Signals};
 use crate::trust::DeviceKey;
 use commands::{Commands, Context};
+use firewall::Firewall;
 use heartbeat::Heartbeat;
 use outbox::{Kind, Outbox};
 use remote::Remote;
@@ -69,6 +71,7 @@ pub struct Agent {
     trust: Trust,
     remote: Remote,
     updates: Updates,
+    firewall: Firewall,
     /// Signs the device's answers; in its status for operators to pin. None when it could not
     /// be read or made (the agent runs on, its answers unsigned).
     device_key: Option<Arc<DeviceKey>>,
@@ -126,6 +129,11 @@ impl Agent {
         let settings = update::Settings::of(&config, &config_path);
         let mut updates = Updates::new(settings, topics.clone(), Arc::clone(&waker), probation);
         let resumed_update = updates.resume();
+        // Before connecting: a firewall change left unconfirmed is reverted now.
+        let mut firewall = Firewall::new(firewall::Settings::of(&config), topics.clone(), Arc::clone(&waker));
+        if let Some((id, state)) = firewall.start() {
+            commands.settle_firewall(&id, state);
+        }
         commands.recover(&mut outbox, &trust, resumed_update.as_deref());
         // Read before the options: a file replaced in between makes the next SIGHUP reconnect
         // once for nothing, rather than miss a change.
@@ -147,6 +155,7 @@ impl Agent {
             trust,
             remote,
             updates,
+            firewall,
             device_key,
             online_since: 0,
             status_refresh_at: None,
@@ -179,15 +188,24 @@ impl Agent {
             }
             self.on_timers(Instant::now());
             self.dispatch_client_events();
-            self.commands.commit(&mut self.outbox, &mut self.trust, &mut self.updates);
+            self.commands.commit(&mut self.outbox, &mut self.trust, &mut self.updates, &mut self.firewall);
             for (id, state) in self.updates.take_finished() {
                 self.commands.finish_update(&id, state, &mut self.outbox);
+            }
+            for (id, state) in self.firewall.take_finished() {
+                self.commands.finish_firewall(&id, state, &mut self.outbox);
+            }
+            if self.firewall.take_reconnect() && self.stop.is_none() {
+                log::info!("firewall: connecting afresh");
+                self.client.reconnect_now();
+                self.dispatch_client_events();
             }
             if let Some(plan) = self.updates.take_handover() {
                 self.hand_over();
                 return Ok(Exit::Probation(plan));
             }
             if self.stop.is_none() {
+                self.firewall.pump(&mut self.client);
                 self.outbox.pump(&mut self.client);
                 self.remote.pump(&mut self.client, self.poll.registry());
                 if self.outbox.take_refusals_to_redo() {
@@ -213,6 +231,7 @@ impl Agent {
             self.status_refresh_at,
             self.remote.next_deadline(self.client.bulk_room() > 0),
             self.updates.next_deadline(),
+            self.firewall.next_deadline(),
         ]
         .into_iter()
         .flatten()
@@ -228,6 +247,7 @@ impl Agent {
         self.on_status_timer(now);
         self.remote.on_timer(self.poll.registry(), now);
         self.updates.on_timer(now, &mut self.outbox);
+        self.firewall.on_timer(now);
         if self.stop.is_none() {
             // A failure is logged where it happens; the next interval tries again.
             let _ = self.heartbeat.on_timer(now, &self.outbox);
@@ -240,6 +260,7 @@ impl Agent {
         self.commands.on_heartbeats_queued(&queued, &mut self.outbox);
         self.commands.on_wake(&mut self.outbox);
         self.updates.on_wake();
+        self.firewall.on_wake();
     }
 
     fn on_signals(&mut self) {
@@ -276,6 +297,7 @@ impl Agent {
                         trust: &mut self.trust,
                         remote: &mut self.remote,
                         updates: &self.updates,
+                        firewall: &mut self.firewall,
                         registry: self.poll.registry(),
                     };
                     self.commands.on_message(&publish.topic, &publish.payload, &mut ctx);
@@ -289,6 +311,7 @@ impl Agent {
                     }
                 }
                 Event::Acked(ONLINE_TAG) => log::debug!("online status acknowledged"),
+                Event::Acked(firewall::PROBE_TAG) => self.firewall.on_probe_acked(&mut self.outbox),
                 Event::Acked(id) => {
                     if let Some((Kind::CommandState, topic)) = self.outbox.on_ack(id) {
                         self.commands.on_acked(&topic);
@@ -301,6 +324,7 @@ impl Agent {
     fn on_connected(&mut self) {
         self.updates.on_connected();
         self.outbox.on_connected();
+        self.firewall.on_connected();
         self.remote.on_reconnect();
         self.online_since = unix_seconds();
         self.publish_online();
@@ -388,6 +412,7 @@ impl Agent {
         self.trust.reload(&new.trust);
         self.remote.reconfigure(&new);
         self.updates.reconfigure(update::Settings::of(&new, &self.config_path));
+        self.firewall.reconfigure(firewall::Settings::of(&new));
         self.config = new;
         log::info!("config reloaded");
     }
@@ -423,6 +448,7 @@ impl Agent {
         log::info!("handing over to the new agent for its probation");
         self.remote.stop(self.poll.registry());
         self.client.disconnect();
+        self.firewall.on_stop();
         self.outbox.store_all();
         self.heartbeat.on_stop();
     }
@@ -449,6 +475,7 @@ impl Agent {
             }
             self.client.close_leaving_will();
         }
+        self.firewall.on_stop();
         self.outbox.store_all();
         self.heartbeat.on_stop();
         log::info!("stopped; {} message(s) kept in the outbox for next time", self.outbox.len());

@@ -332,6 +332,19 @@ impl Client {
         self.close_leaving_will();
     }
 
+    /// Drops the connection and connects again at once, the backoff reset: a fresh
+    /// connection, e.g. to prove the broker is still reachable after a firewall change, or as
+    /// soon as a change that cut it is undone. No DISCONNECT: the broker publishes the will, so
+    /// a device that cannot come back shows offline.
+    pub fn reconnect_now(&mut self) {
+        if matches!(self.state, State::Stopped) {
+            return;
+        }
+        self.drop_connection();
+        self.failures = 0;
+        self.state = State::Idle { retry_at: Instant::now() };
+    }
+
     /// Closes without a DISCONNECT: the broker publishes the will, as for a lost connection.
     pub fn close_leaving_will(&mut self) {
         self.drop_connection();

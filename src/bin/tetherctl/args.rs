@@ -7,6 +7,7 @@ use std::time::Duration;
 use tether::protocol::check_device_id;
 
 use crate::files::Copy;
+use crate::firewall::FirewallRequest;
 use crate::help;
 use crate::logs::LogsRequest;
 use crate::remote::{ForwardSpec, Interactive};
@@ -75,6 +76,7 @@ pub enum Command {
         id: String,
         json: bool,
     },
+    Firewall(FirewallRequest),
 }
 
 #[derive(Debug, PartialEq)]
@@ -125,6 +127,9 @@ struct CommandOptions {
     pending: bool,
     final_only: bool,
     all: bool,
+    /// firewall: --confirm, --confirm-s.
+    confirm: bool,
+    confirm_s: Option<u64>,
 }
 
 pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed, Failure> {
@@ -157,6 +162,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed, Failure> 
             || name == "--batch"
             || name == "--max-failures"
             || name == "--where"
+            || name == "--confirm-s"
             || (name == "--json" && after_cmd);
         let value = match (takes_value, inline) {
             (true, Some(v)) => Some(v),
@@ -323,6 +329,28 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed, Failure> 
                 timeout: opts.timeout,
             })
         }
+        ("firewall", [device, action, file @ ..]) => {
+            let takes_file = action == "apply";
+            let known = ["show", "apply", "revert", "confirm"].contains(&action.as_str());
+            let changes = takes_file || action == "revert";
+            if !known || takes_file != (file.len() == 1) || file.len() > 1 {
+                return Err(wrong_arguments());
+            }
+            if !changes && (opts.confirm || opts.confirm_s.is_some()) {
+                return Err(Failure::usage(format!(
+                    "firewall {action}: --confirm and --confirm-s go with apply and revert"
+                )));
+            }
+            Command::Firewall(FirewallRequest {
+                device: device_id(device)?,
+                action: action.clone(),
+                file: file.first().map(PathBuf::from),
+                confirm: opts.confirm,
+                confirm_s: opts.confirm_s,
+                timeout: opts.timeout,
+                json,
+            })
+        }
         _ => return Err(wrong_arguments()),
     };
     Ok(Parsed::Run(Box::new(Args { conn, verbose, command })))
@@ -410,6 +438,17 @@ impl CommandOptions {
             ("--where", v) => {
                 self.where_expr = v;
                 "--where"
+            }
+            ("--confirm", _) => {
+                self.confirm = true;
+                "--confirm"
+            }
+            ("--confirm-s", Some(v)) => {
+                let n = v
+                    .parse()
+                    .map_err(|_| Failure::usage(format!("--confirm-s: {v:?} is not a number of seconds")))?;
+                self.confirm_s = Some(n);
+                "--confirm-s"
             }
             (flag, _) => return Err(Failure::usage(format!("unknown option {flag}"))),
         };
@@ -555,6 +594,34 @@ mod tests {
         assert_eq!((req.timeout, req.queue), (Duration::from_millis(2500), true));
         let Command::Cmd(req) = command("cmd d1 ping") else { panic!("not cmd") };
         assert_eq!((req.timeout, req.queue, req.params.len()), (DEFAULT_CMD_TIMEOUT, false, 0));
+    }
+
+    #[test]
+    fn firewall_actions_and_their_options() {
+        let Command::Firewall(req) = command("firewall d1 apply r.json --confirm --confirm-s 20 --json")
+        else {
+            panic!("not firewall")
+        };
+        assert_eq!(
+            req,
+            FirewallRequest {
+                device: "d1".into(),
+                action: "apply".into(),
+                file: Some(PathBuf::from("r.json")),
+                confirm: true,
+                confirm_s: Some(20),
+                timeout: None,
+                json: true,
+            }
+        );
+        let Command::Firewall(req) = command("firewall d1 show") else { panic!("not firewall") };
+        assert_eq!((req.action.as_str(), req.file, req.json), ("show", None, false));
+        for line in ["firewall d1 apply", "firewall d1 show x", "firewall d1 flush", "firewall d1 revert a b"]
+        {
+            assert!(usage_error(line).contains("firewall: wrong arguments"), "{line}");
+        }
+        assert!(usage_error("firewall d1 confirm --confirm").contains("go with apply and revert"));
+        assert!(usage_error("firewall d1 apply r --confirm-s x").contains("not a number of seconds"));
     }
 
     #[test]

@@ -41,6 +41,18 @@ pub enum Answer {
 }
 
 pub fn run(settings: &Settings, req: &CmdRequest) -> Result<u8, Failure> {
+    run_shown(settings, req, &print_json)
+}
+
+/// How a final state (`{"status", "result"}` or `{"status", "reason"}`) is printed on stdout.
+pub type Show = dyn Fn(&Value) -> Result<(), Failure>;
+
+fn print_json(state: &Value) -> Result<(), Failure> {
+    print(&serde_json::to_string_pretty(state).unwrap_or_default())
+}
+
+/// `run`, printing the final state with `show`.
+pub fn run_shown(settings: &Settings, req: &CmdRequest, show: &Show) -> Result<u8, Failure> {
     let topics = Topics::new(&settings.topic_root, &req.device);
     let id = command_id();
     let topic = topics.command(&req.op, &id);
@@ -72,11 +84,21 @@ pub fn run(settings: &Settings, req: &CmdRequest) -> Result<u8, Failure> {
                             eprintln!("{}: {} executing", req.device, req.op);
                         }
                         executing = true;
+                        if let Some(by) = awaits_confirm(&message.payload) {
+                            eprintln!(
+                                "tetherctl: {} applied the rules and reached the broker; it keeps them only if \
+                                 `tetherctl firewall {} confirm` comes before {by} (unix time), its answer retained on:",
+                                req.device, req.device
+                            );
+                            print(&topic)?;
+                            session.close();
+                            return Ok(exit::SUCCESS);
+                        }
                     }
                     Answer::Malformed(why) => log::warn!("{}: malformed answer ({why})", Printable(&topic)),
                     Answer::Final { payload, .. } => {
                         let asked = Addressed { device: &req.device, op: &req.op, id: &id };
-                        let code = match report(asked, &topic, device_key.as_ref(), &payload) {
+                        let code = match report(asked, &topic, device_key.as_ref(), &payload, show) {
                             Ok(code) => code,
                             Err(forged) => {
                                 session.close();
@@ -178,6 +200,7 @@ fn report(
     topic: &str,
     device_key: Option<&PublicKey>,
     state: &Value,
+    show: &Show,
 ) -> Result<u8, Failure> {
     let Some(key) = device_key else {
         eprintln!(
@@ -185,7 +208,7 @@ fn report(
              cannot be checked",
             asked.device
         );
-        return print_final(asked, state);
+        return print_final(asked, state, show);
     };
     let fields = state.as_object().cloned().unwrap_or_default();
     let answer = verify_answer(&fields, key, asked).map_err(|why| forged(asked, topic, key, why))?;
@@ -198,7 +221,7 @@ fn report(
         Outcome::Successful(result) => json!({"status": "successful", "result": result}),
         Outcome::Failed(reason) => json!({"status": "failed", "reason": reason}),
     };
-    print_final(asked, &shown)
+    print_final(asked, &shown, show)
 }
 
 fn forged(asked: Addressed, topic: &str, key: &PublicKey, why: AnswerRefusal) -> Failure {
@@ -215,8 +238,8 @@ fn forged(asked: Addressed, topic: &str, key: &PublicKey, why: AnswerRefusal) ->
 }
 
 /// The answer as JSON on stdout, and a failure's reason on stderr.
-fn print_final(asked: Addressed, state: &Value) -> Result<u8, Failure> {
-    print(&serde_json::to_string_pretty(state).unwrap_or_default())?;
+fn print_final(asked: Addressed, state: &Value, show: &Show) -> Result<u8, Failure> {
+    show(state)?;
     if state.get("status").and_then(Value::as_str) == Some("successful") {
         return Ok(exit::SUCCESS);
     }
@@ -255,6 +278,14 @@ fn give_up(
     }
     session.close();
     Ok(code)
+}
+
+/// A firewall change waiting for the operator's confirm (docs/firewall.md): until when.
+fn awaits_confirm(payload: &[u8]) -> Option<u64> {
+    let state: Value = serde_json::from_slice(payload).ok()?;
+    let progress = state.get("progress")?;
+    (progress.get("phase")?.as_str()? == "awaiting confirm")
+        .then(|| progress["confirm_by"].as_u64().unwrap_or(0))
 }
 
 pub fn classify(payload: &[u8]) -> Answer {
@@ -321,5 +352,14 @@ mod tests {
         assert!(matches!(classify(b"{oops"), Answer::Malformed(_)));
         assert!(matches!(classify(br#"{"status":5}"#), Answer::Malformed(_)));
         assert!(matches!(classify(b"[]"), Answer::Malformed(_)));
+    }
+
+    #[test]
+    fn a_firewall_change_awaiting_the_operators_confirm() {
+        let waiting =
+            br#"{"status":"executing","progress":{"phase":"awaiting confirm","confirm_by":1796455000}}"#;
+        assert_eq!(awaits_confirm(waiting), Some(1796455000));
+        assert_eq!(awaits_confirm(br#"{"status":"executing","progress":{"phase":"checking"}}"#), None);
+        assert_eq!(awaits_confirm(br#"{"status":"executing"}"#), None);
     }
 }

@@ -18,7 +18,7 @@ _tetherctl() {
         word=${words[i]}
         case $word in
             --json) [[ $command == cmd ]] && ((i++)) ;;
-            --timeout) ((i++)) ;;
+            --timeout | --confirm-s) ((i++)) ;;
             @VALUED@) connection+=("$word" "${words[i+1]}"); ((i++)) ;;
             --json=* | --timeout=*) ;;
             --*=*) connection+=("$word") ;;
@@ -29,7 +29,7 @@ _tetherctl() {
     local prev=${words[${#words[@]}-1]}
     case $prev in
         @FILES@) COMPREPLY=($(compgen -f -- "$cur")); return ;;
-        @VALUES@ | --timeout) COMPREPLY=(); return ;;
+        @VALUES@ | --timeout | --confirm-s) COMPREPLY=(); return ;;
         --json) [[ $command == cmd ]] && { COMPREPLY=(); return; } ;;
     esac
     if [[ $cur == -* ]]; then
@@ -45,9 +45,11 @@ _tetherctl() {
         :0 | help:0) COMPREPLY=($(compgen -W "@COMMANDS@" -- "$cur")) ;;
         completions:0) COMPREPLY=($(compgen -W "bash" -- "$cur")) ;;
         known-devices:0) COMPREPLY=($(compgen -W "forget" -- "$cur")) ;;
-        watch:0 | ops:0 | cmd:0 | cmds:0)
+        watch:0 | ops:0 | cmd:0 | cmds:0 | firewall:0)
             COMPREPLY=($(compgen -W "$("${ask[@]}" devices 2>/dev/null | tail -n +2 | cut -d ' ' -f 1)" -- "$cur")) ;;
         cmd:1) COMPREPLY=($(compgen -W "$("${ask[@]}" ops "${operands[0]}" 2>/dev/null)" -- "$cur")) ;;
+        firewall:1) COMPREPLY=($(compgen -W "show apply revert confirm" -- "$cur")) ;;
+        firewall:2) [[ ${operands[1]} == apply ]] && COMPREPLY=($(compgen -f -- "$cur")) ;;
     esac
 }
 complete -F _tetherctl tetherctl"#;

@@ -133,6 +133,21 @@ again from the retained states. Exit 0: all successful; 1: some failed or the
 rollout stopped; 2: some pending.",
     },
     CommandHelp {
+        name: "firewall",
+        args: "DEVICE show | apply FILE | revert | confirm [--confirm] [--confirm-s S] [--json] [--timeout S]",
+        options: &["--confirm", "--confirm-s", "--json", "--timeout"],
+        about: "manages DEVICE's firewall rules, in Tether's own table or chains only
+(docs/firewall.md). apply FILE sends the rule set in FILE (JSON; checked here
+first, and a warning when it would block this broker); revert goes back to the
+rule set before; show prints what is in force, what is pending, and Tether's
+rules as the kernel lists them (--json: the device's answer as JSON). A change
+must reach the broker again on a fresh connection within S seconds
+(--confirm-s, default 60 on the device), or the device restores its previous
+rules by itself and the command fails (exit 1). --confirm: the operator must
+also send `firewall DEVICE confirm` within that time; apply returns once the
+device waits for it.",
+    },
+    CommandHelp {
         name: "get",
         args: "DEVICE REMOTE [LOCAL|-] [--json] [--timeout S]",
         options: &["--json", "--timeout"],

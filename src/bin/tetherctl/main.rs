@@ -7,6 +7,7 @@ mod cmds;
 mod completions;
 mod devices;
 mod files;
+mod firewall;
 mod format;
 mod help;
 mod known;
@@ -143,5 +144,6 @@ fn run() -> Result<u8, Failure> {
         Command::Logs(request) => logs::logs(&settings, request),
         Command::Update(request) => rollout::run(&settings, request),
         Command::UpdateStatus { id, json } => rollout::status(&settings, id, *json),
+        Command::Firewall(request) => firewall::run(&settings, request),
     }
 }
