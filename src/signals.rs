@@ -19,6 +19,9 @@ pub enum Signal {
     Child,
     /// The terminal's window changed size: only after `watch_resize`.
     Resize,
+    /// SIGUSR1, only after `watch_hand_over`: an agent on probation that passed leaves the
+    /// connection to its guard without an offline status.
+    HandOver,
 }
 
 pub struct Signals {
@@ -80,6 +83,11 @@ impl Signals {
         install_handler(libc::SIGCHLD, libc::SA_RESTART | libc::SA_NOCLDSTOP)
     }
 
+    /// Also reports SIGUSR1 (whose default ends the process): for an agent on probation.
+    pub fn watch_hand_over(&self) -> io::Result<()> {
+        install_handler(libc::SIGUSR1, libc::SA_RESTART)
+    }
+
     /// Also reports SIGWINCH, whose default is to be ignored: for tetherctl's remote terminal.
     pub fn watch_resize(&self) -> io::Result<()> {
         install_handler(libc::SIGWINCH, libc::SA_RESTART)
@@ -99,6 +107,7 @@ impl Signals {
                 libc::SIGHUP => Signal::Reload,
                 libc::SIGCHLD => Signal::Child,
                 libc::SIGWINCH => Signal::Resize,
+                libc::SIGUSR1 => Signal::HandOver,
                 _ => Signal::Terminate,
             }));
         }

@@ -137,6 +137,8 @@ fn a_good_build_passes_its_probation_and_runs_with_the_same_pid() {
     let d = device("dev-self-ok", &nginx);
     let pid = d.s.agent.pid();
     let flow = agent_flow(&nginx, "next", &next, false);
+    let mut status = Sub::new(&d.s.broker, &status_topic(&d.s.device));
+    status.expect_online(&d.s.device, secs(10));
 
     let started = Instant::now();
     let (code, state) = d.update(&flow);
@@ -145,6 +147,9 @@ fn a_good_build_passes_its_probation_and_runs_with_the_same_pid() {
     assert_eq!(output, format!("tether-agent {NEXT} passed its probation and runs"), "{state}");
     assert!(started.elapsed() < secs(PROBATION_S + 30), "took {:?}", started.elapsed());
     assert_eq!(d.online_version(), NEXT);
+    status.drain(secs(2));
+    let offline: Vec<_> = status.seen().iter().filter(|m| m.payload.contains("\"online\":false")).collect();
+    assert!(offline.is_empty(), "the device never showed offline: {offline:?}");
     assert_eq!(exe_of(pid), d.exe, "the pid the init script knows runs the new binary");
     assert!(fs::read(&d.exe).unwrap() == fs::read(&next).unwrap(), "the new binary is in place");
     let previous = d.bin_dir.path().join(".tether-agent.previous");

@@ -81,6 +81,8 @@ pub struct Agent {
     status_refresh_at: Option<Instant>,
     /// Set by SIGTERM.
     stop: Option<Stop>,
+    /// Set by SIGUSR1 from the guard of this agent's probation: it passed.
+    handing_back: bool,
 }
 
 /// A clean stop under way: the offline status is offered to the client until it has room for
@@ -112,6 +114,9 @@ impl Agent {
         let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(|e| format!("waker: {e}"))?);
         let signals = Signals::install(poll.registry(), SIGNALS).map_err(|e| format!("signals: {e}"))?;
         signals.watch_child_exits().map_err(|e| format!("signals: {e}"))?;
+        if probation.on_probation() {
+            signals.watch_hand_over().map_err(|e| format!("signals: {e}"))?;
+        }
         let mut outbox = Outbox::open(&config.state_dir.join("outbox"), config.offline_buffer.clone())
             .map_err(|e| format!("outbox in {}: {e}", config.state_dir.display()))?;
         let heartbeat =
@@ -160,6 +165,7 @@ impl Agent {
             online_since: 0,
             status_refresh_at: None,
             stop: None,
+            handing_back: false,
         })
     }
 
@@ -201,8 +207,12 @@ impl Agent {
                 self.dispatch_client_events();
             }
             if let Some(plan) = self.updates.take_handover() {
-                self.hand_over();
+                self.hand_over("the new agent, for its probation");
                 return Ok(Exit::Probation(plan));
+            }
+            if self.handing_back {
+                self.hand_over("the guard, which runs this binary on (probation passed)");
+                return Ok(Exit::Stopped);
             }
             if self.stop.is_none() {
                 self.firewall.pump(&mut self.client);
@@ -269,6 +279,7 @@ impl Agent {
                 Signal::Reload => self.reload(),
                 Signal::Terminate => self.begin_stop(),
                 Signal::Child => self.remote.on_child_exit(),
+                Signal::HandOver => self.handing_back = true,
                 Signal::Resize => {}
             }
         }
@@ -442,10 +453,10 @@ impl Agent {
         }
     }
 
-    /// Leaves the connection to the new agent: a clean goodbye (no offline status: the device
-    /// is back within seconds), the state kept for it.
-    fn hand_over(&mut self) {
-        log::info!("handing over to the new agent for its probation");
+    /// Leaves the connection to another agent process: a clean goodbye (no offline status: the
+    /// device is back within seconds), the state kept for it.
+    fn hand_over(&mut self, to: &str) {
+        log::info!("handing over to {to}");
         self.remote.stop(self.poll.registry());
         self.client.disconnect();
         self.firewall.on_stop();

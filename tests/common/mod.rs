@@ -1003,6 +1003,11 @@ impl Sub {
         m.json().unwrap()
     }
 
+    /// Takes in every message until none came for `quiet`; then `seen` has them all.
+    pub fn drain(&mut self, quiet: Duration) {
+        while self.next(Instant::now() + quiet).is_some() {}
+    }
+
     /// Messages received so far (for assertions over history).
     pub fn seen(&self) -> &[Msg] {
         &self.seen
