@@ -20,7 +20,7 @@ fn main() {
     println!("cargo:rerun-if-env-changed=TETHER_VERSION");
     // Builds that fail on purpose, for the self-update tests (tests/self_update.rs): a release
     // build never sets it, and then no such code is compiled in.
-    println!("cargo::rustc-check-cfg=cfg(tether_fault, values(\"crash_at_start\", \"no_connect\"))");
+    println!("cargo::rustc-check-cfg=cfg(tether_fault, values(\"crash_at_start\", \"no_connect\", \"hang_after_connect\"))");
     if let Ok(fault) = std::env::var("TETHER_FAULT") {
         if !fault.is_empty() {
             println!("cargo:rustc-cfg=tether_fault=\"{fault}\"");

@@ -1,7 +1,8 @@
 //! Agent self-update (docs/updates.md, "agent" steps) end to end with real builds: the agent
 //! under test runs from a copy that the update replaces; the new binaries are real builds of
-//! this crate (tests/common/builds.rs): another version, one that crashes at start and one that
-//! never connects, each served by a real nginx over HTTPS. Each time the old agent must be back
+//! this crate (tests/common/builds.rs): another version, one that crashes at start, one that
+//! never connects and one whose loop hangs once connected, each served by a real nginx over
+//! HTTPS. Each time the old agent must be back
 //! online with the pid it had, within the probation and 30 s, and the flow must say why; also
 //! under the busybox init script, whose status, reload and stop must keep working.
 
@@ -31,6 +32,10 @@ fn crashing_build() -> PathBuf {
 
 fn silent_build() -> PathBuf {
     agent_build("no-connect", &[("TETHER_VERSION", "9.9.9-silent"), ("TETHER_FAULT", "no_connect")])
+}
+
+fn hanging_build() -> PathBuf {
+    agent_build("hang", &[("TETHER_VERSION", "9.9.9-hang"), ("TETHER_FAULT", "hang_after_connect")])
 }
 
 /// A device whose agent runs from `exe`, a copy of the binary under test that updates replace.
@@ -168,7 +173,7 @@ fn a_good_build_passes_its_probation_and_runs_with_the_same_pid() {
 #[test]
 fn builds_that_fail_their_probation_leave_the_old_agent_running() {
     let nginx = Nginx::start();
-    let (crashing, silent, next) = (crashing_build(), silent_build(), good_build());
+    let (crashing, silent, hanging, next) = (crashing_build(), silent_build(), hanging_build(), good_build());
     let d = device("dev-self-bad", &nginx);
     let pid = d.s.agent.pid();
     let within = secs(PROBATION_S + 30);
@@ -192,10 +197,20 @@ fn builds_that_fail_their_probation_leave_the_old_agent_running() {
     assert!(started.elapsed() < within, "took {:?}", started.elapsed());
     d.assert_old_agent_back(pid);
 
+    // Connects, then its loop hangs: it cannot hand the connection back.
+    let started = Instant::now();
+    let (code, state) = d.update(&agent_flow(&nginx, "hang", &hanging, false));
+    assert_eq!(code, 1, "{state}");
+    assert!(reason(&state).contains("did not hand the connection back within 10 s"), "{state}");
+    assert!(started.elapsed() < within, "took {:?}", started.elapsed());
+    d.assert_old_agent_back(pid);
+
     // Connects, then is killed during its probation.
     let started = Instant::now();
+    let connected = |log: String| log.matches("the new agent connected to the broker").count();
+    let before = connected(d.s.agent.log());
     let mut update = d.spawn_update(&agent_flow(&nginx, "next", &next, false));
-    assert!(d.s.agent.wait_log("the new agent connected to the broker", secs(60)), "the new agent connected");
+    assert!(wait_until(secs(60), || connected(d.s.agent.log()) > before), "the new agent connected");
     let new_agent = children(pid);
     assert_eq!(new_agent.len(), 1, "one new agent: {new_agent:?}");
     signal(new_agent[0], libc::SIGKILL);

@@ -334,6 +334,11 @@ impl Agent {
 
     fn on_connected(&mut self) {
         self.updates.on_connected();
+        #[cfg(tether_fault = "hang_after_connect")]
+        loop {
+            // A build whose loop hangs once connected, on purpose (TETHER_FAULT).
+            std::thread::sleep(Duration::from_secs(3600));
+        }
         self.outbox.on_connected();
         self.firewall.on_connected();
         self.remote.on_reconnect();

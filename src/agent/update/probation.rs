@@ -136,9 +136,17 @@ fn watch(plan: &Plan) -> Result<Verdict, String> {
         if stopping.is_none() && now >= ends {
             if connected {
                 // It leaves the connection without an offline status: the device does not
-                // blink offline between it and the same binary under this pid.
-                stop(&mut child, libc::SIGUSR1);
-                return Ok(Verdict::Passed);
+                // blink offline between it and the same binary under this pid. An agent whose
+                // loop hung cannot: that fails it too.
+                return Ok(match stop(&mut child, libc::SIGUSR1) {
+                    Some(status) if status.success() => Verdict::Passed,
+                    Some(status) => Verdict::Failed(ended(status, started.elapsed(), plan.probation)),
+                    None => Verdict::Failed(format!(
+                        "the new agent did not hand the connection back within {} s of the end of its \
+                         probation (its loop does not answer): killed",
+                        STOP_GRACE.as_secs()
+                    )),
+                });
             }
             stop(&mut child, libc::SIGTERM);
             return Ok(Verdict::Failed(format!(
@@ -208,18 +216,20 @@ fn spawn(plan: &Plan, report_end: &OwnedFd) -> std::io::Result<Child> {
 }
 
 /// `signum` (SIGTERM, or SIGUSR1 to hand the connection back), then SIGKILL after
-/// `STOP_GRACE`; reaped.
-fn stop(child: &mut Child, signum: libc::c_int) {
+/// `STOP_GRACE`; reaped. How it ended, None when it had to be killed.
+fn stop(child: &mut Child, signum: libc::c_int) -> Option<ExitStatus> {
     signal(child, signum);
     let deadline = Instant::now() + STOP_GRACE;
     while Instant::now() < deadline {
-        if !matches!(child.try_wait(), Ok(None)) {
-            return;
+        match child.try_wait() {
+            Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+            Ok(Some(status)) => return Some(status),
+            Err(_) => return None,
         }
-        std::thread::sleep(Duration::from_millis(50));
     }
     signal(child, libc::SIGKILL);
     let _ = child.wait();
+    None
 }
 
 fn signal(child: &Child, signum: libc::c_int) {
