@@ -11,7 +11,7 @@ mod common;
 use common::builds::agent_build;
 use common::http::Nginx;
 use common::remote::{text, Setup};
-use common::{secs, signal, status_topic, wait_until, Listener, Sub, AGENT_BIN};
+use common::{descendants, secs, signal, status_topic, wait_until, Listener, Sub, AGENT_BIN};
 use serde_json::{json, Value};
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -92,7 +92,7 @@ impl Device {
         assert_eq!(self.online_version(), tether::VERSION);
         assert_eq!(exe_of(pid), self.exe, "the same pid runs the binary at the same path");
         assert!(fs::read(&self.exe).unwrap() == fs::read(AGENT_BIN).unwrap(), "the old binary is in place");
-        assert!(children(pid).is_empty(), "no new agent left: {:?}", children(pid));
+        assert!(descendants(pid).is_empty(), "no new agent left: {:?}", descendants(pid));
         assert_eq!(downloads(&self.s), Vec::<String>::new(), "the staged binary is gone");
     }
 }
@@ -113,21 +113,6 @@ fn reason(state: &Value) -> String {
 
 fn exe_of(pid: u32) -> PathBuf {
     fs::read_link(format!("/proc/{pid}/exe")).unwrap()
-}
-
-/// Live children of `pid`.
-fn children(pid: u32) -> Vec<u32> {
-    let mut found = Vec::new();
-    for entry in fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(stat) = fs::read_to_string(format!("/proc/{child}/stat")) else { continue };
-        let fields: Vec<&str> =
-            stat.rsplit_once(") ").map(|(_, rest)| rest).unwrap_or("").split(' ').collect();
-        if fields.len() > 1 && fields[1] == pid.to_string() && fields[0] != "Z" {
-            found.push(child);
-        }
-    }
-    found
 }
 
 fn downloads(s: &Setup) -> Vec<String> {
@@ -159,7 +144,7 @@ fn a_good_build_passes_its_probation_and_runs_with_the_same_pid() {
     assert!(fs::read(&d.exe).unwrap() == fs::read(&next).unwrap(), "the new binary is in place");
     let previous = d.bin_dir.path().join(".tether-agent.previous");
     assert!(fs::read(previous).unwrap() == fs::read(AGENT_BIN).unwrap(), "the previous binary is kept");
-    assert!(children(pid).is_empty());
+    assert!(descendants(pid).is_empty());
     assert!(d.s.agent.log_contains("the new agent connected to the broker"));
 
     // The same flow again: that binary runs already, nothing is downloaded or restarted.
@@ -211,7 +196,7 @@ fn builds_that_fail_their_probation_leave_the_old_agent_running() {
     let before = connected(d.s.agent.log());
     let mut update = d.spawn_update(&agent_flow(&nginx, "next", &next, false));
     assert!(wait_until(secs(60), || connected(d.s.agent.log()) > before), "the new agent connected");
-    let new_agent = children(pid);
+    let new_agent = descendants(pid);
     assert_eq!(new_agent.len(), 1, "one new agent: {new_agent:?}");
     signal(new_agent[0], libc::SIGKILL);
     let (code, state) = outcome(&common::wait_child_output(&mut update, secs(120)));
@@ -361,6 +346,6 @@ fn under_the_busybox_init_script_status_reload_and_stop_keep_working() {
     assert!(init.wait_log("reload requested", reloads + 1, secs(10)));
     let (code, said) = init.run("stop");
     assert_eq!((code, said.as_str()), (0, "tether-agent: stopped\n"));
-    assert!(!Path::new(&format!("/proc/{pid}")).exists() || children(pid).is_empty());
+    assert!(!Path::new(&format!("/proc/{pid}")).exists() || descendants(pid).is_empty());
     assert_eq!(init.run("status").0, 3, "not running");
 }

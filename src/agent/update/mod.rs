@@ -129,22 +129,44 @@ struct Journal {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AgentStage {
-    /// The new binary (this sha256) runs on probation, guarded by the old agent.
-    Probation { sha256: String },
+    /// The new binary runs on probation, guarded by the old agent.
+    Probation,
     /// It passed and is in place.
     Swapped,
     /// It did not pass; the old agent runs on.
     Failed { reason: String },
 }
 
+impl Journal {
+    fn path(dir: &Path) -> PathBuf {
+        dir.join("flow.json")
+    }
+
+    /// The journal in the update directory `dir`, if there is one.
+    fn read(dir: &Path) -> Result<Option<Journal>, String> {
+        let path = Journal::path(dir);
+        let bytes = match fsutil::read_optional(&path) {
+            Ok(Some(bytes)) => bytes,
+            Ok(None) => return Ok(None),
+            Err(e) => return Err(format!("cannot read {}: {}", path.display(), error_text(&e))),
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| format!("{}: unreadable ({e}); the update it held is lost", path.display()))
+    }
+
+    fn write(&self, dir: &Path) -> Result<(), String> {
+        let bytes = serde_json::to_vec(self).map_err(|e| e.to_string())?;
+        fsutil::create_private_dir(dir).map_err(|e| error_text(&e))?;
+        fsutil::write_atomic(&Journal::path(dir), &bytes).map_err(|e| error_text(&e))
+    }
+}
+
 /// Sets the agent stage in the journal of `dir` (the guard, between two agents).
 fn record_agent_stage(dir: &Path, stage: AgentStage) -> Result<(), String> {
-    let path = dir.join("flow.json");
-    let bytes = fsutil::read_optional(&path).map_err(|e| error_text(&e))?.ok_or("no journal")?;
-    let mut journal: Journal = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
+    let mut journal = Journal::read(dir)?.ok_or("no journal")?;
     journal.agent = Some(stage);
-    let bytes = serde_json::to_vec(&journal).map_err(|e| e.to_string())?;
-    fsutil::write_atomic(&path, &bytes).map_err(|e| error_text(&e))
+    journal.write(dir)
 }
 
 struct Current {
@@ -219,18 +241,10 @@ impl Updates {
 
     /// At start: the flow a previous run left under way, resumed; its command id.
     pub fn resume(&mut self) -> Option<String> {
-        let path = self.journal_path();
-        let bytes = match fsutil::read_optional(&path) {
-            Ok(bytes) => bytes?,
+        let journal = match Journal::read(&self.settings.dir) {
+            Ok(journal) => journal?,
             Err(e) => {
-                log::error!("cannot read {}: {}", path.display(), error_text(&e));
-                return None;
-            }
-        };
-        let journal: Journal = match serde_json::from_slice(&bytes) {
-            Ok(journal) => journal,
-            Err(e) => {
-                log::error!("{}: unreadable ({e}); the update it held is lost", path.display());
+                log::error!("{e}");
                 return None;
             }
         };
@@ -310,7 +324,7 @@ impl Updates {
             );
             return self.task_done(Err(why));
         }
-        current.journal.agent = Some(AgentStage::Probation { sha256: sha256.clone() });
+        current.journal.agent = Some(AgentStage::Probation);
         let journal = current.journal.clone();
         if let Err(e) = self.write(&journal) {
             return self.task_done(Err(format!("not run: cannot write the update journal: {e}")));
@@ -378,14 +392,8 @@ impl Updates {
         current.progress_sent = Some((now, progress));
     }
 
-    fn journal_path(&self) -> PathBuf {
-        self.settings.dir.join("flow.json")
-    }
-
     fn write(&self, journal: &Journal) -> Result<(), String> {
-        let bytes = serde_json::to_vec(journal).map_err(|e| e.to_string())?;
-        fsutil::create_private_dir(&self.settings.dir).map_err(|e| error_text(&e))?;
-        fsutil::write_atomic(&self.journal_path(), &bytes).map_err(|e| error_text(&e))
+        journal.write(&self.settings.dir)
     }
 
     /// After a restart, the task the journal says had begun: done (a reboot that happened),
@@ -403,7 +411,7 @@ impl Updates {
                 installed: None,
             }),
             // Cut short without a verdict (no guard ran it to its end): it begins again.
-            Some(AgentStage::Probation { .. }) | None => return self.settle_other_task(),
+            Some(AgentStage::Probation) | None => return self.settle_other_task(),
         };
         self.task_done(result);
     }
@@ -527,7 +535,7 @@ impl Updates {
             Ok(result) => CommandState::Successful { result },
             Err(reason) => CommandState::Failed { reason },
         };
-        if let Err(e) = std::fs::remove_file(self.journal_path()) {
+        if let Err(e) = std::fs::remove_file(Journal::path(&self.settings.dir)) {
             log::error!("update {}: cannot remove the journal: {}", Printable(&journal.id), error_text(&e));
         }
         remove_downloads(&self.settings, &journal.run.flow);

@@ -11,12 +11,12 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use std::ffi::OsString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
 
-use super::{record_agent_stage, self_update, AgentStage};
+use super::{record_agent_stage, self_update, tasks, AgentStage};
 use crate::signals::{Signal, Signals};
 use crate::text::Printable;
 
@@ -239,24 +239,12 @@ fn signal(child: &Child, signum: libc::c_int) {
 
 /// How the child ended, for the flow's reason.
 fn ended(status: ExitStatus, after: Duration, probation: Duration) -> String {
-    let how = match (status.code(), status.signal()) {
-        (Some(code), _) => format!("exited with status {code}"),
-        (None, Some(signum)) => format!("was killed by signal {signum}{}", signal_name(signum)),
-        _ => "ended".into(),
-    };
-    format!("the new agent {how} {} s into its probation of {} s", after.as_secs(), probation.as_secs())
-}
-
-fn signal_name(signum: libc::c_int) -> &'static str {
-    match signum {
-        libc::SIGKILL => " (SIGKILL)",
-        libc::SIGSEGV => " (SIGSEGV)",
-        libc::SIGABRT => " (SIGABRT)",
-        libc::SIGTERM => " (SIGTERM)",
-        libc::SIGBUS => " (SIGBUS)",
-        libc::SIGILL => " (SIGILL)",
-        _ => "",
-    }
+    format!(
+        "the new agent {} {} s into its probation of {} s",
+        tasks::describe(status),
+        after.as_secs(),
+        probation.as_secs()
+    )
 }
 
 /// Some(whether a connected report came), None at the end of the pipe.

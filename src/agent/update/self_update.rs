@@ -161,8 +161,7 @@ pub fn swap_in(staged: &Path, exe: &Path, flow_id: &str) -> Result<(), String> {
 
 /// Where the binary an agent step replaced is kept.
 pub fn previous_binary(exe: &Path) -> PathBuf {
-    let name = exe.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    exe.with_file_name(format!(".{name}.previous"))
+    tasks::sibling(exe, "previous")
 }
 
 /// A binary that failed its probation on this device.

@@ -27,7 +27,8 @@ pub fn previous_path(path: &Path, flow_id: &str) -> PathBuf {
     sibling(path, &format!("tether-prev-{flow_id}"))
 }
 
-fn sibling(path: &Path, tag: &str) -> PathBuf {
+/// `.NAME.TAG` beside `path`.
+pub fn sibling(path: &Path, tag: &str) -> PathBuf {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     path.with_file_name(format!(".{name}.{tag}"))
 }
@@ -201,12 +202,25 @@ fn terminate_group(group: libc::pid_t, child: &mut std::process::Child) {
     let _ = child.wait();
 }
 
-fn describe(status: std::process::ExitStatus) -> String {
+/// How a process ended: "exited with 3", "was killed by signal 9 (SIGKILL)".
+pub fn describe(status: std::process::ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
     match (status.code(), status.signal()) {
         (Some(code), _) => format!("exited with {code}"),
-        (None, Some(signal)) => format!("was killed by signal {signal}"),
+        (None, Some(signal)) => format!("was killed by signal {signal}{}", signal_name(signal)),
         _ => "ended".into(),
+    }
+}
+
+fn signal_name(signum: libc::c_int) -> &'static str {
+    match signum {
+        libc::SIGKILL => " (SIGKILL)",
+        libc::SIGSEGV => " (SIGSEGV)",
+        libc::SIGABRT => " (SIGABRT)",
+        libc::SIGTERM => " (SIGTERM)",
+        libc::SIGBUS => " (SIGBUS)",
+        libc::SIGILL => " (SIGILL)",
+        _ => "",
     }
 }
 
