@@ -11,7 +11,7 @@ mod common;
 use common::builds::agent_build;
 use common::http::Nginx;
 use common::remote::{text, Setup};
-use common::{descendants, secs, signal, status_topic, wait_until, Listener, Sub, AGENT_BIN};
+use common::{children, secs, signal, status_topic, wait_until, Listener, Sub, AGENT_BIN};
 use serde_json::{json, Value};
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -92,7 +92,7 @@ impl Device {
         assert_eq!(self.online_version(), tether::VERSION);
         assert_eq!(exe_of(pid), self.exe, "the same pid runs the binary at the same path");
         assert!(fs::read(&self.exe).unwrap() == fs::read(AGENT_BIN).unwrap(), "the old binary is in place");
-        assert!(descendants(pid).is_empty(), "no new agent left: {:?}", descendants(pid));
+        assert!(children(pid).is_empty(), "no new agent left: {:?}", children(pid));
         assert_eq!(downloads(&self.s), Vec::<String>::new(), "the staged binary is gone");
     }
 }
@@ -144,7 +144,7 @@ fn a_good_build_passes_its_probation_and_runs_with_the_same_pid() {
     assert!(fs::read(&d.exe).unwrap() == fs::read(&next).unwrap(), "the new binary is in place");
     let previous = d.bin_dir.path().join(".tether-agent.previous");
     assert!(fs::read(previous).unwrap() == fs::read(AGENT_BIN).unwrap(), "the previous binary is kept");
-    assert!(descendants(pid).is_empty());
+    assert!(children(pid).is_empty());
     assert!(d.s.agent.log_contains("the new agent connected to the broker"));
 
     // The same flow again: that binary runs already, nothing is downloaded or restarted.
@@ -153,6 +153,39 @@ fn a_good_build_passes_its_probation_and_runs_with_the_same_pid() {
     let output = state["result"]["steps"][0]["output"].as_str().unwrap_or_default();
     assert!(output.contains("is the binary named: nothing to do"), "{state}");
     assert_eq!(d.s.agent.pid(), pid);
+}
+
+/// The old agent killed with SIGKILL during the probation (the power going would do the same):
+/// the new one goes with it, and the next start begins the probation again; the flow ends once,
+/// successful.
+#[test]
+fn a_kill_9_of_the_guard_during_the_probation_begins_it_again_at_the_next_start() {
+    let nginx = Nginx::start();
+    let next = good_build();
+    let mut d = device("dev-self-kill", &nginx);
+    let mut update = d.spawn_update(&agent_flow(&nginx, "next", &next, false));
+    assert!(d.s.agent.wait_log("the new agent connected to the broker", secs(60)), "the new agent connected");
+    let new_agent = children(d.s.agent.pid());
+    assert_eq!(new_agent.len(), 1, "one new agent: {new_agent:?}");
+    d.s.agent.kill9();
+    assert!(
+        wait_until(secs(15), || !Path::new(&format!("/proc/{}", new_agent[0])).exists()),
+        "the new agent went with its guard"
+    );
+    assert!(fs::read(&d.exe).unwrap() == fs::read(AGENT_BIN).unwrap(), "the old binary still in place");
+
+    d.s.agent.restart();
+    let (code, state) = outcome(&common::wait_child_output(&mut update, secs(120)));
+    assert_eq!(code, 0, "{state}");
+    assert_eq!(d.online_version(), NEXT);
+    assert!(fs::read(&d.exe).unwrap() == fs::read(&next).unwrap(), "the new binary is in place");
+    let log = d.s.agent.log();
+    let finals = log
+        .lines()
+        .filter(|l| l.contains("command update/") && (l.contains(": successful") || l.contains(": failed")))
+        .count();
+    assert_eq!(finals, 1, "exactly one final state");
+    assert_eq!(log.matches("starts its probation").count(), 2, "the probation began again");
 }
 
 #[test]
@@ -196,7 +229,7 @@ fn builds_that_fail_their_probation_leave_the_old_agent_running() {
     let before = connected(d.s.agent.log());
     let mut update = d.spawn_update(&agent_flow(&nginx, "next", &next, false));
     assert!(wait_until(secs(60), || connected(d.s.agent.log()) > before), "the new agent connected");
-    let new_agent = descendants(pid);
+    let new_agent = children(pid);
     assert_eq!(new_agent.len(), 1, "one new agent: {new_agent:?}");
     signal(new_agent[0], libc::SIGKILL);
     let (code, state) = outcome(&common::wait_child_output(&mut update, secs(120)));
@@ -346,6 +379,6 @@ fn under_the_busybox_init_script_status_reload_and_stop_keep_working() {
     assert!(init.wait_log("reload requested", reloads + 1, secs(10)));
     let (code, said) = init.run("stop");
     assert_eq!((code, said.as_str()), (0, "tether-agent: stopped\n"));
-    assert!(!Path::new(&format!("/proc/{pid}")).exists() || descendants(pid).is_empty());
+    assert!(!Path::new(&format!("/proc/{pid}")).exists() || children(pid).is_empty());
     assert_eq!(init.run("status").0, 3, "not running");
 }

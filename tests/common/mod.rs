@@ -1273,6 +1273,15 @@ fn all_pids() -> Vec<u32> {
         .unwrap_or_default()
 }
 
+/// The live (not zombie) children of `pid`, not theirs.
+pub fn children(pid: u32) -> Vec<u32> {
+    let live = |p: u32| {
+        let stat = fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+        stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z'))
+    };
+    all_pids().into_iter().filter(|&p| parent_pid(p) == Some(pid) && live(p)).collect()
+}
+
 /// The children, grandchildren... of `pid`.
 pub fn descendants(pid: u32) -> Vec<u32> {
     let parents: Vec<(u32, u32)> = all_pids().into_iter().filter_map(|p| Some((p, parent_pid(p)?))).collect();
