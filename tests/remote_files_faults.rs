@@ -11,10 +11,10 @@ use common::files::{
     str_of, summary, write_random_file, Transfer,
 };
 use common::remote::text;
-use common::{secs, wait_until};
+use common::{secs, wait_until, Sub};
 use serde_json::json;
 use std::fs;
-use std::io::Write;
+use std::io::{Seek, Write};
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -364,4 +364,58 @@ fn a_get_and_a_put_resume_where_they_were_once_the_device_dropped_their_tunnels(
         let moved = moved_by_tunnels(&log, op);
         assert_eq!(moved, [(files.size - resumed_from, resumed_from)], "{op}");
     }
+}
+
+/// Bytes a second this machine hashes a sparse file in `dir` at, as the agent does (same code):
+/// a file that takes it a few seconds is big on one machine and small on another.
+fn hash_rate(dir: &Path) -> f64 {
+    let path = dir.join("rate");
+    fs::File::create(&path).unwrap().set_len(256 << 20).unwrap();
+    let file = fs::File::open(&path).unwrap();
+    let started = std::time::Instant::now();
+    tether::agent::files::sha256_prefix(&file, 256 << 20).unwrap();
+    let rate = (256 << 20) as f64 / started.elapsed().as_secs_f64();
+    fs::remove_file(path).unwrap();
+    rate
+}
+
+#[test]
+fn a_get_resumed_deep_into_a_big_file_hashes_what_it_skips_while_the_device_answers() {
+    let (s, root) = device("dev-deep", json!({ "max_file_size": 0 }));
+    // About 6 s of hashing for the agent (sparse: no disk space, no time to write).
+    let mib = ((hash_rate(root.path()) * 6.0) as u64 >> 20).clamp(256, 8 << 10);
+    let (size, tail) = (mib << 20, random_bytes(1 << 20));
+    let skipped = size - tail.len() as u64;
+    let big = root.path().join("big");
+    let file = fs::File::create(&big).unwrap();
+    file.set_len(skipped).unwrap();
+    (&file).seek(std::io::SeekFrom::End(0)).unwrap();
+    (&file).write_all(&tail).unwrap();
+    let here = tempfile::tempdir().unwrap();
+    let got = here.path().join("got");
+    // What an earlier run got: the zeros before the tail.
+    fs::File::create(here.path().join(".got.tether-part")).unwrap().set_len(skipped).unwrap();
+
+    let mut requests = Sub::new(&s.broker, &format!("tether/{}/cmd/get/+", s.device));
+    let get = Transfer::start(s.tetherctl(&["get", &s.device, "/big", str_of(&got), "--json"]));
+    requests.expect("the get's request", secs(30), |_| true);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let asked = std::time::Instant::now();
+    ok(&s.tetherctl(&["cmd", &s.device, "ping", "--timeout", "30"]).output().unwrap());
+    let answered = asked.elapsed();
+    let hashed_after = wait_until(secs(60), || s.agent.log().contains("before the offset hashed"));
+    assert!(hashed_after, "the agent hashed the {skipped} bytes: {}", s.agent.log());
+    let hashing = asked.elapsed();
+    assert!(
+        answered.as_secs_f64() < hashing.as_secs_f64() / 2.0,
+        "a ping is answered in {answered:?} while the get hashes ({hashing:?} more)"
+    );
+
+    let out = get.finish(secs(120));
+    ok(&out);
+    assert_eq!(summary(&out)["resumed_from"].as_u64(), Some(skipped));
+    let mut end = vec![0u8; tail.len()];
+    let got = fs::File::open(&got).unwrap();
+    std::os::unix::fs::FileExt::read_exact_at(&got, &mut end, skipped).unwrap();
+    assert!(end == tail && got.metadata().unwrap().len() == size, "the file, whole");
 }

@@ -75,16 +75,40 @@ impl Journal {
     pub fn release(&self, temp: &Path, put: u64) {
         let mut state = self.state();
         if state.temps.get(temp) == Some(&put) {
-            state.temps.remove(temp);
-            if let Err(e) = state.save() {
-                // The file is gone already: the next start finds nothing to remove there.
-                log::warn!("{}: {}", state.path.display(), error_text(&e));
-            }
+            state.forget(temp);
         }
+    }
+
+    /// Runs `rename` (of `temp` over its target) if `put` still owns `temp`, and forgets `temp`
+    /// once renamed; None when a newer put took it over. Under the journal's lock: a put
+    /// finishing on a worker and a retry of it beginning on the loop never both have the file.
+    pub fn rename(
+        &self,
+        temp: &Path,
+        put: u64,
+        rename: impl FnOnce() -> io::Result<()>,
+    ) -> Option<io::Result<()>> {
+        let mut state = self.state();
+        if state.temps.get(temp) != Some(&put) {
+            return None;
+        }
+        let renamed = rename();
+        if renamed.is_ok() {
+            state.forget(temp);
+        }
+        Some(renamed)
     }
 }
 
 impl State {
+    fn forget(&mut self, temp: &Path) {
+        self.temps.remove(temp);
+        if let Err(e) = self.save() {
+            // The file is gone already: the next start finds nothing to remove there.
+            log::warn!("{}: {}", self.path.display(), error_text(&e));
+        }
+    }
+
     fn save(&self) -> io::Result<()> {
         let on_disk = OnDisk { temps: self.temps.keys().cloned().collect() };
         let json = serde_json::to_vec(&on_disk).map_err(io::Error::other)?;

@@ -289,10 +289,6 @@ impl PutTarget {
         self.written
     }
 
-    pub fn size(&self) -> u64 {
-        self.size
-    }
-
     /// Appends `bytes`. After an error, `abort`.
     pub fn write(&mut self, bytes: &[u8]) -> Result<(), FileError> {
         self.check_current()?;
@@ -313,7 +309,7 @@ impl PutTarget {
         self.check_current()?;
         let committed = self.commit();
         if committed.is_err() {
-            self.discard();
+            self.abort();
         }
         committed
     }
@@ -346,17 +342,18 @@ impl PutTarget {
         }
         self.file.set_permissions(Permissions::from_mode(mode)).map_err(|e| io_error(shown, &e))?;
         self.file.sync_all().map_err(|e| io_error(shown, &e))?;
-        sys::renameat(&self.dir, &self.temp.name, &self.name, self.replace).map_err(|e| match e.kind() {
-            io::ErrorKind::AlreadyExists => {
-                FileError(format!("{shown} exists (file_transfer.allow_overwrite is false)"))
+        let rename = || sys::renameat(&self.dir, &self.temp.name, &self.name, self.replace);
+        match self.journal.rename(&self.temp.path, self.put, rename) {
+            None => return Err(superseded(shown)),
+            Some(Err(e)) if e.kind() == io::ErrorKind::AlreadyExists => {
+                return Err(FileError(format!("{shown} exists (file_transfer.allow_overwrite is false)")))
             }
-            _ => io_error(shown, &e),
-        })?;
+            Some(Err(e)) => return Err(io_error(shown, &e)),
+            Some(Ok(())) => {}
+        }
         self.dir
             .sync_all()
-            .map_err(|e| io_error(&format!("{shown} (renamed in, the directory not synced)"), &e))?;
-        self.journal.release(&self.temp.path, self.put);
-        Ok(())
+            .map_err(|e| io_error(&format!("{shown} (renamed in, the directory not synced)"), &e))
     }
 
     fn discard(&self) {
@@ -370,8 +367,12 @@ impl PutTarget {
 
     fn check_current(&self) -> Result<(), FileError> {
         if !self.journal.owns(&self.temp.path, self.put) {
-            return Err(FileError(format!("{}: superseded by a newer put of the same file", self.shown)));
+            return Err(superseded(&self.shown));
         }
         Ok(())
     }
+}
+
+fn superseded(shown: &str) -> FileError {
+    FileError(format!("{shown}: superseded by a newer put of the same file"))
 }

@@ -496,6 +496,23 @@ fn a_retried_put_supersedes_the_one_cut_before_the_device_noticed() {
 }
 
 #[test]
+fn a_put_finishing_after_a_retry_took_its_file_over_leaves_the_file_to_the_retry() {
+    let f = fixture();
+    let access = f.access(|_| {});
+    let content = b"0123456789";
+    let sha256 = sha(content);
+    let mut first = access.begin_put(&request("file", content, &sha256)).unwrap();
+    first.write(content).unwrap();
+    let second = access.begin_put(&request("file", content, &sha256)).unwrap();
+    assert_eq!(second.offset(), 10);
+    assert_eq!(refused(first.finish()), "/file: superseded by a newer put of the same file");
+    assert!(!f.root.join("file").exists());
+    second.finish().unwrap();
+    assert_eq!(fs::read(f.root.join("file")).unwrap(), content);
+    assert_eq!(f.names(""), ["file"], "no temp file left");
+}
+
+#[test]
 fn umask_and_preserve_mode_set_the_mode_and_a_replaced_file_keeps_its_own() {
     let f = fixture();
     let mode_of = |name: &str| fs::metadata(f.root.join(name)).unwrap().permissions().mode() & 0o7777;

@@ -27,10 +27,11 @@ use crate::stream::endpoint::{self, Endpoint, Endpoints, Half, OnEof, READ_CHUNK
 use crate::stream::{Handshake, Message, Rejected, Role, StreamId, Tunnel, MIN_WINDOW};
 use crate::text::Printable;
 use crate::trust::base64;
+use crate::worker::Workers;
 use forward::Connecting;
 use logs::LogReading;
 use process::{Child, PtyChild};
-use transfer::{Sent, Transfer};
+use transfer::{Done, Job, Next, Sent, Started, Transfer};
 
 /// Tokens from here up belong to remote access.
 const FIRST_TOKEN: usize = 1 << 20;
@@ -68,6 +69,8 @@ pub struct Remote {
     log_sources: LogsConfig,
     /// Grants of the rate limiters so far: see `Session::served`.
     grants: u64,
+    /// Transfers' blocking jobs, by tunnel id.
+    file_jobs: Workers<(String, Done)>,
 }
 
 /// What a tunnel request brings besides its parameters (from the trust check).
@@ -121,7 +124,8 @@ impl Remote {
             log_sources: config.logs.clone(),
             tunnels: BTreeMap::new(),
             next_token: FIRST_TOKEN,
-            forward: forward::Resolver::new(waker),
+            forward: forward::Resolver::new(Arc::clone(&waker)),
+            file_jobs: Workers::new(waker),
             scratch: Vec::new(),
             unknown: Vec::new(),
         }
@@ -194,7 +198,10 @@ impl Remote {
         match op {
             Op::Forward => session.targets = self.forward_targets(params)?,
             Op::Ls | Op::Get | Op::Put => {
-                let (transfer, about) = transfer::start(&self.files, op, params)?;
+                let Started { transfer, about, job } = transfer::start(&self.files, op, params)?;
+                if let Some(job) = job {
+                    self.run_file_job(id, job)?;
+                }
                 session.transfer = Some(transfer);
                 if let (Some(result), Value::Object(about)) = (result.as_object_mut(), about) {
                     result.extend(about);
@@ -216,6 +223,45 @@ impl Remote {
         log::info!("tunnel {}: {} opened (by {})", Printable(id), describe(op, params), Printable(opener.by));
         self.tunnels.insert(id.to_string(), session);
         Ok(result)
+    }
+
+    fn run_file_job(&mut self, id: &str, job: Job) -> Result<(), String> {
+        let id = id.to_string();
+        self.file_jobs.spawn("file", move || (id, job()))
+    }
+
+    /// Transfers whose job is done go on, or end.
+    fn take_file_jobs(&mut self, registry: &Registry) {
+        while let Some((id, done)) = self.file_jobs.try_recv() {
+            let Some(session) = self.tunnels.get_mut(&id) else {
+                if let Done::Put(outcome) = done {
+                    log::info!("tunnel {}: put finished after its tunnel ended: {outcome:?}", Printable(&id));
+                }
+                continue;
+            };
+            let Some(transfer) = &mut session.transfer else { continue };
+            let (received, offset) = match transfer {
+                Transfer::Receive(r) => (Some(r.received), r.offset),
+                Transfer::Send(s) => (None, s.offset),
+            };
+            let Next::End(reason) = transfer.on_done(done, &mut session.tunnel) else {
+                if received.is_none() {
+                    log::info!(
+                        "tunnel {}: the {offset} bytes before the offset hashed; sending",
+                        Printable(&id)
+                    );
+                }
+                continue;
+            };
+            if let Some(received) = received {
+                let failed = if reason.is_empty() { String::new() } else { format!(" and failed: {reason}") };
+                log::info!(
+                    "tunnel {}: put received {received} bytes from offset {offset}{failed}",
+                    Printable(&id)
+                );
+            }
+            end(&id, session, &reason, registry);
+        }
     }
 
     fn check_allowed(&self, op: Op, by: &str) -> Result<(), String> {
@@ -394,15 +440,11 @@ impl Remote {
             }
             Message::Eof { stream } => {
                 if let Some(Transfer::Receive(receiving)) = &mut session.transfer {
-                    let (received, offset) = (receiving.received, receiving.offset);
-                    let outcome = receiving.finish(&mut session.tunnel);
-                    let reason = outcome.err().unwrap_or_default();
-                    log::info!(
-                        "tunnel {}: put received {received} bytes from offset {offset}{}",
-                        Printable(&id),
-                        if reason.is_empty() { String::new() } else { format!(" and failed: {reason}") }
-                    );
-                    return end(&id, session, &reason, registry);
+                    let started = receiving.finish().and_then(|job| self.run_file_job(&id, job));
+                    if let (Err(why), Some(session)) = (started, self.tunnels.get_mut(&id)) {
+                        end(&id, session, &why, registry);
+                    }
+                    return;
                 }
                 if let Some(connecting) = session.connecting.get_mut(&stream) {
                     return connecting.hold_eof();
@@ -572,6 +614,7 @@ impl Remote {
             self.scratch = vec![0; READ_CHUNK];
         }
         self.connect_resolved(registry);
+        self.take_file_jobs(registry);
         let now = Instant::now();
         let mut turns: Vec<(u64, String)> =
             self.tunnels.iter().map(|(id, s)| (s.served, id.clone())).collect();
@@ -917,7 +960,9 @@ fn describe(op: Op, params: &Map<String, Value>) -> String {
         }
         Op::Ls | Op::Get | Op::Put => {
             let path = params.get("path").and_then(Value::as_str).unwrap_or("");
-            format!("{} {}", op.name(), Printable(path))
+            let offset = params.get("offset").and_then(Value::as_u64).filter(|o| op == Op::Get && *o > 0);
+            let from = offset.map_or(String::new(), |o| format!(" from offset {o}"));
+            format!("{} {}{from}", op.name(), Printable(path))
         }
         Op::Logs => {
             let names = params.get("sources").and_then(Value::as_array).map_or(Vec::new(), |names| {

@@ -3,13 +3,17 @@
 //! files themselves are the business of `agent::files`, which checks every path and limit.
 //!
 //! Bytes are read from (written to) the file on the event loop: regular files do not block
-//! for long, and each turn moves at most a window's worth, paced by the rate limiters.
+//! for long, and each turn moves at most a window's worth, paced by the rate limiters. What
+//! reads or syncs a whole file (hashing the part a resumed get skips, checking and syncing a
+//! finished put) is a `Job` for a worker: seconds on a device's flash, during which the loop
+//! keeps the heartbeats and acknowledgements going.
 
 use serde_json::{json, Map, Value};
 use std::io::{Cursor, Read, Seek, SeekFrom};
+use std::sync::{Arc, Weak};
 use std::time::Instant;
 
-use crate::agent::files::{hash_prefix, FileAccess, PutRequest, PutTarget, RateLimiter};
+use crate::agent::files::{hash_prefix_until, FileAccess, PutRequest, PutTarget, RateLimiter};
 use crate::protocol::Op;
 use crate::stream::{Message, Tunnel};
 use crate::trust::hex;
@@ -20,11 +24,32 @@ pub enum Transfer {
     Receive(Receiving),
 }
 
+/// Blocking work a transfer waits for, to run on a worker; its result goes to `on_done`.
+pub type Job = Box<dyn FnOnce() -> Done + Send>;
+
+pub enum Done {
+    /// A resumed get's prefix, hashed: sending begins.
+    Hashed(Result<ring::digest::Context, String>),
+    /// A put checked, synced and renamed over its target, or why not.
+    Put(Result<(), String>),
+}
+
+/// What the loop does with a transfer once its job is done.
+pub enum Next {
+    Go,
+    /// End the tunnel with this reason (empty: all went well).
+    End(String),
+}
+
 /// `ls` (the listing) or `get` (the file from `offset`) on stream 0.
 pub struct Sending {
     source: Box<dyn Read + Send>,
     /// `get` only: the sha256 of the whole file, fed with the prefix the operator has.
     hash: Option<ring::digest::Context>,
+    /// A resumed get's prefix is being hashed: nothing is sent before it is.
+    hashing: bool,
+    /// The hashing job stops once this is dropped (the tunnel ended): see `hash_job`.
+    _wanted: Arc<()>,
     pub offset: u64,
     pub sent: u64,
 }
@@ -35,6 +60,8 @@ pub struct Receiving {
     /// Bytes written but not yet acknowledged to the operator: acknowledging them no faster
     /// than `max_bytes_rx_per_minute` is what paces the operator (its window stays shut).
     unacknowledged: usize,
+    /// The operator's Eof came: the put is being finished on a worker.
+    finishing: bool,
     pub received: u64,
     pub offset: u64,
 }
@@ -47,16 +74,23 @@ pub enum Sent {
     All,
 }
 
-/// Starts `op` on `params.path`: the transfer, and what the signed answer adds to the key
-/// share (a get's size, mode and mtime; a put's resume offset). Refused with the reason.
-pub fn start(files: &FileAccess, op: Op, params: &Map<String, Value>) -> Result<(Transfer, Value), String> {
+/// A transfer just started: what the signed answer adds to the key share (a get's size, mode
+/// and mtime; a put's resume offset), and the job it waits for, if any.
+pub struct Started {
+    pub transfer: Transfer,
+    pub about: Value,
+    pub job: Option<Job>,
+}
+
+/// Starts `op` on `params.path`, or says why not.
+pub fn start(files: &FileAccess, op: Op, params: &Map<String, Value>) -> Result<Started, String> {
     let path = params.get("path").and_then(Value::as_str).unwrap_or_default();
     let count = |name: &str| params.get(name).and_then(Value::as_u64);
     match op {
         Op::Ls => {
             let entries = files.ls(path).map_err(|e| e.0)?;
             let listing = serde_json::to_vec(&entries).map_err(|e| e.to_string())?;
-            Ok((listing_of(listing), json!({})))
+            Ok(Started { transfer: listing_of(listing), about: json!({}), job: None })
         }
         Op::Get => {
             let source = files.get(path).map_err(|e| e.0)?;
@@ -65,11 +99,20 @@ pub fn start(files: &FileAccess, op: Op, params: &Map<String, Value>) -> Result<
                 return Err(format!("{path}: offset {offset} is past its end ({} bytes)", source.size));
             }
             let mut file = source.file;
-            let hash = hash_prefix(&file, offset).map_err(|e| format!("{path}: {e}"))?;
+            let prefix = file.try_clone().map_err(|e| format!("{path}: {e}"))?;
             file.seek(SeekFrom::Start(offset)).map_err(|e| format!("{path}: {e}"))?;
-            let file: Box<dyn Read + Send> = Box::new(file);
-            let result = json!({ "size": source.size, "mode": source.mode, "mtime": source.mtime });
-            Ok((Transfer::Send(Sending { source: file, hash: Some(hash), offset, sent: 0 }), result))
+            let wanted = Arc::new(());
+            let job = (offset > 0).then(|| hash_job(prefix, offset, path, Arc::downgrade(&wanted)));
+            let sending = Sending {
+                source: Box::new(file),
+                hash: Some(ring::digest::Context::new(&ring::digest::SHA256)),
+                hashing: job.is_some(),
+                _wanted: wanted,
+                offset,
+                sent: 0,
+            };
+            let about = json!({ "size": source.size, "mode": source.mode, "mtime": source.mtime });
+            Ok(Started { transfer: Transfer::Send(sending), about, job })
         }
         _ => {
             let request = PutRequest {
@@ -82,15 +125,62 @@ pub fn start(files: &FileAccess, op: Op, params: &Map<String, Value>) -> Result<
             };
             let target = files.begin_put(&request).map_err(|e| e.0)?;
             let offset = target.offset();
-            let receiving = Receiving { target: Some(target), unacknowledged: 0, received: 0, offset };
-            Ok((Transfer::Receive(receiving), json!({ "offset": offset })))
+            let receiving =
+                Receiving { target: Some(target), unacknowledged: 0, finishing: false, received: 0, offset };
+            Ok(Started {
+                transfer: Transfer::Receive(receiving),
+                about: json!({ "offset": offset }),
+                job: None,
+            })
         }
     }
 }
 
+/// Hashes the first `len` bytes of `file` (a get resumed at `len`); stops early once `wanted`
+/// is gone.
+fn hash_job(file: std::fs::File, len: u64, path: &str, wanted: Weak<()>) -> Job {
+    let path = path.to_string();
+    Box::new(move || {
+        let hashed = hash_prefix_until(&file, len, || wanted.strong_count() == 0);
+        Done::Hashed(hashed.map_err(|e| format!("{path}: {e}")))
+    })
+}
+
 /// JSON on stream 0 (`ls`, `logs --list`), then the Report.
 pub fn listing_of(json: Vec<u8>) -> Transfer {
-    Transfer::Send(Sending { source: Box::new(Cursor::new(json)), hash: None, offset: 0, sent: 0 })
+    let source = Box::new(Cursor::new(json));
+    Transfer::Send(Sending { source, hash: None, hashing: false, _wanted: Arc::new(()), offset: 0, sent: 0 })
+}
+
+impl Transfer {
+    /// The job it waited for is done: whether it goes on or the tunnel ends (and why). A
+    /// result nobody waits for (not this transfer's) changes nothing.
+    pub fn on_done(&mut self, done: Done, tunnel: &mut Tunnel) -> Next {
+        match (self, done) {
+            (Transfer::Send(sending), Done::Hashed(hashed)) if sending.hashing => {
+                sending.hashing = false;
+                match hashed {
+                    Ok(context) => {
+                        sending.hash = Some(context);
+                        Next::Go
+                    }
+                    Err(why) => Next::End(why),
+                }
+            }
+            (Transfer::Receive(receiving), Done::Put(outcome)) if receiving.finishing => {
+                receiving.finishing = false;
+                match outcome {
+                    Ok(()) => {
+                        let report = json!({ "size": receiving.offset + receiving.received, "received": receiving.received });
+                        tunnel.send(Message::Report { json: report.to_string() });
+                        Next::End(String::new())
+                    }
+                    Err(why) => Next::End(why),
+                }
+            }
+            _ => Next::Go,
+        }
+    }
 }
 
 impl Sending {
@@ -105,7 +195,7 @@ impl Sending {
         now: Instant,
     ) -> Result<Sent, String> {
         let mut sent = Sent::Nothing;
-        while tunnel.unsent() == 0 && may_send() {
+        while !self.hashing && tunnel.unsent() == 0 && may_send() {
             let room = tunnel.room(0).min(scratch.len());
             let allowed = if room == 0 { 0 } else { limit.allow(room, now) };
             if allowed == 0 {
@@ -174,13 +264,11 @@ impl Receiving {
         self.unacknowledged > 0
     }
 
-    /// The operator's Eof: the file checked and renamed over the target, and the Report; or
-    /// why not (the temp file is gone then, the target untouched).
-    pub fn finish(&mut self, tunnel: &mut Tunnel) -> Result<(), String> {
+    /// The operator's Eof: the job that checks the file and renames it over the target (on
+    /// failure the temp file goes, the target is untouched); its Done brings the Report.
+    pub fn finish(&mut self) -> Result<Job, String> {
         let target = self.target.take().ok_or("the file was already finished")?;
-        let size = target.size();
-        target.finish().map_err(|e| e.0)?;
-        tunnel.send(Message::Report { json: json!({ "size": size, "received": self.received }).to_string() });
-        Ok(())
+        self.finishing = true;
+        Ok(Box::new(move || Done::Put(target.finish().map_err(|e| e.0))))
     }
 }
