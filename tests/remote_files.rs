@@ -14,9 +14,10 @@ use common::remote::{run_with_input, text, timed_lines};
 use common::{secs, wait_until};
 use serde_json::{json, Value};
 use std::fs;
+use std::io::Write;
 use std::os::unix::fs::symlink;
 use std::path::PathBuf;
-use std::process::Stdio;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 #[test]
@@ -76,6 +77,28 @@ fn get_to_stdout_and_put_from_stdin() {
     let out = run_with_input(s.tetherctl(&["put", "-", &s.device, "/from-stdin"]), b"piped\n");
     ok(&out);
     assert_eq!(fs::read_to_string(root.path().join("from-stdin")).unwrap(), "piped\n");
+}
+
+#[test]
+fn get_of_a_fifo_waits_for_its_bytes_when_special_files_are_allowed() {
+    let (s, root) = device("dev-fifo", json!({ "regular_files_only": false }));
+    let fifo = root.path().join("fifo");
+    let status = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(status.success());
+    // Held open for writing (read-write does not wait for a reader): the get meets a FIFO with
+    // a writer and nothing in it yet.
+    let mut writer = fs::OpenOptions::new().read(true).write(true).open(&fifo).unwrap();
+    let get = Transfer::start(s.tetherctl(&["get", &s.device, "/fifo", "-"]));
+    let opened = wait_until(secs(30), || s.agent.log().contains("get /fifo opened"));
+    assert!(opened, "{}", s.agent.log());
+    std::thread::sleep(Duration::from_millis(500));
+    writer.write_all(b"first\n").unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    writer.write_all(b"second\n").unwrap();
+    drop(writer);
+    let out = get.finish(secs(30));
+    ok(&out);
+    assert_eq!(text(&out.stdout), "first\nsecond\n");
 }
 
 #[test]

@@ -198,7 +198,9 @@ impl Remote {
         match op {
             Op::Forward => session.targets = self.forward_targets(params)?,
             Op::Ls | Op::Get | Op::Put => {
-                let Started { transfer, about, job } = transfer::start(&self.files, op, params)?;
+                let token = self.take_token();
+                let Started { transfer, about, job } =
+                    transfer::start(&self.files, op, params, token, registry)?;
                 if let Some(job) = job {
                     self.run_file_job(id, job)?;
                 }
@@ -506,6 +508,9 @@ impl Remote {
             }
             if let Some(reading) = session.logs.as_mut().filter(|l| l.owns(token)) {
                 return reading.on_ready(token);
+            }
+            if let Some(Transfer::Send(sending)) = session.transfer.as_mut().filter(|t| t.owns(token)) {
+                return sending.on_ready(token);
             }
             let stream = session.connecting.iter().find(|(_, c)| c.token() == Some(token)).map(|(s, _)| *s);
             if let Some(stream) = stream {

@@ -8,6 +8,7 @@
 //! finished put) is a `Job` for a worker: seconds on a device's flash, during which the loop
 //! keeps the heartbeats and acknowledgements going.
 
+use mio::{Interest, Registry, Token};
 use serde_json::{json, Map, Value};
 use std::io::{Cursor, Read, Seek, SeekFrom};
 use std::sync::{Arc, Weak};
@@ -15,6 +16,7 @@ use std::time::Instant;
 
 use crate::agent::files::{hash_prefix_until, FileAccess, PutRequest, PutTarget, RateLimiter};
 use crate::protocol::Op;
+use crate::stream::endpoint::{self, Endpoint, Half, OnEof};
 use crate::stream::{Message, Tunnel};
 use crate::trust::hex;
 
@@ -43,7 +45,7 @@ pub enum Next {
 
 /// `ls` (the listing) or `get` (the file from `offset`) on stream 0.
 pub struct Sending {
-    source: Box<dyn Read + Send>,
+    source: Source,
     /// `get` only: the sha256 of the whole file, fed with the prefix the operator has.
     hash: Option<ring::digest::Context>,
     /// A resumed get's prefix is being hashed: nothing is sent before it is.
@@ -52,6 +54,13 @@ pub struct Sending {
     _wanted: Arc<()>,
     pub offset: u64,
     pub sent: u64,
+}
+
+enum Source {
+    Listing(Cursor<Vec<u8>>),
+    /// A get's file: polled when it can be (a FIFO or a device, with `regular_files_only`
+    /// false, waits for its bytes), always ready when not (a regular file).
+    File(Endpoint),
 }
 
 /// `put`: the operator's bytes into the temp file.
@@ -82,8 +91,14 @@ pub struct Started {
     pub job: Option<Job>,
 }
 
-/// Starts `op` on `params.path`, or says why not.
-pub fn start(files: &FileAccess, op: Op, params: &Map<String, Value>) -> Result<Started, String> {
+/// Starts `op` on `params.path`, or says why not. A get's file is polled with `token`.
+pub fn start(
+    files: &FileAccess,
+    op: Op,
+    params: &Map<String, Value>,
+    token: Token,
+    registry: &Registry,
+) -> Result<Started, String> {
     let path = params.get("path").and_then(Value::as_str).unwrap_or_default();
     let count = |name: &str| params.get(name).and_then(Value::as_u64);
     match op {
@@ -100,11 +115,17 @@ pub fn start(files: &FileAccess, op: Op, params: &Map<String, Value>) -> Result<
             }
             let mut file = source.file;
             let prefix = file.try_clone().map_err(|e| format!("{path}: {e}"))?;
-            file.seek(SeekFrom::Start(offset)).map_err(|e| format!("{path}: {e}"))?;
+            if offset > 0 {
+                // A FIFO or a device has no place to go on from.
+                file.seek(SeekFrom::Start(offset))
+                    .map_err(|e| format!("{path}: cannot go on from {offset}: {e}"))?;
+            }
+            let reader = Half::register(file.into(), token, Interest::READABLE, registry)
+                .map_err(|e| format!("{path}: cannot poll: {e}"))?;
             let wanted = Arc::new(());
             let job = (offset > 0).then(|| hash_job(prefix, offset, path, Arc::downgrade(&wanted)));
             let sending = Sending {
-                source: Box::new(file),
+                source: Source::File(Endpoint::new(Some(reader), None, OnEof::Close)),
                 hash: Some(ring::digest::Context::new(&ring::digest::SHA256)),
                 hashing: job.is_some(),
                 _wanted: wanted,
@@ -148,11 +169,15 @@ fn hash_job(file: std::fs::File, len: u64, path: &str, wanted: Weak<()>) -> Job 
 
 /// JSON on stream 0 (`ls`, `logs --list`), then the Report.
 pub fn listing_of(json: Vec<u8>) -> Transfer {
-    let source = Box::new(Cursor::new(json));
+    let source = Source::Listing(Cursor::new(json));
     Transfer::Send(Sending { source, hash: None, hashing: false, _wanted: Arc::new(()), offset: 0, sent: 0 })
 }
 
 impl Transfer {
+    pub fn owns(&self, token: Token) -> bool {
+        matches!(self, Transfer::Send(sending) if sending.owns(token))
+    }
+
     /// The job it waited for is done: whether it goes on or the tunnel ends (and why). A
     /// result nobody waits for (not this transfer's) changes nothing.
     pub fn on_done(&mut self, done: Done, tunnel: &mut Tunnel) -> Next {
@@ -184,6 +209,31 @@ impl Transfer {
 }
 
 impl Sending {
+    pub fn owns(&self, token: Token) -> bool {
+        matches!(&self.source, Source::File(file) if file.owns(token))
+    }
+
+    pub fn on_ready(&mut self, token: Token) {
+        if let Source::File(file) = &mut self.source {
+            file.on_ready(token);
+        }
+    }
+
+    /// Up to `buf.len()` bytes; None when there are none now (the loop says when).
+    fn read(&mut self, buf: &mut [u8]) -> Result<Option<usize>, String> {
+        let file = match &mut self.source {
+            Source::Listing(listing) => return Ok(Some(listing.read(buf).unwrap_or(0))),
+            Source::File(file) if !file.readable() => return Ok(None),
+            Source::File(file) => file,
+        };
+        match file.read(buf) {
+            endpoint::Read::Bytes(n) => Ok(Some(n)),
+            endpoint::Read::End => Ok(Some(0)),
+            endpoint::Read::Later => Ok(None),
+            endpoint::Read::Failed(why) => Err(format!("cannot read: {why}")),
+        }
+    }
+
     /// Reads into stream 0 while the window, the connection (`may_send`) and the rate limit
     /// allow; at the source's end, Eof and the Report.
     pub fn pump(
@@ -201,11 +251,7 @@ impl Sending {
             if allowed == 0 {
                 break;
             }
-            let n = match self.source.read(&mut scratch[..allowed]) {
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(format!("cannot read: {}", crate::fsutil::error_text(&e))),
-            };
+            let Some(n) = self.read(&mut scratch[..allowed])? else { break };
             if n == 0 {
                 self.send_end(tunnel);
                 return Ok(Sent::All);
