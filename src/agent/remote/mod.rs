@@ -776,12 +776,13 @@ impl Session {
     fn expired(&self, config: &RemoteAccessConfig, now: Instant) -> Option<String> {
         let passed = |secs: u64, from: Instant| secs > 0 && now >= from + Duration::from_secs(secs);
         if self.will_deadline.is_some_and(|at| now >= at) {
-            Some("the operator's connection dropped and did not come back".into())
+            Some(crate::stream::END_OPERATOR_GONE.into())
         } else if passed(config.expire_after_s, self.opened) {
             Some(format!("expired: open for {} s (remote_access.expire_after_s)", config.expire_after_s))
         } else if passed(config.expire_after_idle_s, self.active_at()) {
             Some(format!(
-                "expired: nothing from the operator for {} s (remote_access.expire_after_idle_s)",
+                "{} for {} s (remote_access.expire_after_idle_s)",
+                crate::stream::END_IDLE,
                 config.expire_after_idle_s
             ))
         } else {

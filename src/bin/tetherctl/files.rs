@@ -332,13 +332,11 @@ fn run(
     }
 }
 
-/// The device ended the tunnel because the link failed, not because of the file: it no longer
-/// knew it, the operator's will came, or it heard nothing for `expire_after_idle_s` (the broker
-/// was away that long; a transfer is never idle otherwise).
+/// The tunnel ended because the link failed, not because of the file: the device no longer
+/// knew it, or ended it as the operator's will came or it heard nothing for
+/// `expire_after_idle_s` (the broker was away that long; a transfer is never idle otherwise).
 fn link_lost(reason: &str) -> bool {
-    ["does not know this session", "connection dropped", "expired: nothing from the operator"]
-        .iter()
-        .any(|lost| reason.contains(lost))
+    reason == tunnel::UNKNOWN_TO_DEVICE || tether::stream::link_lost(reason)
 }
 
 /// A refusal of a directory says what get and put take.

@@ -31,6 +31,9 @@ const CLOSE_WAIT: Duration = Duration::from_secs(2);
 /// knows the tunnel (it ended it while tetherctl was away, or restarted) says so, and tetherctl
 /// does not wait for it forever.
 const PROBE_AFTER: Duration = Duration::from_secs(20);
+/// The end of a tunnel the device answered with an empty payload: it does not know it.
+pub const UNKNOWN_TO_DEVICE: &str =
+    "the device does not know this session (it ended it while tetherctl was away, or restarted)";
 
 pub struct Link {
     session: Session,
@@ -328,9 +331,7 @@ impl Link {
             // Unauthenticated, like the operator's will: whoever can publish here can end the
             // session, as they could by dropping its frames.
             self.ended_by_device = true;
-            let reason = "the device does not know this session (it ended it while tetherctl was away, or \
-                          restarted)";
-            return Some(Message::End { reason: reason.into() });
+            return Some(Message::End { reason: UNKNOWN_TO_DEVICE.into() });
         }
         let registry = self.session.registry();
         match self.tunnel.receive(frame, now) {
