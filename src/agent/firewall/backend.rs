@@ -296,15 +296,24 @@ fn iptables_rule(rule: &Rule, v4: bool) -> Vec<String> {
 }
 
 /// The backend to use: `nftables` or `iptables` as configured, or for `auto` nftables when
-/// `nft` works, else iptables when `iptables` works.
+/// `nft` works, else iptables when `iptables` works. Quick enough for the event loop: neither
+/// tool is asked to wait for a lock.
 pub fn detect(configured: &str) -> Result<Backend, String> {
-    let works = |program: &str, args: &[&str]| run(program, args, None).is_ok();
     match configured {
         "nftables" => Ok(Backend::Nftables),
         "iptables" => Ok(Backend::Iptables),
-        _ if works("nft", &["list", "tables"]) => Ok(Backend::Nftables),
-        _ if works("iptables", &[WAIT, WAIT_S, "-S", "OUTPUT"]) => Ok(Backend::Iptables),
+        _ if run("nft", &["list", "tables"], None).is_ok() => Ok(Backend::Nftables),
+        _ if iptables_works(&run("iptables", &["-S", "OUTPUT"], None)) => Ok(Backend::Iptables),
         _ => Err("no firewall backend: neither `nft list tables` nor `iptables -S` works here".into()),
+    }
+}
+
+/// Whether `iptables -S` ran, or would have but for the xtables lock another program holds
+/// (legacy iptables refuses at once without `-w`; applying waits for it, on a worker).
+fn iptables_works(listed: &Result<String, String>) -> bool {
+    match listed {
+        Ok(_) => true,
+        Err(why) => why.contains("xtables lock"),
     }
 }
 
@@ -399,6 +408,19 @@ mod tests {
 
     fn set(v: serde_json::Value) -> RuleSet {
         RuleSet::from_json(&v).unwrap()
+    }
+
+    #[test]
+    fn iptables_holding_its_lock_is_still_iptables() {
+        let held = "iptables -S OUTPUT failed (exit status: 4): Another app is currently holding the \
+                    xtables lock. Perhaps you want to use the -w option?";
+        assert!(iptables_works(&Err(held.into())));
+        assert!(iptables_works(&Ok("-P OUTPUT ACCEPT\n".into())));
+        let missing = "cannot run iptables: No such file or directory (os error 2)";
+        assert!(!iptables_works(&Err(missing.into())));
+        let no_kernel = "iptables -S OUTPUT failed (exit status: 3): iptables v1.8.7 (legacy): can't \
+                         initialize iptables table `filter': Table does not exist";
+        assert!(!iptables_works(&Err(no_kernel.into())));
     }
 
     #[test]
