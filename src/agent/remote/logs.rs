@@ -11,6 +11,7 @@ use serde_json::{Map, Value};
 use std::io;
 use std::os::fd::RawFd;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use crate::agent::logs::{self, CommandLog, FileLog, Query, Status};
 use crate::config::{LogInput, LogSource, LogsConfig};
@@ -21,8 +22,8 @@ use crate::text::Printable;
 const HIGH_WATER: usize = 64 * 1024;
 /// Bytes handed to the tunnel at once.
 const SEND_CHUNK: usize = 16 * 1024;
-/// How long the loop waits for a command whose output ended to exit.
-const EXIT_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
+/// How long a command whose output ended is given to exit, for its exit code.
+const EXIT_WAIT: Duration = Duration::from_millis(100);
 /// Tried in this order when the operator names no source.
 const DEFAULT_SOURCES: [&str; 3] = ["syslog", "journal", "logread"];
 
@@ -38,6 +39,17 @@ pub struct LogReading {
     scratch_errors: Vec<u8>,
     /// Some source could not be read (the exit code is 1).
     failed: bool,
+    /// Commands whose output ended, until they exit (SIGCHLD wakes the loop) or EXIT_WAIT is
+    /// over: a command closes its pipes a moment before it can be waited for (the kernel
+    /// closes a process's files first), and one that closed them and goes on (a daemon) is
+    /// killed when dropped.
+    exiting: Vec<Exiting>,
+}
+
+struct Exiting {
+    name: String,
+    command: CommandLog,
+    until: Instant,
 }
 
 struct Reader {
@@ -82,6 +94,7 @@ impl LogReading {
             scratch: Vec::new(),
             scratch_errors: Vec::new(),
             failed: false,
+            exiting: Vec::new(),
         };
         let opened: Vec<(String, Log)> =
             sources.iter().flat_map(|source| reading.open_source(source, &query)).collect();
@@ -155,7 +168,7 @@ impl LogReading {
     /// Moves lines into the tunnel while its window and the connection (`may_send`) take them,
     /// reading the sources as what they gave goes out.
     pub fn pump(&mut self, tunnel: &mut Tunnel, may_send: impl Fn() -> bool, registry: &Registry) -> Pumped {
-        let mut read = false;
+        let mut read = self.reap(Instant::now());
         loop {
             let sent =
                 send(&mut self.notes, 1, tunnel, &may_send) | send(&mut self.lines, 0, tunnel, &may_send);
@@ -166,8 +179,32 @@ impl LogReading {
             }
         }
         let drained = self.lines.is_empty() && self.notes.is_empty();
-        let done = (self.readers.is_empty() && drained).then(|| i32::from(self.failed));
+        let done =
+            (self.readers.is_empty() && self.exiting.is_empty() && drained).then(|| i32::from(self.failed));
         Pumped { read, done }
+    }
+
+    /// When a command that ended is let go without its exit code.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.exiting.iter().map(|e| e.until).min()
+    }
+
+    /// Notes how the commands that ended exited, once they did; whether any did (or was let go).
+    fn reap(&mut self, now: Instant) -> bool {
+        let before = self.exiting.len();
+        let mut failures = Vec::new();
+        self.exiting.retain_mut(|e| match e.command.child().try_wait() {
+            Some(exit) if exit.shell_code() != 0 => {
+                failures.push((e.name.clone(), format!("the command exited with {}", exit.shell_code())));
+                false
+            }
+            Some(_) => false,
+            None => now < e.until,
+        });
+        for (name, why) in failures {
+            self.fail(&name, &why);
+        }
+        self.exiting.len() < before
     }
 
     /// One read of each source that may have something (only the first unfinished one when not
@@ -199,16 +236,18 @@ impl LogReading {
                     gave = true;
                 }
                 Ok(Status::End) => {
-                    let mut reader = self.readers.remove(i);
-                    if let Some(why) = reader.close(registry) {
-                        self.fail(&reader.name_for_notes(), &why);
+                    let reader = self.readers.remove(i);
+                    reader.deregister(registry);
+                    let name = reader.name_for_notes();
+                    if let Log::Command(command) = reader.log {
+                        self.exiting.push(Exiting { name, command, until: Instant::now() + EXIT_WAIT });
                     }
                     gave = true;
                     continue;
                 }
                 Err(e) => {
-                    let mut reader = self.readers.remove(i);
-                    reader.close(registry);
+                    let reader = self.readers.remove(i);
+                    reader.deregister(registry);
                     self.fail(
                         &reader.name_for_notes(),
                         &format!("cannot read: {}", crate::fsutil::error_text(&e)),
@@ -227,9 +266,10 @@ impl LogReading {
 
     /// The tunnel ends: the commands are stopped, the descriptors closed.
     pub fn close(&mut self, registry: &Registry) {
-        for mut reader in self.readers.drain(..) {
-            reader.close(registry);
+        for reader in self.readers.drain(..) {
+            reader.deregister(registry);
         }
+        self.exiting.clear();
     }
 }
 
@@ -242,30 +282,10 @@ impl Reader {
         }
     }
 
-    /// Deregisters and drops it; for a command that ended badly, how.
-    fn close(&mut self, registry: &Registry) -> Option<String> {
+    fn deregister(&self, registry: &Registry) {
         for fd in self.log.fds() {
             let _ = registry.deregister(&mut SourceFd(&fd));
         }
-        let Log::Command(command) = &mut self.log else { return None };
-        let exit = exit_soon(command)?;
-        (exit.shell_code() != 0).then(|| format!("the command exited with {}", exit.shell_code()))
-    }
-}
-
-/// How a command whose output ended exited. It closes its pipes a moment before it can be
-/// waited for (the kernel closes a process's files first); one that closed them and goes on
-/// (a daemon) is not waited for longer than EXIT_WAIT, and is killed when dropped.
-fn exit_soon(command: &mut CommandLog) -> Option<crate::agent::remote::process::Exit> {
-    let deadline = std::time::Instant::now() + EXIT_WAIT;
-    loop {
-        if let Some(exit) = command.child().try_wait() {
-            return Some(exit);
-        }
-        if std::time::Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(1));
     }
 }
 

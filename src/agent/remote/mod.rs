@@ -767,6 +767,7 @@ impl Session {
             self.ending,
             self.will_deadline,
             self.exit.map(|(_, at)| at + DRAIN_GRACE),
+            self.logs.as_ref().and_then(LogReading::next_deadline),
             after(config.expire_after_s, self.opened).filter(|_| self.ending.is_none()),
             after(config.expire_after_idle_s, self.active_at()).filter(|_| self.ending.is_none()),
         ];
