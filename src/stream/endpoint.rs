@@ -237,7 +237,8 @@ impl Endpoint {
 pub type Endpoints = BTreeMap<StreamId, Endpoint>;
 
 /// Bytes from the peer for `stream`: written to its end, counted consumed once written. Data
-/// for a stream already closed here is dropped (and counted, so the window keeps moving).
+/// for a stream with no end here (closed already, or never opened) is dropped, and the tunnel's
+/// accounting of it too: a peer sending on ever new stream ids cannot grow it.
 /// Err: the end cannot take it; the caller closes the stream.
 pub fn deliver(
     endpoints: &mut Endpoints,
@@ -247,10 +248,11 @@ pub fn deliver(
     registry: &Registry,
     now: Instant,
 ) -> Result<(), String> {
-    let written = match endpoints.get_mut(&stream) {
-        Some(endpoint) => endpoint.write(bytes, registry)?,
-        None => bytes.len(),
+    let Some(endpoint) = endpoints.get_mut(&stream) else {
+        tunnel.forget(stream);
+        return Ok(());
     };
+    let written = endpoint.write(bytes, registry)?;
     tunnel.consumed(stream, written, now);
     Ok(())
 }

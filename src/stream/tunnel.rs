@@ -228,6 +228,11 @@ impl Tunnel {
         self.flows.remove(&stream);
     }
 
+    /// Streams it keeps accounts of.
+    pub fn streams(&self) -> usize {
+        self.flows.len()
+    }
+
     /// After the owner's connection to the broker came back: frames may have been lost both
     /// ways, so everything unacknowledged goes again and the peer is asked to do the same.
     pub fn on_reconnect(&mut self) {
@@ -434,6 +439,29 @@ mod tests {
         let later = now + ACK_DELAY;
         deliver(&mut dev, &mut op, later);
         assert!(op.all_acked());
+    }
+
+    #[test]
+    fn data_for_streams_without_an_end_leaves_no_accounts_behind() {
+        let (mut op, mut dev, now) = pair();
+        let poll = mio::Poll::new().unwrap();
+        let mut endpoints = crate::stream::endpoint::Endpoints::new();
+        for stream in 0..1000 {
+            op.send_data(stream, b"x");
+        }
+        for message in deliver(&mut op, &mut dev, now) {
+            let Message::Data { stream, bytes } = message else { panic!("{message:?}") };
+            let delivered = crate::stream::endpoint::deliver(
+                &mut endpoints,
+                &mut dev,
+                stream,
+                &bytes,
+                poll.registry(),
+                now,
+            );
+            assert!(delivered.is_ok());
+        }
+        assert_eq!(dev.streams(), 0);
     }
 
     #[test]
