@@ -211,6 +211,8 @@ for pn in tether-agent tether-agent-bin; do
     [ "$pv" = "$cargo_version" ] || ver_problems+=" (${pn}_$pv.bb: Cargo.toml says $cargo_version, git mv it to ${pn}_$cargo_version.bb)"
 done
 [ -n "$cargo_version" ] || ver_problems+=" (no version in Cargo.toml)"
+grep -q '^export TETHER_VERSION = "${PV}"$' "$RECIPES"/tether-agent_*.bb ||
+    ver_problems+=" (tether-agent does not build the agent with TETHER_VERSION = \${PV}: it would report Cargo.toml's version, not the package's)"
 if [ -z "$ver_problems" ]; then
     ok "tether-agent and tether-agent-bin are version $cargo_version, as Cargo.toml"
 else

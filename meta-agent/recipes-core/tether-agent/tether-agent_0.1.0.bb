@@ -28,6 +28,10 @@ EXTERNALSRC_SYMLINKS = ""
 # already-stripped QA check.
 export CARGO_PROFILE_RELEASE_STRIP = "false"
 
+# The version the agent reports in its heartbeat and `--version` (build.rs): the package's, so
+# that a bbappend's PV ("0.1.0+git${SRCPV}", say) is what the fleet shows.
+export TETHER_VERSION = "${PV}"
+
 PACKAGES =+ "${PN}-ctl"
 FILES:${PN}-ctl += "${bindir}/tetherctl"
 
