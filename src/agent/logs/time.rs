@@ -199,7 +199,9 @@ fn number(text: &[u8], at: usize, len: usize) -> Option<u32> {
 
 /// Seconds east of UTC in the device's time zone at `unix` (TZ, else /etc/localtime).
 fn utc_offset(unix: i64) -> i64 {
-    let time = unix as libc::time_t;
+    // `as _`: time_t is 32 bits on some targets (so dates past 2038 wrap there), and libc
+    // deprecates naming it on musl, whose width is changing.
+    let time = unix as _;
     // SAFETY: tm is plain data; all-zero is valid and localtime_r fills it.
     let mut tm: libc::tm = unsafe { std::mem::zeroed() };
     // SAFETY: both pointers are valid for the call.

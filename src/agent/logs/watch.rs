@@ -61,7 +61,7 @@ impl Watch {
         let fd = owned(unsafe {
             libc::timerfd_create(libc::CLOCK_MONOTONIC, libc::TFD_NONBLOCK | libc::TFD_CLOEXEC)
         })?;
-        let interval = libc::timespec { tv_sec: POLL_INTERVAL.as_secs() as libc::time_t, tv_nsec: 0 };
+        let interval = libc::timespec { tv_sec: POLL_INTERVAL.as_secs() as _, tv_nsec: 0 };
         let spec = libc::itimerspec { it_interval: interval, it_value: interval };
         // SAFETY: `spec` is a valid itimerspec; the old value is not asked for.
         if unsafe { libc::timerfd_settime(fd.as_raw_fd(), 0, &spec, std::ptr::null_mut()) } != 0 {
