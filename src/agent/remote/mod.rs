@@ -611,6 +611,7 @@ impl Remote {
             }
             self.unknown.pop();
         }
+        self.take_file_jobs(registry);
         if self.tunnels.is_empty() {
             self.scratch = Vec::new();
             return;
@@ -619,7 +620,6 @@ impl Remote {
             self.scratch = vec![0; READ_CHUNK];
         }
         self.connect_resolved(registry);
-        self.take_file_jobs(registry);
         let now = Instant::now();
         let mut turns: Vec<(u64, String)> =
             self.tunnels.iter().map(|(id, s)| (s.served, id.clone())).collect();
