@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod net;
 pub mod protocol;
 pub mod random;
+pub mod runner;
 pub mod signals;
 pub mod stream;
 pub mod text;

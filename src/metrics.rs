@@ -7,12 +7,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::ffi::{CStr, CString};
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Read};
-use std::os::fd::AsRawFd;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, TryRecvError};
-use std::thread::{self, JoinHandle};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
@@ -20,17 +17,8 @@ use serde_json::{json, Value};
 use crate::config::{CustomSpec, HeartbeatConfig, ProcessSpec};
 use crate::fsutil::error_text;
 use crate::protocol::{Disk, Heartbeat, Memory, NetIface, ProcessInfo, Temperature};
+use crate::runner::{self, spawn_small, End, Output, Program};
 
-/// Command and file threads only poll a pipe or read a file and copy bytes; JSON parsing
-/// happens on the caller's thread.
-const COMMAND_THREAD_STACK: usize = 64 * 1024;
-/// How often a running command is checked for having exited while its pipe is quiet.
-const POLL_TICK: Duration = Duration::from_millis(20);
-/// How long a killed command may take to die before a background thread is left to reap it (a
-/// process stuck in uninterruptible I/O ignores SIGKILL until the I/O ends).
-const REAP_GRACE: Duration = Duration::from_secs(1);
-/// How long to read what an exited command left in its pipe (see `drain`).
-const DRAIN_GRACE: Duration = Duration::from_millis(100);
 /// Caps for small kernel files, so an odd file never costs much memory.
 const SMALL_FILE: u64 = 4096;
 const MEMINFO_MAX: u64 = 16 * 1024;
@@ -553,6 +541,7 @@ fn start_one(name: &str, spec: &CustomSpec, blocked: &mut BlockedReads) -> Pendi
     match (&spec.file, &spec.command) {
         (Some(path), _) => start_read(name, path, spec, blocked),
         (None, Some(argv)) => {
+            // Its output is parsed as JSON here, on the caller's thread, not on the small one.
             let (argv, timeout_s, max_bytes) = (argv.clone(), spec.timeout_s, spec.max_bytes);
             match spawn_small("custom-command", move || run_command(&argv, timeout_s, max_bytes)) {
                 Ok(handle) => Pending::Running(handle),
@@ -589,13 +578,6 @@ fn start_read(name: &str, path: &Path, spec: &CustomSpec, blocked: &mut BlockedR
     }
 }
 
-fn spawn_small<T: Send + 'static>(
-    name: &str,
-    work: impl FnOnce() -> T + Send + 'static,
-) -> io::Result<JoinHandle<T>> {
-    thread::Builder::new().name(name.into()).stack_size(COMMAND_THREAD_STACK).spawn(work)
-}
-
 /// What running a custom command gave: its stdout (capped) and why it failed, if it did.
 #[derive(Debug)]
 struct CommandResult {
@@ -618,151 +600,23 @@ impl CommandResult {
 
 /// Runs argv without a shell, in its own process group, and kills that whole group at the
 /// timeout or as soon as the command itself exits (so a background child that still holds
-/// stdout open can neither delay the result nor outlive the heartbeat). Always reaps.
+/// stdout open can neither delay the result nor outlive the heartbeat).
 fn run_command(argv: &[String], timeout_s: u64, max_bytes: usize) -> CommandResult {
-    let failed = |failure: String| CommandResult { output: Vec::new(), failure: Some(failure) };
-    let Some((program, args)) = argv.split_first() else {
-        return failed("the command is empty".into());
+    let program = Program {
+        timeout: Some(Duration::from_secs(timeout_s)),
+        ..Program::new(argv, Output::Stdout { max_bytes })
     };
-    let spawned = Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .process_group(0)
-        .spawn();
-    let mut child = match spawned {
-        Ok(child) => child,
-        Err(e) => return failed(error_text(&e)),
+    let finished = match runner::run(&program) {
+        Ok(finished) => finished,
+        Err(e) => return CommandResult { output: Vec::new(), failure: Some(error_text(&e)) },
     };
-    let deadline = Instant::now() + Duration::from_secs(timeout_s);
-    let mut pipe = child.stdout.take();
-    let mut output = Vec::new();
-    let exited = loop {
-        if has_exited(&child) {
-            break true;
-        }
-        let now = Instant::now();
-        if now >= deadline {
-            break false;
-        }
-        let wait = (deadline - now).min(POLL_TICK);
-        match pipe.as_mut() {
-            Some(stdout) => {
-                if read_some(stdout, wait, &mut output, max_bytes) == PipeRead::Closed {
-                    pipe = None;
-                }
-            }
-            None => thread::sleep(wait),
-        }
+    let failure = match finished.end {
+        End::Exited(status) if status.success() => None,
+        End::Exited(status) => Some(runner::describe(status)),
+        End::TimedOut => Some(format!("timed out after {timeout_s} s")),
+        End::Stopped => Some("stopped".into()),
     };
-    // While the exited command is an unreaped zombie its pid, which is also the group id,
-    // cannot be reused, so this signal cannot reach a stranger.
-    kill_group(&child);
-    if let (true, Some(stdout)) = (exited, pipe.as_mut()) {
-        drain(stdout, &mut output, max_bytes);
-    }
-    let status = reap(child);
-    let failure = match (exited, status) {
-        (false, _) => Some(format!("timed out after {timeout_s} s")),
-        (true, Some(status)) => exit_failure(status),
-        (true, None) => Some("could not be reaped".into()),
-    };
-    CommandResult { output, failure }
-}
-
-fn exit_failure(status: ExitStatus) -> Option<String> {
-    match (status.code(), status.signal()) {
-        (Some(0), _) => None,
-        (Some(code), _) => Some(format!("exit status {code}")),
-        (None, Some(signal)) => Some(format!("killed by signal {signal}")),
-        (None, None) => Some(format!("{status}")),
-    }
-}
-
-/// Whether the child has exited, without reaping it (WNOWAIT), so its pid stays reserved.
-fn has_exited(child: &Child) -> bool {
-    // SAFETY: siginfo_t is plain data, so all-zero is valid; waitid only writes into it.
-    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-    let flags = libc::WEXITED | libc::WNOHANG | libc::WNOWAIT;
-    // SAFETY: `info` is writable; P_PID with our own child's pid.
-    let rc = unsafe { libc::waitid(libc::P_PID, child.id(), &mut info, flags) };
-    // With WNOHANG, si_pid stays 0 while the child runs. An error (ECHILD: something else
-    // reaped it) means there is nothing left to wait for.
-    // SAFETY: waitid filled (or left zeroed) the SIGCHLD layout that si_pid reads.
-    rc != 0 || unsafe { info.si_pid() } != 0
-}
-
-fn kill_group(child: &Child) {
-    // The command was started with process_group(0), so its group id is its pid.
-    // SAFETY: kill has no memory-safety preconditions.
-    unsafe { libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL) };
-}
-
-/// Waits for a killed child; one that does not die within REAP_GRACE is left to a background
-/// thread, so a process stuck in the kernel cannot stall the heartbeat but is still reaped.
-fn reap(mut child: Child) -> Option<ExitStatus> {
-    let give_up = Instant::now() + REAP_GRACE;
-    loop {
-        match child.try_wait() {
-            Ok(Some(status)) => return Some(status),
-            Err(_) => return None,
-            Ok(None) if Instant::now() >= give_up => break,
-            Ok(None) => thread::sleep(POLL_TICK),
-        }
-    }
-    log::warn!("custom command {} did not die after SIGKILL; reaping it in the background", child.id());
-    let reaper = spawn_small("reaper", move || child.wait());
-    if let Err(e) = reaper {
-        log::warn!("cannot start a reaper thread: {e}");
-    }
-    None
-}
-
-#[derive(Debug, PartialEq)]
-enum PipeRead {
-    Data,
-    Nothing,
-    Closed,
-}
-
-/// Waits up to `wait` for output and reads what is there. Past `max_bytes` output is read and
-/// dropped, so a chatty command finishes instead of blocking on a full pipe.
-fn read_some(stdout: &mut ChildStdout, wait: Duration, output: &mut Vec<u8>, max_bytes: usize) -> PipeRead {
-    if !poll_readable(stdout, wait) {
-        return PipeRead::Nothing;
-    }
-    let mut chunk = [0u8; 4096];
-    match stdout.read(&mut chunk) {
-        Ok(0) => PipeRead::Closed,
-        Ok(n) => {
-            let room = max_bytes.saturating_sub(output.len());
-            output.extend_from_slice(&chunk[..n.min(room)]);
-            PipeRead::Data
-        }
-        Err(e) if e.kind() == io::ErrorKind::Interrupted => PipeRead::Nothing,
-        Err(_) => PipeRead::Closed,
-    }
-}
-
-/// Reads what an exited command left in its pipe. Its group is dead by now, so that is at most
-/// a pipe buffer; the time limit only guards against a writer that left the group (setsid).
-fn drain(stdout: &mut ChildStdout, output: &mut Vec<u8>, max_bytes: usize) {
-    let give_up = Instant::now() + DRAIN_GRACE;
-    while Instant::now() < give_up {
-        if read_some(stdout, Duration::ZERO, output, max_bytes) != PipeRead::Data {
-            break;
-        }
-    }
-}
-
-/// Whether a read would not block: data, end of file or an error.
-fn poll_readable(stdout: &ChildStdout, wait: Duration) -> bool {
-    let mut fds = libc::pollfd { fd: stdout.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-    let millis = wait.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int;
-    // SAFETY: `fds` is one valid pollfd.
-    let ready = unsafe { libc::poll(&mut fds, 1, millis) };
-    ready > 0 && fds.revents != 0
+    CommandResult { output: finished.stdout, failure }
 }
 
 #[cfg(test)]
@@ -895,10 +749,10 @@ mod tests {
     #[test]
     fn failures_as_values() {
         let result =
-            CommandResult { output: b"disk missing\n".to_vec(), failure: Some("exit status 2".into()) };
-        assert_eq!(result.into_value(), json!({"error": "exit status 2", "output": "disk missing"}));
-        let result = CommandResult { output: Vec::new(), failure: Some("exit status 2".into()) };
-        assert_eq!(result.into_value(), json!({"error": "exit status 2"}));
+            CommandResult { output: b"disk missing\n".to_vec(), failure: Some("exited with 2".into()) };
+        assert_eq!(result.into_value(), json!({"error": "exited with 2", "output": "disk missing"}));
+        let result = CommandResult { output: Vec::new(), failure: Some("exited with 2".into()) };
+        assert_eq!(result.into_value(), json!({"error": "exited with 2"}));
         let e = io::Error::from_raw_os_error(libc::ENOENT);
         assert_eq!(error_text(&e), "No such file or directory");
     }
@@ -1027,8 +881,8 @@ mod tests {
         fs::remove_file(&json_file).unwrap();
         assert_eq!(values["script"], json!("hello from sh"));
         assert_eq!(values["json"], json!({"a": 1, "b": [true]}));
-        assert_eq!(values["status"], json!({"error": "exit status 3", "output": "oops"}));
-        assert_eq!(values["silent_status"], json!({"error": "exit status 1"}));
+        assert_eq!(values["status"], json!({"error": "exited with 3", "output": "oops"}));
+        assert_eq!(values["silent_status"], json!({"error": "exited with 1"}));
         assert_eq!(values["missing"], json!({"error": "No such file or directory"}));
         assert_eq!(values["file"], json!({"x": 2}));
         assert_eq!(values["file_capped"], json!("{\"x"));
@@ -1038,25 +892,13 @@ mod tests {
     }
 
     #[test]
-    fn output_is_capped_and_a_chatty_command_still_finishes() {
-        // ~600 KB: far more than a pipe buffer, so it only exits if the pipe keeps being drained.
-        let mut spec = command(&["seq", "1", "100000"], 5);
-        spec.max_bytes = 10;
-        let started = Instant::now();
-        let mut collector = Collector::new(&config_with(Vec::new(), vec![("seq", spec)], Vec::new()));
-        let values = collector.collect(1, 0).custom;
-        assert_eq!(values["seq"], json!("1\n2\n3\n4\n5"));
-        assert!(started.elapsed() < Duration::from_secs(4));
-    }
-
-    #[test]
     fn collect_fits_on_a_worker_sized_stack() {
         // The agent collects on a 256 KiB worker thread; serde_json recurses once per nesting
         // level (at most 128), so check the deepest JSON a command can print.
         let nested = format!("{}{}", "[".repeat(127), "]".repeat(127));
         let custom = vec![("nested", command(&["printf", nested.as_str()], 5))];
         let config = config_with(vec![by_name("init")], custom, vec!["/"]);
-        let worker = thread::Builder::new().stack_size(256 * 1024).spawn(move || {
+        let worker = std::thread::Builder::new().stack_size(256 * 1024).spawn(move || {
             let mut collector = Collector::new(&config);
             collector.collect(1, 0).custom["nested"].is_array()
         });
@@ -1073,29 +915,5 @@ mod tests {
         assert_eq!(values["a"], json!({"error": "timed out after 1 s"}));
         assert_eq!(values["b"], json!({"error": "timed out after 1 s"}));
         assert!(elapsed >= Duration::from_secs(1) && elapsed < Duration::from_millis(1900), "{elapsed:?}");
-    }
-
-    #[test]
-    fn background_child_holding_stdout_does_not_hang_and_is_killed() {
-        let started = Instant::now();
-        let result = run_command(&["sh".into(), "-c".into(), "sleep 30 & echo $!".into()], 3, 4096);
-        assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
-        assert_eq!(result.failure, None);
-        let sleeper = parse_pid(&String::from_utf8_lossy(&result.output)).unwrap();
-        // The orphaned sleep was killed with its group: gone, or a zombie awaiting its new parent.
-        let dead = (0..50).any(|_| {
-            let dead = read_proc_stat(sleeper).is_none_or(|stat| stat.zombie);
-            thread::sleep(Duration::from_millis(20));
-            dead
-        });
-        assert!(dead, "pid {sleeper} still running");
-    }
-
-    #[test]
-    fn hanging_command_with_background_child_times_out() {
-        let started = Instant::now();
-        let result = run_command(&["sh".into(), "-c".into(), "sleep 30 & echo hi; sleep 30".into()], 1, 4096);
-        assert!(started.elapsed() < Duration::from_millis(1900), "{:?}", started.elapsed());
-        assert_eq!(result.into_value(), json!({"error": "timed out after 1 s", "output": "hi"}));
     }
 }

@@ -10,11 +10,9 @@
 //! connections, and IPv6 neighbour discovery, are always let through, and loopback traffic
 //! unless the rule set says `allow_loopback: false`: rules govern new connections.
 
-use std::io::Write;
-use std::os::unix::process::CommandExt;
-use std::process::{Command, Stdio};
-
 use super::rules::{Action, Backend, Direction, Net, Policy, Protocol, Rule, RuleSet};
+use crate::fsutil::error_text;
+use crate::runner::{self, End, Output, Program};
 
 pub const NFT_TABLE: &str = "inet tether";
 pub const IPT_CHAINS: [(&str, &str); 2] = [("INPUT", "TETHER-INPUT"), ("OUTPUT", "TETHER-OUTPUT")];
@@ -370,35 +368,25 @@ fn has_ipv6() -> bool {
 
 /// Runs a tool, with `input` on its stdin; its stdout, or an error with its stderr.
 fn run(program: &str, args: &[&str], input: Option<&str>) -> Result<String, String> {
-    let mut command = Command::new(program);
-    // SAFETY: prctl is async-signal-safe; nothing else runs in the child before exec.
-    unsafe {
-        command.pre_exec(|| {
-            // Dies with the agent: a change cut short must not land after the next start has
-            // put the previous rules back.
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
-    }
-    let mut child = command
-        .args(args)
-        .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot run {program}: {}", crate::fsutil::error_text(&e)))?;
-    if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
-        // A tool that exits early closes its end: its status and stderr say why.
-        let _ = stdin.write_all(text.as_bytes());
-    }
-    let out =
-        child.wait_with_output().map_err(|e| format!("{program}: {}", crate::fsutil::error_text(&e)))?;
-    if out.status.success() {
-        return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
-    }
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let argv: Vec<String> = std::iter::once(program).chain(args.iter().copied()).map(String::from).collect();
+    let tool = Program {
+        stdin: input.map(str::as_bytes),
+        // Dies with the agent: a change cut short must not land after the next start has put
+        // the previous rules back.
+        die_with_caller: true,
+        ..Program::new(&argv, Output::StdoutAndStderr { max_bytes: usize::MAX })
+    };
+    let finished = runner::run(&tool).map_err(|e| format!("cannot run {program}: {}", error_text(&e)))?;
+    let status = match finished.end {
+        End::Exited(status) if status.success() => {
+            return Ok(String::from_utf8_lossy(&finished.stdout).into_owned())
+        }
+        End::Exited(status) => runner::describe(status),
+        End::TimedOut | End::Stopped => "stopped".into(),
+    };
+    let stderr = String::from_utf8_lossy(&finished.stderr);
     let stderr: String = stderr.trim().chars().take(2000).collect();
-    Err(format!("{program} {} failed ({}): {stderr}", args.join(" "), out.status))
+    Err(format!("{program} {} failed ({status}): {stderr}", args.join(" ")))
 }
 
 #[cfg(test)]
@@ -412,13 +400,13 @@ mod tests {
 
     #[test]
     fn iptables_holding_its_lock_is_still_iptables() {
-        let held = "iptables -S OUTPUT failed (exit status: 4): Another app is currently holding the \
+        let held = "iptables -S OUTPUT failed (exited with 4): Another app is currently holding the \
                     xtables lock. Perhaps you want to use the -w option?";
         assert!(iptables_works(&Err(held.into())));
         assert!(iptables_works(&Ok("-P OUTPUT ACCEPT\n".into())));
         let missing = "cannot run iptables: No such file or directory (os error 2)";
         assert!(!iptables_works(&Err(missing.into())));
-        let no_kernel = "iptables -S OUTPUT failed (exit status: 3): iptables v1.8.7 (legacy): can't \
+        let no_kernel = "iptables -S OUTPUT failed (exited with 3): iptables v1.8.7 (legacy): can't \
                          initialize iptables table `filter': Table does not exist";
         assert!(!iptables_works(&Err(no_kernel.into())));
     }

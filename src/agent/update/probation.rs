@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
 
-use super::{record_agent_stage, self_update, tasks, AgentStage};
+use super::{record_agent_stage, self_update, AgentStage};
 use crate::signals::{Signal, Signals};
 use crate::text::Printable;
 
@@ -241,7 +241,7 @@ fn signal(child: &Child, signum: libc::c_int) {
 fn ended(status: ExitStatus, after: Duration, probation: Duration) -> String {
     format!(
         "the new agent {} {} s into its probation of {} s",
-        tasks::describe(status),
+        crate::runner::describe(status),
         after.as_secs(),
         probation.as_secs()
     )

