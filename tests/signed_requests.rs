@@ -414,3 +414,39 @@ fn kill_9_at_any_moment_of_a_keys_command_leaves_one_final_state_matching_the_fi
     }
     assert!(agent.running());
 }
+
+/// A broker (or anyone who can publish) that kept a signed request cannot have it run again once
+/// the operator cleared it: the device keeps the id until the request is too old anyway.
+#[test]
+fn a_signed_request_replayed_after_it_ran_and_was_cleared_is_refused_across_restarts() {
+    let broker = Broker::start_default();
+    let d = "dev-replay";
+    let (mut agent, mut sub) = online_trusting(&broker, d, json!({}));
+    let topic = cmd_topic(d, "config", "r1");
+    let captured = signed_init(d, "config", "r1", json!({}));
+    publish(&broker, &topic, &captured, true);
+    assert_eq!(final_state(&mut sub, &topic)["status"], "successful");
+    let clear_and_wait = |agent: &Agent, times: usize| {
+        publish(&broker, &topic, b"", true);
+        let cleared =
+            wait_until(secs(10), || agent.log().matches("command config/r1 cleared").count() >= times);
+        assert!(cleared, "{}", agent.log());
+    };
+    clear_and_wait(&agent, 1);
+
+    for round in ["replayed", "replayed after a restart"] {
+        publish(&broker, &topic, &captured, true);
+        let state = final_state(&mut sub, &topic);
+        assert_eq!(state["status"], "failed", "{round}: {state}");
+        let reason = state["reason"].as_str().unwrap_or_default();
+        assert!(reason.contains("this id ran already and was cleared"), "{round}: {reason}");
+        publish(&broker, &topic, b"", true);
+        agent.restart();
+        sub.expect_online(d, secs(15));
+    }
+    assert_eq!(agent.log().matches("command config/r1: executing").count(), 1, "{}", agent.log());
+    // A new id runs as ever.
+    let fresh = cmd_topic(d, "config", "r2");
+    publish(&broker, &fresh, &signed_init(d, "config", "r2", json!({})), true);
+    assert_eq!(final_state(&mut sub, &fresh)["status"], "successful");
+}

@@ -16,7 +16,7 @@ use std::time::Instant;
 use super::firewall::{self, Firewall};
 use super::heartbeat::Heartbeat;
 use super::identity;
-use super::ledger::{Key, Ledger, Phase};
+use super::ledger::{Key, Ledger, Origin, Phase};
 use super::outbox::{Kind, Outbox};
 use super::remote::{Opener, Remote};
 use super::trust::{Admitted, Trust};
@@ -201,6 +201,15 @@ impl Commands {
             Ok(None) => return,
             Err(reason) => return self.refuse(topic, payload, op_name, id, reason, ctx.outbox),
         };
+        if let Some(until) =
+            key.as_ref().and_then(|k| self.ledger.replay_refused_until(k, super::unix_seconds()))
+        {
+            let reason = format!(
+                "this id ran already and was cleared: a request under it is refused until {until} (unix \
+                 time, trust.max_age_s after it was signed): send it under a new id"
+            );
+            return self.refuse(topic, payload, op_name, id, reason, ctx.outbox);
+        }
         let Some(key) = key else {
             let names: Vec<&str> = OPS.iter().map(|s| s.name).collect();
             let reason = format!("unknown op \"{op_name}\" (this agent runs: {})", names.join(", "));
@@ -362,7 +371,8 @@ impl Commands {
     }
 
     fn execute(&mut self, key: Key, admitted: Admitted, ctx: &mut Context) {
-        let by = admitted.by;
+        let origin = Origin { by: admitted.by, replay_until: admitted.replay_until };
+        let by = &origin.by;
         log::info!("command {}/{}: executing (by {by})", key.op.name(), Printable(&key.id));
         let outcome = match key.op {
             Op::Keys => {
@@ -370,14 +380,14 @@ impl Commands {
                 let force = admitted.params.get("force").and_then(Value::as_bool).unwrap_or(false);
                 match ctx.trust.stage_keys(text, force, admitted.signer.as_deref()) {
                     Ok(_) => {
-                        self.mark_executing(&key, Some(sha256_hex(text.as_bytes())), by, ctx.outbox);
+                        self.mark_executing(&key, Some(sha256_hex(text.as_bytes())), origin, ctx.outbox);
                         return self.to_start.push((key, Change::Keys(text.to_string())));
                     }
                     Err(reason) => CommandState::Failed { reason },
                 }
             }
             Op::Shell | Op::Exec | Op::Forward | Op::Ls | Op::Get | Op::Put | Op::Logs => {
-                let opener = Opener { by: &by, issued: admitted.issued };
+                let opener = Opener { by, issued: admitted.issued };
                 match ctx.remote.open(key.op, &key.id, &admitted.params, opener, ctx.registry) {
                     Ok(result) => CommandState::Successful { result },
                     Err(reason) => CommandState::Failed { reason },
@@ -385,14 +395,14 @@ impl Commands {
             }
             Op::Update => match self.check_update(&admitted.params, ctx.updates) {
                 Ok(flow) => {
-                    self.mark_executing(&key, None, by, ctx.outbox);
+                    self.mark_executing(&key, None, origin, ctx.outbox);
                     return self.to_start.push((key, Change::Update(Box::new(flow))));
                 }
                 Err(reason) => CommandState::Failed { reason },
             },
             Op::Firewall => match admitted.params.get("action").and_then(Value::as_str).unwrap_or_default() {
                 "show" => match ctx.firewall.show(&key.id) {
-                    Ok(()) => return self.mark_executing(&key, None, by, ctx.outbox), // answered by its worker
+                    Ok(()) => return self.mark_executing(&key, None, origin, ctx.outbox), // answered by its worker
                     Err(reason) => CommandState::Failed { reason },
                 },
                 "confirm" => ctx.firewall.confirm().map_or_else(
@@ -407,7 +417,7 @@ impl Commands {
                         .map(|(k, _)| &*k.id);
                     match ctx.firewall.check(&admitted.params, busy) {
                         Ok(request) => {
-                            self.mark_executing(&key, None, by, ctx.outbox);
+                            self.mark_executing(&key, None, origin, ctx.outbox);
                             return self.to_start.push((key, Change::Firewall(request)));
                         }
                         Err(reason) => CommandState::Failed { reason },
@@ -427,7 +437,7 @@ impl Commands {
             },
             Op::Heartbeat => {
                 // Answered once the heartbeat is queued, so it reaches the broker first.
-                self.mark_executing(&key, None, by.clone(), ctx.outbox);
+                self.mark_executing(&key, None, origin.clone(), ctx.outbox);
                 match ctx.heartbeat.trigger(ctx.outbox) {
                     Ok(seq) => return self.awaiting_heartbeat.push((key, seq)),
                     Err(reason) => CommandState::Failed { reason },
@@ -438,16 +448,16 @@ impl Commands {
                     let reason = format!("a reboot is already under way (command {running})");
                     CommandState::Failed { reason }
                 } else {
-                    self.mark_executing(&key, Some(identity::boot_id()), by.clone(), ctx.outbox);
+                    self.mark_executing(&key, Some(identity::boot_id()), origin.clone(), ctx.outbox);
                     return self.to_start.push((key, Change::Reboot(ctx.config.reboot_command.clone())));
                 }
             }
         };
-        self.finish_asked(&key, outcome, Some(by), ctx.outbox);
+        self.finish_asked(&key, outcome, Some(origin), ctx.outbox);
     }
 
-    fn mark_executing(&mut self, key: &Key, mark: Option<String>, by: String, outbox: &mut Outbox) {
-        self.ledger.set_state(key, CommandState::Executing, mark, Some(by));
+    fn mark_executing(&mut self, key: &Key, mark: Option<String>, origin: Origin, outbox: &mut Outbox) {
+        self.ledger.set_state(key, CommandState::Executing, mark, Some(origin));
         outbox.push(Kind::CommandState, self.topic(key), CommandState::Executing.to_payload(), true);
     }
 
@@ -565,10 +575,10 @@ impl Commands {
         self.finish_asked(key, state, None, outbox);
     }
 
-    /// `by`: who asked, when the command is recorded for the first time with its final state.
-    fn finish_asked(&mut self, key: &Key, state: CommandState, by: Option<String>, outbox: &mut Outbox) {
+    /// `origin`: who asked, when the command is recorded for the first time with its final state.
+    fn finish_asked(&mut self, key: &Key, state: CommandState, origin: Option<Origin>, outbox: &mut Outbox) {
         log_state(key, &state, "");
-        self.ledger.set_state(key, state.clone(), None, by);
+        self.ledger.set_state(key, state.clone(), None, origin);
         let payload = self.state_payload(key, &state);
         outbox.push(Kind::CommandState, self.topic(key), payload, true);
     }

@@ -15,6 +15,10 @@
 //! (`retire_oldest`: the device clears their topics itself, as an operator would).
 //! A state is kept in memory only until its line is written: then the line's place in the
 //! journal stands in for it (a burst's results are not held in memory until acknowledged).
+//!
+//! A forgotten command whose request was signed leaves a tombstone until that request is too
+//! old to be admitted (`issued + trust.max_age_s`): someone who captured it (the broker, say)
+//! cannot have it run again by publishing it once more after the operator cleared it.
 
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -38,6 +42,8 @@ pub const HISTORY_KEPT: usize = 1_000;
 /// One look through the ledger per this many acknowledged final states: the history may pass
 /// `HISTORY_KEPT` by that many before its oldest are retired.
 const HISTORY_SLACK: usize = 100;
+/// Tombstones kept at most; past it the one expiring first goes (with a warning).
+const MAX_TOMBSTONES: usize = MAX_OPEN_COMMANDS;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Key {
@@ -76,6 +82,9 @@ pub struct Record {
     pub mark: Option<Box<str>>,
     /// Who asked: the signer (`comment SHA256:...`) or "unsigned"; in the final state.
     pub by: Option<Box<str>>,
+    /// Until when (unix seconds) a replay of its signed request must be refused once it is
+    /// forgotten; None for an unsigned request.
+    replay_until: Option<u64>,
     /// The state as JSON until its journal line is written (compact: a burst's results are
     /// held here until the end of the loop turn).
     state: Option<Box<[u8]>>,
@@ -85,8 +94,26 @@ pub struct Record {
 
 impl Record {
     fn new(phase: Phase) -> Record {
-        Record { phase, acked: false, cleared: false, mark: None, by: None, state: None, offset: None }
+        Record {
+            phase,
+            acked: false,
+            cleared: false,
+            mark: None,
+            by: None,
+            replay_until: None,
+            state: None,
+            offset: None,
+        }
     }
+}
+
+/// Who asked for a command, as the ledger keeps it with the command's first state.
+#[derive(Debug, Clone)]
+pub struct Origin {
+    /// The signer (`comment SHA256:...`) or "unsigned".
+    pub by: String,
+    /// The signed request's `issued + trust.max_age_s`; None when unsigned.
+    pub replay_until: Option<u64>,
 }
 
 /// One journal line.
@@ -104,6 +131,9 @@ struct Line {
     keys_sha256: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     by: Option<String>,
+    /// A state's `Record::replay_until`, or a forget line's tombstone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    replay_until: Option<u64>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     acked: bool,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -111,8 +141,15 @@ struct Line {
 }
 
 impl Line {
-    fn state(key: &Key, state: CommandState, mark: Option<String>, by: Option<String>, acked: bool) -> Line {
+    fn state(
+        key: &Key,
+        state: CommandState,
+        mark: Option<String>,
+        origin: Option<Origin>,
+        acked: bool,
+    ) -> Line {
         let (boot_id, keys_sha256) = if key.op == Op::Keys { (None, mark) } else { (mark, None) };
+        let (by, replay_until) = origin.map_or((None, None), |o| (Some(o.by), o.replay_until));
         Line {
             op: key.op,
             id: key.id.to_string(),
@@ -120,6 +157,7 @@ impl Line {
             boot_id,
             keys_sha256,
             by,
+            replay_until,
             acked,
             forget: false,
         }
@@ -133,9 +171,14 @@ impl Line {
             boot_id: None,
             keys_sha256: None,
             by: None,
+            replay_until: None,
             acked,
             forget,
         }
+    }
+
+    fn tombstone(key: &Key, until: u64) -> Line {
+        Line { replay_until: Some(until), ..Line::flag(key, false, true) }
     }
 
     fn take_mark(&mut self) -> Option<Box<str>> {
@@ -158,6 +201,8 @@ pub struct Ledger {
     rewrite: bool,
     /// Final states acknowledged since the history was last looked at.
     acked_since_retiring: usize,
+    /// Forgotten signed commands, and until when a replay of each is refused (unix seconds).
+    tombstones: HashMap<Key, u64>,
 }
 
 impl Ledger {
@@ -173,6 +218,7 @@ impl Ledger {
             pending_states: Vec::new(),
             rewrite: false,
             acked_since_retiring: HISTORY_SLACK,
+            tombstones: HashMap::new(),
         };
         match fsutil::read_optional(&ledger.path) {
             Ok(Some(bytes)) => ledger.replay(&bytes),
@@ -227,6 +273,9 @@ impl Ledger {
         let key = Key::new(line.op, &line.id);
         if line.forget {
             self.records.remove(&key);
+            if let Some(until) = line.replay_until {
+                self.bury(key, until);
+            }
             return;
         }
         if let Some(state) = line.state.take() {
@@ -236,6 +285,7 @@ impl Ledger {
             record.acked = line.acked;
             record.mark = line.take_mark().or(record.mark.take());
             record.by = line.by.map(Into::into).or(record.by.take());
+            record.replay_until = line.replay_until.or(record.replay_until);
             record.offset = offset;
         } else if line.acked {
             if let Some(record) = self.records.get_mut(&key) {
@@ -248,6 +298,11 @@ impl Ledger {
         self.records.get(key)
     }
 
+    /// Until when a request for `key` is refused as the replay of a forgotten command, if it is.
+    pub fn replay_refused_until(&self, key: &Key, now: u64) -> Option<u64> {
+        self.tombstones.get(key).copied().filter(|&until| until > now)
+    }
+
     #[cfg(test)]
     pub fn len(&self) -> usize {
         self.records.len()
@@ -257,11 +312,17 @@ impl Ledger {
         self.records.len() >= MAX_OPEN_COMMANDS
     }
 
-    /// Records a command's new state (written at the next `flush`); `mark` and `by`, once
+    /// Records a command's new state (written at the next `flush`); `mark` and `origin`, once
     /// given, stay with the command.
-    pub fn set_state(&mut self, key: &Key, state: CommandState, mark: Option<String>, by: Option<String>) {
+    pub fn set_state(
+        &mut self,
+        key: &Key,
+        state: CommandState,
+        mark: Option<String>,
+        origin: Option<Origin>,
+    ) {
         let Some(phase) = phase_of(&state) else { return };
-        let mut line = Line::state(key, state, mark, by, false);
+        let mut line = Line::state(key, state, mark, origin, false);
         let start = self.pending.len();
         self.queue(&line);
         self.pending_states.push((key.clone(), start));
@@ -271,6 +332,7 @@ impl Ledger {
         record.cleared = false;
         record.mark = line.take_mark().or(record.mark.take());
         record.by = line.by.take().map(Into::into).or(record.by.take());
+        record.replay_until = line.replay_until.or(record.replay_until);
         record.state = line.state.as_ref().map(|state| state.to_payload().into_boxed_slice());
     }
 
@@ -330,11 +392,39 @@ impl Ledger {
     }
 
     fn forget(&mut self, key: &Key) {
-        self.records.remove(key);
-        let line = Line::flag(key, false, true);
+        let until = self.records.remove(key).and_then(|record| record.replay_until);
+        let line = match until.filter(|&until| until > crate::agent::unix_seconds()) {
+            Some(until) => {
+                self.bury(key.clone(), until);
+                Line::tombstone(key, until)
+            }
+            None => Line::flag(key, false, true),
+        };
         self.queue(&line);
         if self.records.capacity() > 64 && self.records.len() < self.records.capacity() / 4 {
             self.records.shrink_to_fit();
+        }
+    }
+
+    /// Keeps a tombstone for `key`; past `MAX_TOMBSTONES`, the one expiring first goes.
+    fn bury(&mut self, key: Key, until: u64) {
+        self.tombstones.insert(key, until);
+        if self.tombstones.len() > MAX_TOMBSTONES {
+            let now = crate::agent::unix_seconds();
+            self.tombstones.retain(|_, until| *until > now);
+        }
+        if self.tombstones.len() > MAX_TOMBSTONES {
+            if let Some(first) =
+                self.tombstones.iter().min_by_key(|(_, until)| **until).map(|(k, _)| k.clone())
+            {
+                log::warn!(
+                    "command {}/{}: more than {MAX_TOMBSTONES} forgotten commands within trust.max_age_s: a replay \
+                     of this one is no longer refused by its id, only by its age",
+                    first.op.name(),
+                    crate::text::Printable(&first.id)
+                );
+                self.tombstones.remove(&first);
+            }
         }
     }
 
@@ -358,7 +448,7 @@ impl Ledger {
 
     /// Writes the changes since the last flush durably: one append and one fsync.
     pub fn flush(&mut self) -> io::Result<()> {
-        if self.rewrite || self.lines > 2 * self.records.len() + 1000 {
+        if self.rewrite || self.lines > 2 * (self.records.len() + self.tombstones.len()) + 1000 {
             return self.rewrite_from_memory();
         }
         if self.pending.is_empty() {
@@ -416,14 +506,23 @@ impl Ledger {
             let state =
                 self.state(key).ok_or_else(|| io::Error::other("cannot read back a recorded state"))?;
             let mark = record.mark.as_deref().map(str::to_string);
-            let line = Line::state(key, state, mark, record.by.as_deref().map(str::to_string), record.acked);
+            let origin = record
+                .by
+                .as_deref()
+                .map(|by| Origin { by: by.to_string(), replay_until: record.replay_until });
+            let line = Line::state(key, state, mark, origin, record.acked);
             placed.push((key.clone(), bytes.len() as u64));
             write_line(&mut bytes, &line);
+        }
+        let now = crate::agent::unix_seconds();
+        self.tombstones.retain(|_, until| *until > now);
+        for (key, until) in &self.tombstones {
+            write_line(&mut bytes, &Line::tombstone(key, *until));
         }
         fsutil::write_atomic(&self.path, &bytes)?;
         self.file = None;
         self.file_len = bytes.len() as u64;
-        self.lines = placed.len();
+        self.lines = placed.len() + self.tombstones.len();
         for (key, offset) in placed {
             if let Some(record) = self.records.get_mut(&key) {
                 record.offset = Some(offset);
@@ -548,6 +647,36 @@ mod tests {
         assert!(c_rec.acked && c_rec.state.is_none(), "an acked state is read from the journal");
         assert_eq!(reopened.state(&c), Some(ok(json!(2))));
         assert_eq!(reopened.unacknowledged(), vec![(b, Phase::Executing)]);
+    }
+
+    #[test]
+    fn a_forgotten_signed_command_stays_refused_until_its_request_is_too_old() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = crate::agent::unix_seconds();
+        let signed = |until| Some(Origin { by: "ops SHA256:x".into(), replay_until: Some(until) });
+        let (fresh, stale, unsigned) =
+            (Key::new(Op::Config, "f"), Key::new(Op::Config, "s"), Key::new(Op::Ping, "u"));
+        let mut ledger = Ledger::open(dir.path());
+        ledger.set_state(&fresh, ok(json!(1)), None, signed(now + 1000));
+        ledger.set_state(&stale, ok(json!(2)), None, signed(now - 1));
+        let by = Some(Origin { by: "unsigned".into(), replay_until: None });
+        ledger.set_state(&unsigned, ok(json!(3)), None, by);
+        for key in [&fresh, &stale, &unsigned] {
+            ledger.mark_acked(key);
+            ledger.mark_cleared(key);
+        }
+        ledger.flush().unwrap();
+        assert_eq!(ledger.replay_refused_until(&fresh, now), Some(now + 1000));
+        assert_eq!(ledger.replay_refused_until(&fresh, now + 1000), None, "too old by then");
+        assert_eq!(ledger.replay_refused_until(&stale, now), None);
+        assert_eq!(ledger.replay_refused_until(&unsigned, now), None);
+
+        let mut reopened = Ledger::open(dir.path());
+        assert_eq!(reopened.replay_refused_until(&fresh, now), Some(now + 1000), "kept on disk");
+        reopened.rewrite_from_memory().unwrap();
+        let rewritten = Ledger::open(dir.path());
+        assert_eq!(rewritten.replay_refused_until(&fresh, now), Some(now + 1000), "kept by a rewrite");
+        assert!(rewritten.get(&fresh).is_none());
     }
 
     /// A burst's states do not stay in memory until the broker has them: once written, the

@@ -31,6 +31,9 @@ pub struct Admitted {
     pub signer: Option<Vec<u8>>,
     /// When the signed request says it was issued (unix seconds); None when unsigned.
     pub issued: Option<u64>,
+    /// When a copy of the signed request is first refused as too old: `issued +
+    /// trust.max_age_s + 1` (a replay of it is refused by its id until then); None when unsigned.
+    pub replay_until: Option<u64>,
 }
 
 impl Trust {
@@ -59,6 +62,9 @@ impl Trust {
             .map_err(|refusal| refusal.to_string())?;
         Ok(Admitted {
             issued: Some(verified.request.issued),
+            replay_until: Some(
+                verified.request.issued.saturating_add(self.config.max_age_s).saturating_add(1),
+            ),
             params: verified.request.params,
             by: verified.signer.to_string(),
             signer: Some(verified.signer.key.blob().to_vec()),
@@ -67,7 +73,13 @@ impl Trust {
 
     fn admit_unsigned(&self, op: &str, params: Map<String, Value>) -> Result<Admitted, String> {
         if self.config.unsigned_ops.iter().any(|allowed| allowed == op) {
-            return Ok(Admitted { params, by: crate::trust::UNSIGNED_BY.into(), signer: None, issued: None });
+            return Ok(Admitted {
+                params,
+                by: crate::trust::UNSIGNED_BY.into(),
+                signer: None,
+                issued: None,
+                replay_until: None,
+            });
         }
         let setup = if self.operators.is_empty() {
             format!(
