@@ -422,6 +422,48 @@ fn an_explicit_confirm_keeps_and_its_absence_reverts(backend: Backend) {
     assert_eq!(others(), before);
 }
 
+/// The config names another backend: the next apply puts the rules there and takes Tether's off
+/// the old one; a change that is not confirmed puts them back exactly where they were, and a
+/// revert goes back to the previous rule set on the backend now in use.
+#[test]
+fn a_rule_set_applied_after_the_backend_changed_moves_there_and_nothing_stays_behind() {
+    isolate();
+    let before = others();
+    let s = device("fw-move", Backend::Nft);
+    let file = ruleset_file(&s, "benign.json", &benign());
+    let (code, state, err) = firewall(&s, &["apply", &file, "--confirm-s", "10"]);
+    assert_eq!((code, state["status"].as_str()), (0, Some("successful")), "{state} {err}");
+    assert!(shows_9999(Backend::Nft) && !shows_9999(Backend::Ipt));
+
+    let mut config: Value = serde_json::from_slice(&std::fs::read(s.agent.config_path()).unwrap()).unwrap();
+    config["firewall"]["backend"] = json!("iptables");
+    s.agent.write_config(config);
+    s.agent.signal(libc::SIGHUP);
+    let reloaded = wait_until(secs(10), || s.agent.log().contains("config reloaded"));
+    assert!(reloaded, "{}", s.agent.log());
+    // Not confirmed: back on nftables, nothing on iptables.
+    let (code, _, err) = firewall(&s, &["apply", &file, "--confirm", "--confirm-s", "5"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(shows_9999(Backend::Ipt) && !shows_9999(Backend::Nft), "moved while pending");
+    let reverted = wait_until(secs(20), || show(&s)["pending"].is_null());
+    assert!(reverted && shows_9999(Backend::Nft), "{}", s.agent.log());
+    assert!(!shows_9999(Backend::Ipt), "{}", Backend::Ipt.tether_rules());
+
+    let other = json!({"rules": [{"action": "deny", "direction": "in", "protocol": "tcp", "ports": [8888]}]});
+    let other_file = ruleset_file(&s, "other.json", &other);
+    let (code, state, err) = firewall(&s, &["apply", &other_file, "--confirm-s", "10"]);
+    assert_eq!((code, state["status"].as_str()), (0, Some("successful")), "{state} {err}");
+    assert!(Backend::Ipt.tether_rules().contains("8888"), "{}", Backend::Ipt.tether_rules());
+    assert_eq!(Backend::Nft.tether_rules(), "", "nothing of Tether's left on the old backend");
+    assert_eq!(show(&s)["backend"], "iptables");
+
+    let (code, state, err) = firewall(&s, &["revert", "--confirm-s", "10"]);
+    assert_eq!((code, state["status"].as_str()), (0, Some("successful")), "{state} {err}");
+    assert!(shows_9999(Backend::Ipt) && !Backend::Ipt.tether_rules().contains("8888"));
+    assert_eq!(Backend::Nft.tether_rules(), "");
+    assert_eq!(others(), before);
+}
+
 #[test]
 fn nftables_rules_are_kept_listed_survive_a_restart_and_revert() {
     kept_listed_survives_a_restart_and_reverts(Backend::Nft);

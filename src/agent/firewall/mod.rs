@@ -302,6 +302,14 @@ impl Firewall {
             restore: self.journal.current.clone(),
             before: self.journal.previous.clone(),
         };
+        // Rules in force on another backend (the config named a new one since) go once the new
+        // ones are in: Tether's rules live on one backend at a time.
+        let left_behind = self
+            .journal
+            .current
+            .as_ref()
+            .filter(|c| c.backend != applied.backend)
+            .map(|c| Applied { backend: c.backend.clone(), ruleset: None });
         let mut journal = self.journal.clone();
         journal.previous = journal.current.replace(applied);
         journal.pending = Some(pending);
@@ -310,9 +318,11 @@ impl Firewall {
         let before = std::mem::replace(&mut self.journal, journal);
         self.generation += 1;
         let generation = self.generation;
-        if let Err(e) =
-            self.workers.spawn("firewall", move || (generation, backend::apply(backend, set.as_ref())))
-        {
+        let job = move || {
+            let applied = backend::apply(backend, set.as_ref());
+            (generation, applied.and_then(|()| left_behind.as_ref().map_or(Ok(()), apply_blocking)))
+        };
+        if let Err(e) = self.workers.spawn("firewall", job) {
             // Nothing applied: the journal must not say a change is pending.
             if let Err(e) = write_journal(&self.settings.journal, &before) {
                 log::error!("firewall: cannot write the journal: {e}");
