@@ -194,13 +194,14 @@ impl Agent {
             }
             self.on_timers(Instant::now());
             self.dispatch_client_events();
-            self.commands.commit(&mut self.outbox, &mut self.trust, &mut self.updates, &mut self.firewall);
+            // Before the commit: the ledger writes these final states before the outbox sends them.
             for (id, state) in self.updates.take_finished() {
                 self.commands.finish_update(&id, state, &mut self.outbox);
             }
             for (id, state) in self.firewall.take_finished() {
                 self.commands.finish_firewall(&id, state, &mut self.outbox);
             }
+            self.commands.commit(&mut self.outbox, &mut self.trust, &mut self.updates, &mut self.firewall);
             if self.firewall.take_reconnect() && self.stop.is_none() {
                 log::info!("firewall: connecting afresh");
                 self.client.reconnect_now();
