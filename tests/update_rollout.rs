@@ -180,3 +180,47 @@ fn on_a_terminal_a_rollout_is_a_live_table() {
     assert!(last[2].starts_with("table-b") && last[2].contains("failed"), "{last:?}");
     assert!(last[2].contains("exited with 3 (its last line: no good)"), "{last:?}");
 }
+
+/// `--where` picks devices by what their status and heartbeat say: versions in order (1.10
+/// after 1.9), paths into custom values, several tests at once.
+#[test]
+fn where_chooses_devices_by_their_heartbeat_and_status() {
+    let broker = Broker::start_default();
+    let Operator { dir, key, authorized } = operator();
+    let firmware = ["1.9", "1.10", "2.0"];
+    let mut sub = Sub::new(&broker, "tether/+/heartbeat");
+    let agents: Vec<Agent> = (0..4)
+        .map(|i| {
+            let mut config = device_config(&broker, &format!("where-{i}"), &authorized);
+            if let Some(version) = firmware.get(i) {
+                let file = dir.path().join(format!("firmware-{i}"));
+                fs::write(&file, version).unwrap();
+                merge(&mut config, json!({"heartbeat": {"custom": {"firmware": {"file": file}}}}));
+            }
+            Agent::start(config)
+        })
+        .collect();
+    let mut beating = std::collections::BTreeSet::new();
+    sub.expect("a heartbeat from each device", secs(60), |m| {
+        beating.insert(m.topic.clone());
+        beating.len() == agents.len()
+    });
+    let flow = json!({"name": "where", "version": "1", "steps": [{"name": "nothing", "type": "run", "argv": ["true"]}]});
+    let flow_file = dir.path().join("flow.json");
+    fs::write(&flow_file, flow.to_string()).unwrap();
+    let chosen = |expr: &str| -> Vec<String> {
+        let args = ["update", flow_file.to_str().unwrap(), "--where", expr, "--json"];
+        let out = tetherctl(&broker, &dir, &key, &args).output().unwrap();
+        assert!(out.status.success(), "{expr}: {}", String::from_utf8_lossy(&out.stderr));
+        let mut devices: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap()["device"].as_str().unwrap().to_string())
+            .collect();
+        devices.sort();
+        devices.dedup();
+        devices
+    };
+    assert_eq!(chosen("custom.firmware<1.10"), ["where-0"]);
+    assert_eq!(chosen("custom.firmware>=1.10,online=true"), ["where-1", "where-2"]);
+    assert_eq!(chosen("custom.firmware!=2.0"), ["where-0", "where-1"], "a device without it is not chosen");
+}

@@ -120,11 +120,13 @@ is told on stderr; exit 1 if a source could not be read.",
     },
     CommandHelp {
         name: "update",
-        args: "FLOW.json (DEVICE... | --all | --where KEY=VALUE[,...]) [--batch N] [--max-failures K] [--json] [--timeout S] | status ID [--json]",
+        args: "FLOW.json (DEVICE... | --all | --where TEST[,...]) [--batch N] [--max-failures K] [--json] [--timeout S] | status ID [--json]",
         options: &["--all", "--where", "--batch", "--max-failures", "--json", "--timeout"],
         about: "rolls the update flow in FLOW.json (docs/updates.md) out to the devices named,
-all devices (--all), or those whose status or heartbeat has each KEY=VALUE
-(--where version=1.2.0), in waves of N (default 10): a wave is sent, then
+all devices (--all), or those whose status or heartbeat passes each TEST:
+KEY=VALUE, KEY!=VALUE, KEY<VALUE, <=, >, >= (--where version<1.2.0,arch=armv7;
+KEY a dotted path such as custom.firmware; values ordered as versions, 1.10
+after 1.9; a device without KEY passes no test), in waves of N (default 10): a wave is sent, then
 waited for until each device is final, or offline (its flow stays queued for
 it: pending). Once K devices failed, no more waves go. Each request is signed
 for its device and each answer checked against the device's key. Shows a

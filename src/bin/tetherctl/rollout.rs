@@ -192,26 +192,83 @@ fn chosen(fleet: &Fleet, targets: &Targets) -> Result<Vec<String>, Failure> {
         Targets::Where(expr) => {
             let tests = parse_where(expr)?;
             let matches = |(status, heartbeat): &(Option<Value>, Option<Value>)| {
-                tests.iter().all(|(key, want)| {
-                    [status, heartbeat]
-                        .iter()
-                        .any(|v| v.as_ref().and_then(|v| v.get(key)).is_some_and(|got| text_of(got) == *want))
-                })
+                tests
+                    .iter()
+                    .all(|test| [status, heartbeat].iter().any(|v| v.as_ref().is_some_and(|v| test.holds(v))))
             };
             Ok(fleet.iter().filter(|(_, f)| matches(f)).map(|(id, _)| id.clone()).collect())
         }
     }
 }
 
-fn parse_where(expr: &str) -> Result<Vec<(String, String)>, Failure> {
-    expr.split(',')
-        .map(|test| match test.split_once('=') {
-            Some((key, value)) if !key.is_empty() => Ok((key.trim().to_string(), value.trim().to_string())),
-            _ => Err(Failure::usage(format!(
-                "--where: {test:?} is not KEY=VALUE (e.g. version=1.2.0,arch=armv7-unknown-linux-musleabihf)"
-            ))),
-        })
-        .collect()
+/// One test of `--where`: a field of the device's status or heartbeat (a dotted path into
+/// objects, `custom.firmware`) against a value.
+#[derive(Debug, PartialEq)]
+struct Test {
+    path: Vec<String>,
+    cmp: Cmp,
+    value: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Cmp {
+    Eq,
+    Ne,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+}
+
+/// Two-character operators first, so that `<=` is not read as `<` and a value `=...`.
+const CMPS: [(&str, Cmp); 6] =
+    [("!=", Cmp::Ne), ("<=", Cmp::Le), (">=", Cmp::Ge), ("=", Cmp::Eq), ("<", Cmp::Lt), (">", Cmp::Gt)];
+
+fn parse_where(expr: &str) -> Result<Vec<Test>, Failure> {
+    expr.split(',').map(parse_test).collect()
+}
+
+fn parse_test(test: &str) -> Result<Test, Failure> {
+    let found = CMPS
+        .iter()
+        .filter_map(|(text, cmp)| test.find(text).map(|at| (at, text.len(), *cmp)))
+        .min_by_key(|(at, len, _)| (*at, std::cmp::Reverse(*len)));
+    match found {
+        Some((at, len, cmp)) if at > 0 => Ok(Test {
+            path: test[..at].trim().split('.').map(str::to_string).collect(),
+            cmp,
+            value: test[at + len..].trim().to_string(),
+        }),
+        _ => Err(Failure::usage(format!(
+            "--where: {test:?} is not KEY=VALUE, KEY!=VALUE, KEY<VALUE, KEY<=VALUE, KEY>VALUE or KEY>=VALUE \
+             (e.g. version=1.2.0,arch=armv7-unknown-linux-musleabihf or custom.firmware<2.4)"
+        ))),
+    }
+}
+
+impl Test {
+    /// Whether `device` (a status or heartbeat) has the field and it passes. Everything is
+    /// ordered as a version, dot-separated parts compared as numbers where both are (`1.10`
+    /// after `1.9`), else as text: a custom `1.9` is a JSON number and `1.10` a string, and
+    /// versions are what rollouts pick by (so decimals are parts too: 21.5 before 21.45).
+    fn holds(&self, device: &Value) -> bool {
+        let Some(got) = self.path.iter().try_fold(device, |v, key| v.get(key)) else { return false };
+        let order = version_order(&text_of(got), &self.value);
+        match self.cmp {
+            Cmp::Eq => order.is_eq(),
+            Cmp::Ne => order.is_ne(),
+            Cmp::Lt => order.is_lt(),
+            Cmp::Le => order.is_le(),
+            Cmp::Gt => order.is_gt(),
+            Cmp::Ge => order.is_ge(),
+        }
+    }
+}
+
+fn version_order(a: &str, b: &str) -> std::cmp::Ordering {
+    let part = |p: &str| p.parse::<u64>().map_err(|_| p.to_string());
+    let (a, b) = (a.split('.').map(part), b.split('.').map(part));
+    a.cmp(b)
 }
 
 fn text_of(value: &Value) -> String {
@@ -416,5 +473,53 @@ fn details(state: &State) -> (String, String, String) {
         }
         State::Failed(reason) => (String::new(), String::new(), reason.clone()),
         _ => (String::new(), String::new(), String::new()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn holds(test: &str, device: Value) -> bool {
+        parse_test(test).unwrap().holds(&device)
+    }
+
+    #[test]
+    fn where_compares_versions_numbers_and_text() {
+        let device = json!({"version": "1.10.2", "arch": "armv7", "online": true, "uptime_s": 90,
+                            "custom": {"firmware": "2.4", "sensors": {"t": 21.5}}});
+        for (test, expected) in [
+            ("version=1.10.2", true),
+            ("version!=1.10.2", false),
+            ("version>1.9", true), // 10 after 9, not before it as text
+            ("version<1.10.10", true),
+            ("version>=1.10.2", true),
+            ("version<=1.10.1", false),
+            ("arch=armv7", true),
+            ("arch!=armv5te", true),
+            ("online=true", true),
+            ("uptime_s>=90", true),
+            ("uptime_s<90", false),
+            ("custom.firmware<2.10", true),
+            ("custom.sensors.t>21", true),
+            ("custom.missing!=1", false), // a field the device lacks passes no test
+            ("uptime_s=ninety", false),
+            ("custom.sensors.t<21.45", true), // parts, not decimals
+        ] {
+            assert_eq!(holds(test, device.clone()), expected, "{test}");
+        }
+    }
+
+    #[test]
+    fn where_says_what_it_takes() {
+        assert_eq!(
+            parse_test(" custom.firmware <= 2.4 ").unwrap(),
+            Test { path: vec!["custom".into(), "firmware".into()], cmp: Cmp::Le, value: "2.4".into() }
+        );
+        assert_eq!(parse_test("a=b=c").unwrap().value, "b=c");
+        for bad in ["version", "=1.2", ""] {
+            assert!(parse_test(bad).unwrap_err().message.contains("is not KEY=VALUE"), "{bad}");
+        }
     }
 }
