@@ -290,17 +290,13 @@ fn open_last(
 /// The sha256 (hex) of the first `len` bytes of `file`, whatever its position: a resumed
 /// transfer checks the part already there, a finished one the whole file.
 pub fn sha256_prefix(file: &File, len: u64) -> io::Result<String> {
-    Ok(crate::trust::hex(hash_prefix(file, len)?.finish().as_ref()))
+    Ok(crate::trust::hex(hash_prefix_until(file, len, || false)?.finish().as_ref()))
 }
 
-/// The sha256 context fed with the first `len` bytes of `file`: a resumed get goes on hashing
-/// from there, so that its report covers the whole file.
-pub fn hash_prefix(file: &File, len: u64) -> io::Result<ring::digest::Context> {
-    hash_prefix_until(file, len, || false)
-}
-
-/// `hash_prefix`, asking `stop` before each block of 64 KiB: a long file is not read to its end
-/// once the work is cancelled (an error "cancelled" then).
+/// The sha256 context fed with the first `len` bytes of `file` (a resumed get goes on hashing
+/// from there, so that its report covers the whole file), asking `stop` before each block of
+/// 64 KiB: a long file is not read to its end once the work is cancelled (an error
+/// "cancelled" then).
 pub fn hash_prefix_until(
     file: &File,
     len: u64,

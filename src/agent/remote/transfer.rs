@@ -114,16 +114,17 @@ pub fn start(
                 return Err(format!("{path}: offset {offset} is past its end ({} bytes)", source.size));
             }
             let mut file = source.file;
-            let prefix = file.try_clone().map_err(|e| format!("{path}: {e}"))?;
+            let wanted = Arc::new(());
+            let mut job = None;
             if offset > 0 {
                 // A FIFO or a device has no place to go on from.
                 file.seek(SeekFrom::Start(offset))
                     .map_err(|e| format!("{path}: cannot go on from {offset}: {e}"))?;
+                let prefix = file.try_clone().map_err(|e| format!("{path}: {e}"))?;
+                job = Some(hash_job(prefix, offset, path, Arc::downgrade(&wanted)));
             }
             let reader = Half::register(file.into(), token, Interest::READABLE, registry)
                 .map_err(|e| format!("{path}: cannot poll: {e}"))?;
-            let wanted = Arc::new(());
-            let job = (offset > 0).then(|| hash_job(prefix, offset, path, Arc::downgrade(&wanted)));
             let sending = Sending {
                 source: Source::File(Endpoint::new(Some(reader), None, OnEof::Close)),
                 hash: Some(ring::digest::Context::new(&ring::digest::SHA256)),
