@@ -201,20 +201,18 @@ impl Commands {
             Ok(None) => return,
             Err(reason) => return self.refuse(topic, payload, op_name, id, reason, ctx.outbox),
         };
-        if let Some(until) =
-            key.as_ref().and_then(|k| self.ledger.replay_refused_until(k, super::unix_seconds()))
-        {
+        let Some(key) = key else {
+            let names: Vec<&str> = OPS.iter().map(|s| s.name).collect();
+            let reason = format!("unknown op \"{op_name}\" (this agent runs: {})", names.join(", "));
+            return self.refuse(topic, payload, op_name, id, reason, ctx.outbox);
+        };
+        if let Some(until) = self.ledger.replay_refused_until(&key, super::unix_seconds()) {
             let reason = format!(
                 "this id ran already and was cleared: a request under it is refused until {until} (unix \
                  time, trust.max_age_s after it was signed): send it under a new id"
             );
             return self.refuse(topic, payload, op_name, id, reason, ctx.outbox);
         }
-        let Some(key) = key else {
-            let names: Vec<&str> = OPS.iter().map(|s| s.name).collect();
-            let reason = format!("unknown op \"{op_name}\" (this agent runs: {})", names.join(", "));
-            return self.refuse(topic, payload, op_name, id, reason, ctx.outbox);
-        };
         let admitted = match ctx.trust.admit(op_name, id, request) {
             Ok(admitted) => admitted,
             Err(reason) => return self.refuse(topic, payload, op_name, id, reason, ctx.outbox),
