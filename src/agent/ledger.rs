@@ -406,26 +406,27 @@ impl Ledger {
         }
     }
 
-    /// Keeps a tombstone for `key`; past `MAX_TOMBSTONES`, the one expiring first goes.
+    /// Keeps a tombstone for `key`. Past `MAX_TOMBSTONES`, the expired go, then (if that is not
+    /// enough) the tenth expiring first: one look through them per many forgotten commands,
+    /// not one per command.
     fn bury(&mut self, key: Key, until: u64) {
         self.tombstones.insert(key, until);
-        if self.tombstones.len() > MAX_TOMBSTONES {
-            let now = crate::agent::unix_seconds();
-            self.tombstones.retain(|_, until| *until > now);
+        if self.tombstones.len() <= MAX_TOMBSTONES {
+            return;
         }
-        if self.tombstones.len() > MAX_TOMBSTONES {
-            if let Some(first) =
-                self.tombstones.iter().min_by_key(|(_, until)| **until).map(|(k, _)| k.clone())
-            {
-                log::warn!(
-                    "command {}/{}: more than {MAX_TOMBSTONES} forgotten commands within trust.max_age_s: a replay \
-                     of this one is no longer refused by its id, only by its age",
-                    first.op.name(),
-                    crate::text::Printable(&first.id)
-                );
-                self.tombstones.remove(&first);
-            }
+        let now = crate::agent::unix_seconds();
+        self.tombstones.retain(|_, until| *until > now);
+        if self.tombstones.len() <= MAX_TOMBSTONES {
+            return;
         }
+        let excess = self.tombstones.len() - MAX_TOMBSTONES * 9 / 10;
+        let mut untils: Vec<u64> = self.tombstones.values().copied().collect();
+        let (_, &mut last_dropped, _) = untils.select_nth_unstable(excess - 1);
+        self.tombstones.retain(|_, until| *until > last_dropped);
+        log::warn!(
+            "more than {MAX_TOMBSTONES} commands forgotten within trust.max_age_s: a replay of those whose \
+             requests were signed first (up to {last_dropped}) is no longer refused by its id, only by its age"
+        );
     }
 
     /// The full state of a record, from memory or from its journal line.
@@ -677,6 +678,23 @@ mod tests {
         let rewritten = Ledger::open(dir.path());
         assert_eq!(rewritten.replay_refused_until(&fresh, now), Some(now + 1000), "kept by a rewrite");
         assert!(rewritten.get(&fresh).is_none());
+    }
+
+    #[test]
+    fn past_the_bound_the_tombstones_expiring_first_go_a_tenth_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = crate::agent::unix_seconds();
+        let mut ledger = Ledger::open(dir.path());
+        ledger.bury(Key::new(Op::Ping, "expired"), now - 1);
+        for i in 0..MAX_TOMBSTONES as u64 {
+            ledger.bury(Key::new(Op::Ping, &i.to_string()), now + 1 + i);
+        }
+        assert_eq!(ledger.tombstones.len(), MAX_TOMBSTONES, "the expired one went first");
+        ledger.bury(Key::new(Op::Ping, "last"), now + 1 + MAX_TOMBSTONES as u64);
+        assert_eq!(ledger.tombstones.len(), MAX_TOMBSTONES * 9 / 10, "then those expiring first");
+        let kept = |i: usize| ledger.replay_refused_until(&Key::new(Op::Ping, &i.to_string()), now).is_some();
+        let first_kept = MAX_TOMBSTONES / 10 + 1;
+        assert!(!kept(first_kept - 1) && kept(first_kept) && kept(MAX_TOMBSTONES - 1));
     }
 
     /// A burst's states do not stay in memory until the broker has them: once written, the
