@@ -229,7 +229,8 @@ impl Tunnel {
     }
 
     /// Streams it keeps accounts of.
-    pub fn streams(&self) -> usize {
+    #[cfg(test)]
+    fn streams(&self) -> usize {
         self.flows.len()
     }
 
