@@ -129,6 +129,13 @@ fn firewall(s: &Setup, args: &[&str]) -> (i32, Value, String) {
     outcome(&s.tetherctl(&all).output().unwrap())
 }
 
+/// `firewall`, which must end `successful`: its final state and stderr.
+fn succeeds(s: &Setup, args: &[&str]) -> (Value, String) {
+    let (code, state, err) = firewall(s, args);
+    assert_eq!((code, state["status"].as_str()), (0, Some("successful")), "{args:?}: {state} {err}");
+    (state, err)
+}
+
 fn outcome(out: &Output) -> (i32, Value, String) {
     let state = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
     (out.status.code().unwrap_or(-1), state, text(&out.stderr))
@@ -175,8 +182,7 @@ fn kept_listed_survives_a_restart_and_reverts(backend: Backend) {
     let before = others();
     let s = device(&format!("fw-keep-{}", backend.name()), backend);
     let file = ruleset_file(&s, "benign.json", &benign());
-    let (code, state, err) = firewall(&s, &["apply", &file, "--confirm-s", "10"]);
-    assert_eq!((code, state["status"].as_str()), (0, Some("successful")), "{state} {err}");
+    let (_, err) = succeeds(&s, &["apply", &file, "--confirm-s", "10"]);
     assert!(!err.contains("warning"), "{err}");
     assert!(shows_9999(backend), "{}", backend.tether_rules());
     assert_eq!(others(), before);
@@ -246,8 +252,7 @@ fn kept_listed_survives_a_restart_and_reverts(backend: Backend) {
     assert_eq!(others(), before);
 
     // Revert: back to no rules at all.
-    let (code, state, err) = firewall(&s, &["revert", "--confirm-s", "10"]);
-    assert_eq!((code, state["status"].as_str()), (0, Some("successful")), "{state} {err}");
+    succeeds(&s, &["revert", "--confirm-s", "10"]);
     assert_eq!(backend.tether_rules(), "");
     assert_eq!(others(), before);
     let shown = show(&s);
@@ -263,14 +268,12 @@ fn kept_listed_survives_a_restart_and_reverts(backend: Backend) {
         }
     };
     let file = ruleset_file(&s, "raw.json", &raw);
-    let (code, state, err) = firewall(&s, &["apply", &file, "--confirm-s", "10"]);
-    assert_eq!((code, state["status"].as_str()), (0, Some("successful")), "{state} {err}");
+    let (_, err) = succeeds(&s, &["apply", &file, "--confirm-s", "10"]);
     assert!(err.contains("raw rules: tetherctl cannot tell whether they block the broker"), "{err}");
     let kernel = backend.tether_rules();
     assert_eq!(kernel.matches("4444").count(), if backend == Backend::Nft { 1 } else { 2 }, "{kernel}");
     assert_eq!(others(), before);
-    let (code, state, err) = firewall(&s, &["revert", "--confirm-s", "10"]);
-    assert_eq!((code, state["status"].as_str()), (0, Some("successful")), "{state} {err}");
+    succeeds(&s, &["revert", "--confirm-s", "10"]);
     assert_eq!(backend.tether_rules(), "");
     assert_eq!(others(), before);
 
@@ -431,8 +434,7 @@ fn a_rule_set_applied_after_the_backend_changed_moves_there_and_nothing_stays_be
     let before = others();
     let s = device("fw-move", Backend::Nft);
     let file = ruleset_file(&s, "benign.json", &benign());
-    let (code, state, err) = firewall(&s, &["apply", &file, "--confirm-s", "10"]);
-    assert_eq!((code, state["status"].as_str()), (0, Some("successful")), "{state} {err}");
+    succeeds(&s, &["apply", &file, "--confirm-s", "10"]);
     assert!(shows_9999(Backend::Nft) && !shows_9999(Backend::Ipt));
 
     let mut config: Value = serde_json::from_slice(&std::fs::read(s.agent.config_path()).unwrap()).unwrap();
@@ -451,14 +453,12 @@ fn a_rule_set_applied_after_the_backend_changed_moves_there_and_nothing_stays_be
 
     let other = json!({"rules": [{"action": "deny", "direction": "in", "protocol": "tcp", "ports": [8888]}]});
     let other_file = ruleset_file(&s, "other.json", &other);
-    let (code, state, err) = firewall(&s, &["apply", &other_file, "--confirm-s", "10"]);
-    assert_eq!((code, state["status"].as_str()), (0, Some("successful")), "{state} {err}");
+    succeeds(&s, &["apply", &other_file, "--confirm-s", "10"]);
     assert!(Backend::Ipt.tether_rules().contains("8888"), "{}", Backend::Ipt.tether_rules());
     assert_eq!(Backend::Nft.tether_rules(), "", "nothing of Tether's left on the old backend");
     assert_eq!(show(&s)["backend"], "iptables");
 
-    let (code, state, err) = firewall(&s, &["revert", "--confirm-s", "10"]);
-    assert_eq!((code, state["status"].as_str()), (0, Some("successful")), "{state} {err}");
+    succeeds(&s, &["revert", "--confirm-s", "10"]);
     assert!(shows_9999(Backend::Ipt) && !Backend::Ipt.tether_rules().contains("8888"));
     assert_eq!(Backend::Nft.tether_rules(), "");
     assert_eq!(others(), before);
