@@ -3,6 +3,9 @@
 //! (`error`, `warn`, `info`, `debug`, `trace`, `off`) or, as in RUST_LOG, comma-separated
 //! `MODULE=LEVEL` directives, e.g. `warn,tether::net=debug`. Anything else is refused: env_logger
 //! would take a bare word (`loud`) for a module name and log nothing else.
+//!
+//! Release builds compile `trace` lines out (log's `release_max_level_debug`): the HTTP
+//! client's hex-dump every byte, a cost even when off. `trace` then logs what `debug` does.
 
 use std::io::Write;
 use std::sync::{OnceLock, PoisonError, RwLock};
