@@ -10,9 +10,9 @@
 //! first 16 hex digits of the expected sha256, so that no other file's download resumes from
 //! it), made 0600, never through a link, and locked while a download writes it. Once all
 //! `size` bytes are there and their sha256 is right, it is fsynced and renamed to the
-//! destination, the directory fsynced. The hash is computed as the bytes arrive, after the
-//! bytes already on disk when resuming, on a thread of its own. Memory is bounded whatever the
-//! size: two 128 KiB buffers plus ureq's and rustls' own.
+//! destination, the directory fsynced. The bytes are written and hashed as they arrive (after
+//! the bytes already on disk when resuming) by a thread of its own, beside the one that reads
+//! them. Memory is bounded whatever the size: two 128 KiB buffers plus ureq's and rustls' own.
 //!
 //! One call makes one attempt, one HTTP request (and its redirects). After a failure
 //! ([`Failure::retryable`] says which are worth another attempt):
@@ -57,10 +57,10 @@ const STALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// What ureq reads from the socket at most at a time.
 const BUFFER_BYTES: usize = 64 * 1024;
 /// What the body is written to the file and hashed in: two of them, one being filled while the
-/// other is hashed.
+/// other is written.
 const CHUNK_BYTES: usize = 128 * 1024;
-/// The hash thread calls nothing deep.
-const HASH_STACK_BYTES: usize = 64 * 1024;
+/// The writer thread calls nothing deep.
+const WRITER_STACK_BYTES: usize = 64 * 1024;
 /// The most plaintext one TLS record carries.
 const TLS_RECORD_BYTES: usize = 16 * 1024;
 /// How much is written before its write-back to disk is started.
@@ -372,27 +372,30 @@ impl Download {
             Err(e) => return Err(request_failure(e)),
         };
         self.check_response(response.status().as_u16(), response.headers(), part)?;
-        let mut after_writes = HashAndWriteback::start(part).map_err(|cause| Failure::Truncated {
+        let writer = ChunkWriter::start(part).map_err(|cause| Failure::Truncated {
             done: part.done,
             size: self.size,
             cause,
         })?;
-        let received =
-            self.receive(response.body_mut().as_reader(), part, &mut after_writes, cancel, progress);
-        part.hash = after_writes.finish().map_err(|cause| Failure::Truncated {
-            done: part.done,
-            size: self.size,
-            cause,
-        })?;
+        let received = self.receive(response.body_mut().as_reader(), part, &writer, cancel, progress);
+        let Some(written) = writer.finish() else {
+            let cause = "the thread writing the download failed".to_string();
+            return Err(Failure::Truncated { done: part.done, size: self.size, cause });
+        };
+        (part.done, part.hash) = (written.done, written.hash);
+        if let Some(e) = written.error {
+            return Err(part.write_failure(&e, self.size));
+        }
         received
     }
 
-    /// Writes the body to `part` as it comes, all of it or until it fails, and has it hashed.
+    /// Hands the body to `writer` as it comes, all of it or until it fails (or the writer
+    /// does: then its error is the one to report).
     fn receive(
         &self,
         mut body: impl Read,
         part: &mut Partial,
-        after_writes: &mut HashAndWriteback,
+        writer: &ChunkWriter,
         cancel: &Cancel,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<(), Failure> {
@@ -403,14 +406,14 @@ impl Download {
             if cancel.is_cancelled() {
                 return Err(cancelled(part));
             }
-            let mut chunk = after_writes.spare_buffer();
+            let Some(mut chunk) = writer.spare_buffer() else { return Ok(()) };
             let (n, read) = fill(&mut body, &mut chunk, PROGRESS_EVERY);
             if part.done + n as u64 > self.size {
                 part.remove();
                 return Err(Failure::TooLong { size: self.size });
             }
-            part.append(&chunk[..n], self.size)?;
-            after_writes.hash(chunk, n);
+            writer.write(chunk, n);
+            part.done += n as u64;
             if reported.elapsed() >= PROGRESS_EVERY {
                 progress(Progress { done: part.done, total: self.size });
                 reported = Instant::now();
@@ -553,7 +556,7 @@ impl Partial {
         Ok(part)
     }
 
-    /// The hash of the bytes so far, for a [`HashAndWriteback`] to go on with (a new one in its place
+    /// The hash of the bytes so far, for a [`ChunkWriter`] to go on with (a new one in its place
     /// until it is given back).
     fn take_hash(&mut self) -> ring::digest::Context {
         std::mem::replace(&mut self.hash, new_hash())
@@ -566,17 +569,14 @@ impl Partial {
         Ok(())
     }
 
-    fn append(&mut self, bytes: &[u8], size: u64) -> Result<(), Failure> {
-        if let Err(e) = self.file.write_all(bytes) {
-            if matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) {
-                self.remove();
-                let dir = self.path.parent().unwrap_or(Path::new(".")).to_path_buf();
-                return Err(Failure::DiskFull { dir, done: self.done, size });
-            }
-            return Err(file_failure(&self.path, &e));
+    /// What a failed write of the download means; a full disk gets its space back.
+    fn write_failure(&self, e: &io::Error, size: u64) -> Failure {
+        if matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) {
+            self.remove();
+            let dir = self.path.parent().unwrap_or(Path::new(".")).to_path_buf();
+            return Failure::DiskFull { dir, done: self.done, size };
         }
-        self.done += bytes.len() as u64;
-        Ok(())
+        file_failure(&self.path, e)
     }
 
     fn remove(&self) {
@@ -624,80 +624,92 @@ fn fill(body: &mut impl Read, buf: &mut [u8], within: Duration) -> (usize, io::R
     (filled, Ok(true))
 }
 
-/// What follows each write of a download, on a thread of its own: the sha256, and the start of
-/// the write-back to disk of every few MiB, so that the final fsync finds little left to do.
-/// With two cores this runs beside TLS and the writes instead of after them (the hash alone
-/// was a third of the download thread's time, the fsync of 256 MiB 0.1 s). Chunks go there
-/// and come back to be filled again, two in all.
-struct HashAndWriteback {
+/// Writes a download's chunks to its partial file on a thread of its own, hashes them and
+/// starts their write-back to disk every few MiB, so that the final fsync finds little left to
+/// do. The download thread keeps TLS alone: with two cores both run side by side (the writes
+/// and the hash were over half of one thread's time, the fsync of 256 MiB 0.1 s). Chunks go
+/// there and come back to be filled again, two in all.
+struct ChunkWriter {
     chunks: mpsc::SyncSender<(Vec<u8>, usize)>,
     spares: mpsc::Receiver<Vec<u8>>,
-    thread: thread::JoinHandle<ring::digest::Context>,
+    thread: thread::JoinHandle<Written>,
 }
 
-impl HashAndWriteback {
-    /// Goes on from `part`'s hash and size; fails when no thread can be started.
-    fn start(part: &mut Partial) -> Result<HashAndWriteback, String> {
-        let file = part.file.try_clone().map_err(|e| error_text(&e))?;
-        let mut writeback = Writeback { file, from: part.done, to: part.done };
-        let mut hash = part.take_hash();
-        let (chunks, to_hash) = mpsc::sync_channel::<(Vec<u8>, usize)>(1);
+/// What a [`ChunkWriter`] did: the bytes in the file and their hash; the first write that
+/// failed, after which it wrote nothing.
+struct Written {
+    done: u64,
+    hash: ring::digest::Context,
+    error: Option<io::Error>,
+}
+
+impl ChunkWriter {
+    /// Appends to `part`, going on from its hash; fails when no thread can be started.
+    fn start(part: &mut Partial) -> Result<ChunkWriter, String> {
+        let mut file = part.file.try_clone().map_err(|e| error_text(&e))?;
+        let mut writeback = Writeback { from: part.done };
+        let mut written = Written { done: part.done, hash: part.take_hash(), error: None };
+        let (chunks, to_write) = mpsc::sync_channel::<(Vec<u8>, usize)>(1);
         let (give_back, spares) = mpsc::sync_channel(2);
         for _ in 0..2 {
             let _ = give_back.send(vec![0u8; CHUNK_BYTES]);
         }
         let thread = thread::Builder::new()
-            .name("sha256".into())
-            .stack_size(HASH_STACK_BYTES)
+            .name("download-write".into())
+            .stack_size(WRITER_STACK_BYTES)
             .spawn(move || {
-                for (chunk, len) in to_hash {
-                    hash.update(&chunk[..len]);
-                    writeback.written(len);
+                for (chunk, len) in to_write {
+                    if let Err(e) = file.write_all(&chunk[..len]) {
+                        written.error = Some(e);
+                        // Dropping `give_back` tells the download to stop.
+                        break;
+                    }
+                    written.done += len as u64;
+                    written.hash.update(&chunk[..len]);
+                    writeback.up_to(&file, written.done);
                     // Fails once the download stopped taking buffers: then none is needed.
                     let _ = give_back.send(chunk);
                 }
-                hash
+                written
             })
-            .map_err(|e| format!("cannot start a sha256 thread: {}", error_text(&e)))?;
-        Ok(HashAndWriteback { chunks, spares, thread })
+            .map_err(|e| format!("cannot start a thread to write the download: {}", error_text(&e)))?;
+        Ok(ChunkWriter { chunks, spares, thread })
     }
 
-    /// A buffer to fill, once the thread is done with it.
-    fn spare_buffer(&self) -> Vec<u8> {
-        self.spares.recv().unwrap_or_else(|_| vec![0u8; CHUNK_BYTES])
+    /// A buffer to fill, once the thread is done with it; None once the thread stopped.
+    fn spare_buffer(&self) -> Option<Vec<u8>> {
+        self.spares.recv().ok()
     }
 
-    /// Hashes the first `len` bytes of `chunk`, after those given before.
-    fn hash(&self, chunk: Vec<u8>, len: usize) {
-        // Fails only if the thread is gone, which `finish` reports.
+    /// Writes and hashes the first `len` bytes of `chunk`, after those given before.
+    fn write(&self, chunk: Vec<u8>, len: usize) {
+        // Fails only if the thread stopped, which `finish` reports.
         let _ = self.chunks.send((chunk, len));
     }
 
-    /// The hash of everything given, once the thread has caught up.
-    fn finish(self) -> Result<ring::digest::Context, String> {
+    /// What was done, once all the chunks given are written; None if the thread panicked.
+    fn finish(self) -> Option<Written> {
         drop(self.chunks);
-        self.thread.join().map_err(|_| "the sha256 thread failed".to_string())
+        self.thread.join().ok()
     }
 }
 
 /// Starts writing a file's new bytes to disk every `WRITEBACK_BYTES`, without waiting for it.
 struct Writeback {
-    file: File,
     from: u64,
-    to: u64,
 }
 
 impl Writeback {
-    fn written(&mut self, len: usize) {
-        self.to += len as u64;
-        if self.to - self.from < WRITEBACK_BYTES {
+    /// `file` now has `end` bytes.
+    fn up_to(&mut self, file: &File, end: u64) {
+        if end - self.from < WRITEBACK_BYTES {
             return;
         }
-        let (offset, len) = (self.from as libc::off64_t, (self.to - self.from) as libc::off64_t);
+        let (offset, len) = (self.from as libc::off64_t, (end - self.from) as libc::off64_t);
         // SAFETY: a descriptor we own; the call only starts I/O on the page cache. A failure
         // (no such support) leaves the work to the final fsync, which reports real errors.
-        unsafe { libc::sync_file_range(self.file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE) };
-        self.from = self.to;
+        unsafe { libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE) };
+        self.from = end;
     }
 }
 
