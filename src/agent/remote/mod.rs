@@ -242,26 +242,7 @@ impl Remote {
                 continue;
             };
             let Some(transfer) = &mut session.transfer else { continue };
-            let (received, offset) = match transfer {
-                Transfer::Receive(r) => (Some(r.received), r.offset),
-                Transfer::Send(s) => (None, s.offset),
-            };
-            let Next::End(reason) = transfer.on_done(done, &mut session.tunnel) else {
-                if received.is_none() {
-                    log::info!(
-                        "tunnel {}: the {offset} bytes before the offset hashed; sending",
-                        Printable(&id)
-                    );
-                }
-                continue;
-            };
-            if let Some(received) = received {
-                let failed = if reason.is_empty() { String::new() } else { format!(" and failed: {reason}") };
-                log::info!(
-                    "tunnel {}: put received {received} bytes from offset {offset}{failed}",
-                    Printable(&id)
-                );
-            }
+            let Next::End(reason) = transfer.on_done(done, &mut session.tunnel, &id) else { continue };
             end(&id, session, &reason, registry);
         }
     }

@@ -18,6 +18,7 @@ use crate::agent::files::{hash_prefix_until, FileAccess, PutRequest, PutTarget, 
 use crate::protocol::Op;
 use crate::stream::endpoint::{self, Endpoint, Half, OnEof};
 use crate::stream::{Message, Tunnel};
+use crate::text::Printable;
 use crate::trust::hex;
 
 /// A file op's tunnel: what it sends or receives.
@@ -181,12 +182,18 @@ impl Transfer {
 
     /// The job it waited for is done: whether it goes on or the tunnel ends (and why). A
     /// result nobody waits for (not this transfer's) changes nothing.
-    pub fn on_done(&mut self, done: Done, tunnel: &mut Tunnel) -> Next {
+    /// Takes its job's outcome; `tunnel_id` names the tunnel in the log line.
+    pub fn on_done(&mut self, done: Done, tunnel: &mut Tunnel, tunnel_id: &str) -> Next {
+        let who = Printable(tunnel_id);
         match (self, done) {
             (Transfer::Send(sending), Done::Hashed(hashed)) if sending.hashing => {
                 sending.hashing = false;
                 match hashed {
                     Ok(context) => {
+                        log::info!(
+                            "tunnel {who}: the {} bytes before the offset hashed; sending",
+                            sending.offset
+                        );
                         sending.hash = Some(context);
                         Next::Go
                     }
@@ -195,13 +202,20 @@ impl Transfer {
             }
             (Transfer::Receive(receiving), Done::Put(outcome)) if receiving.finishing => {
                 receiving.finishing = false;
+                let (received, offset) = (receiving.received, receiving.offset);
                 match outcome {
                     Ok(()) => {
-                        let report = json!({ "size": receiving.offset + receiving.received, "received": receiving.received });
+                        log::info!("tunnel {who}: put received {received} bytes from offset {offset}");
+                        let report = json!({ "size": offset + received, "received": received });
                         tunnel.send(Message::Report { json: report.to_string() });
                         Next::End(String::new())
                     }
-                    Err(why) => Next::End(why),
+                    Err(why) => {
+                        log::info!(
+                            "tunnel {who}: put received {received} bytes from offset {offset} and failed: {why}"
+                        );
+                        Next::End(why)
+                    }
                 }
             }
             _ => Next::Go,
