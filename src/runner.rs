@@ -140,7 +140,7 @@ fn signal_name(signum: libc::c_int) -> &'static str {
     }
 }
 
-/// A thread that only copies bytes, polls or waits: it needs little stack.
+/// A thread that only copies or hashes bytes, polls or waits: it needs little stack.
 pub fn spawn_small<T: Send + 'static>(
     name: &str,
     work: impl FnOnce() -> T + Send + 'static,

@@ -24,8 +24,6 @@ pub const DEFAULT_WINDOW: u32 = 256 * 1024;
 pub const MIN_WINDOW: u32 = 16 * 1024;
 pub const MAX_WINDOW: u32 = 4 * 1024 * 1024;
 
-/// What both ends feed the key derivation with besides the keys: the tunnel's device, op and
-/// id, so that the keys belong to this one request.
 /// The end reasons a device gives when the link failed, not the work: a tool may open the
 /// tunnel again and go on (docs/protocol.md, "Ending"). Other reasons are for people.
 pub const END_OPERATOR_GONE: &str = "the operator's connection dropped and did not come back";
@@ -37,6 +35,8 @@ pub fn link_lost(reason: &str) -> bool {
     reason == END_OPERATOR_GONE || reason.starts_with(END_IDLE)
 }
 
+/// What both ends feed the key derivation with besides the keys: the tunnel's device, op and
+/// id, so that the keys belong to this one request.
 pub fn tunnel_context(device: &str, op: &str, id: &str) -> String {
     format!("{device}\n{op}\n{id}")
 }

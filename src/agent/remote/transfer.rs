@@ -180,9 +180,9 @@ impl Transfer {
         matches!(self, Transfer::Send(sending) if sending.owns(token))
     }
 
-    /// The job it waited for is done: whether it goes on or the tunnel ends (and why). A
-    /// result nobody waits for (not this transfer's) changes nothing.
-    /// Takes its job's outcome; `tunnel_id` names the tunnel in the log line.
+    /// The job it waited for is done: whether it goes on or the tunnel ends (and why), logged
+    /// for the tunnel `tunnel_id`. A result nobody waits for (not this transfer's) changes
+    /// nothing.
     pub fn on_done(&mut self, done: Done, tunnel: &mut Tunnel, tunnel_id: &str) -> Next {
         let who = Printable(tunnel_id);
         match (self, done) {
@@ -203,19 +203,16 @@ impl Transfer {
             (Transfer::Receive(receiving), Done::Put(outcome)) if receiving.finishing => {
                 receiving.finishing = false;
                 let (received, offset) = (receiving.received, receiving.offset);
+                let failed =
+                    outcome.as_ref().err().map_or(String::new(), |why| format!(" and failed: {why}"));
+                log::info!("tunnel {who}: put received {received} bytes from offset {offset}{failed}");
                 match outcome {
                     Ok(()) => {
-                        log::info!("tunnel {who}: put received {received} bytes from offset {offset}");
                         let report = json!({ "size": offset + received, "received": received });
                         tunnel.send(Message::Report { json: report.to_string() });
                         Next::End(String::new())
                     }
-                    Err(why) => {
-                        log::info!(
-                            "tunnel {who}: put received {received} bytes from offset {offset} and failed: {why}"
-                        );
-                        Next::End(why)
-                    }
+                    Err(why) => Next::End(why),
                 }
             }
             _ => Next::Go,

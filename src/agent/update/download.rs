@@ -59,8 +59,6 @@ const BUFFER_BYTES: usize = 64 * 1024;
 /// What the body is written to the file and hashed in: two of them, one being filled while the
 /// other is written.
 const CHUNK_BYTES: usize = 128 * 1024;
-/// The writer thread calls nothing deep.
-const WRITER_STACK_BYTES: usize = 64 * 1024;
 /// The most plaintext one TLS record carries.
 const TLS_RECORD_BYTES: usize = 16 * 1024;
 /// How much is written before its write-back to disk is started.
@@ -647,32 +645,32 @@ impl ChunkWriter {
     /// Appends to `part`, going on from its hash; fails when no thread can be started.
     fn start(part: &mut Partial) -> Result<ChunkWriter, String> {
         let mut file = part.file.try_clone().map_err(|e| error_text(&e))?;
-        let mut writeback = Writeback { from: part.done };
+        let mut written_back = part.done;
         let mut written = Written { done: part.done, hash: part.take_hash(), error: None };
         let (chunks, to_write) = mpsc::sync_channel::<(Vec<u8>, usize)>(1);
         let (give_back, spares) = mpsc::sync_channel(2);
         for _ in 0..2 {
             let _ = give_back.send(vec![0u8; CHUNK_BYTES]);
         }
-        let thread = thread::Builder::new()
-            .name("download-write".into())
-            .stack_size(WRITER_STACK_BYTES)
-            .spawn(move || {
-                for (chunk, len) in to_write {
-                    if let Err(e) = file.write_all(&chunk[..len]) {
-                        written.error = Some(e);
-                        // Dropping `give_back` tells the download to stop.
-                        break;
-                    }
-                    written.done += len as u64;
-                    written.hash.update(&chunk[..len]);
-                    writeback.up_to(&file, written.done);
-                    // Fails once the download stopped taking buffers: then none is needed.
-                    let _ = give_back.send(chunk);
+        let thread = crate::runner::spawn_small("download-write", move || {
+            for (chunk, len) in to_write {
+                if let Err(e) = file.write_all(&chunk[..len]) {
+                    written.error = Some(e);
+                    // Dropping `give_back` tells the download to stop.
+                    break;
                 }
-                written
-            })
-            .map_err(|e| format!("cannot start a thread to write the download: {}", error_text(&e)))?;
+                written.done += len as u64;
+                written.hash.update(&chunk[..len]);
+                if written.done - written_back >= WRITEBACK_BYTES {
+                    start_writeback(&file, written_back, written.done);
+                    written_back = written.done;
+                }
+                // Fails once the download stopped taking buffers: then none is needed.
+                let _ = give_back.send(chunk);
+            }
+            written
+        })
+        .map_err(|e| format!("cannot start a thread to write the download: {}", error_text(&e)))?;
         Ok(ChunkWriter { chunks, spares, thread })
     }
 
@@ -694,23 +692,12 @@ impl ChunkWriter {
     }
 }
 
-/// Starts writing a file's new bytes to disk every `WRITEBACK_BYTES`, without waiting for it.
-struct Writeback {
-    from: u64,
-}
-
-impl Writeback {
-    /// `file` now has `end` bytes.
-    fn up_to(&mut self, file: &File, end: u64) {
-        if end - self.from < WRITEBACK_BYTES {
-            return;
-        }
-        let (offset, len) = (self.from as libc::off64_t, (end - self.from) as libc::off64_t);
-        // SAFETY: a descriptor we own; the call only starts I/O on the page cache. A failure
-        // (no such support) leaves the work to the final fsync, which reports real errors.
-        unsafe { libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE) };
-        self.from = end;
-    }
+/// Starts writing `file`'s bytes `from..to` to disk, without waiting for it.
+fn start_writeback(file: &File, from: u64, to: u64) {
+    let (offset, len) = (from as libc::off64_t, (to - from) as libc::off64_t);
+    // SAFETY: a descriptor we own; the call only starts I/O on the page cache. A failure (no
+    // such support) leaves the work to the final fsync, which reports real errors.
+    unsafe { libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE) };
 }
 
 /// The sha256 context fed with the first `len` bytes of `file` (at `path`); `cancelled` when
